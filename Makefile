@@ -1,0 +1,44 @@
+# Two commands matter: `make demo` (the main job end to end) and `make test` (the test suite).
+# Both create ./.venv on first use. torch==2.13.0 is named in the same pip command as
+# everything else so pip takes the local CPU wheel and never pulls CUDA packages.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test test-slow test-all lint install data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian (needs root); skipped when already there.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set MIPP_DATA"; exit 1; fi
+
+demo: install data
+	$(VENV)/bin/mipp train --model lenet5 --dataset fashion-mnist --epochs 3 --out $(DEMO_OUT)
+	$(VENV)/bin/mipp info $(DEMO_OUT)/model.safetensors
+
+test: install
+	$(PY) -m pytest
+
+# Tests marked slow or needing the real Fashion-MNIST (CI runs these explicitly too).
+test-slow: install data
+	$(PY) -m pytest -m "slow or data"
+
+test-all: test test-slow
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
