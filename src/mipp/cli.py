@@ -515,7 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MippError, ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("MIPP_DEBUG"):
             raise
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = ""
+        for line in filter(None, (part.strip() for part in str(e).splitlines())):
+            message += ("" if not message else " " if message.endswith(":") else "; ") + line
         print(f"mipp: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
