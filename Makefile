@@ -23,9 +23,17 @@ data:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set MIPP_DATA"; exit 1; fi
 
+# Train LeNet-5 on Fashion-MNIST, prune 90 % of its units with MIPP, fine-tune one epoch,
+# and compare accuracy, parameters, MACs, latency and per-layer widths.
 demo: install data
-	$(VENV)/bin/mipp train --model lenet5 --dataset fashion-mnist --epochs 3 --out $(DEMO_OUT)
-	$(VENV)/bin/mipp info $(DEMO_OUT)/model.safetensors
+	$(VENV)/bin/mipp train --model lenet5 --dataset fashion-mnist --epochs 3 \
+		--latency-repeats 0 --out $(DEMO_OUT)/trained
+	$(VENV)/bin/mipp prune $(DEMO_OUT)/trained/model.safetensors --sparsity 0.9 \
+		--out $(DEMO_OUT)/pruned
+	$(VENV)/bin/mipp finetune $(DEMO_OUT)/pruned/model.safetensors --epochs 1 \
+		--out $(DEMO_OUT)/finetuned
+	$(VENV)/bin/mipp compare $(DEMO_OUT)/trained/model.safetensors \
+		$(DEMO_OUT)/pruned/model.safetensors $(DEMO_OUT)/finetuned/model.safetensors
 
 test: install
 	$(PY) -m pytest

@@ -136,3 +136,142 @@ def test_bad_option_value_is_rejected_by_the_parser(capsys):
         main(["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "0"])
     assert info.value.code == 2
     assert "expected a number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_prune_finetune_compare_round(tmp_path, fake_fmnist, capsys):
+    base = tmp_path / "base"
+    common = ["--data-root", str(fake_fmnist), "--no-progress"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "lenet5",
+                "--dataset",
+                "fashion-mnist",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "20",
+                "--lr",
+                "0.02",
+                "--out",
+                str(base),
+                "--latency-repeats",
+                "0",
+                *common,
+            ]
+        )
+        == 0
+    )
+    pruned = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                str(base / "model.safetensors"),
+                "--sparsity",
+                "0.5",
+                "--calib-samples",
+                "200",
+                "--out",
+                str(pruned),
+                *common,
+            ]
+        )
+        == 0
+    )
+    report = json.loads((pruned / "report.json").read_text())
+    assert abs(report["achieved"]["units"] - 0.5) <= 0.01
+    sidecar = json.loads((pruned / "model.json").read_text())
+    assert sidecar["pruning"][0]["removed"] == {
+        g["name"]: g["removed"] for g in report["groups"] if g["removed"]
+    }
+    assert sidecar["params"] == report["params_after"]
+    tuned = tmp_path / "tuned"
+    assert (
+        main(
+            [
+                "finetune",
+                str(pruned / "model.safetensors"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "20",
+                "--out",
+                str(tuned),
+                *common,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "compare",
+                str(base / "model.safetensors"),
+                str(pruned / "model.safetensors"),
+                str(tuned / "model.safetensors"),
+                "--latency-repeats",
+                "2",
+                "--data-root",
+                str(fake_fmnist),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["params"] for r in rows] == [61_706, report["params_after"], report["params_after"]]
+    assert rows[1]["widths"] == rows[2]["widths"]
+    assert all(set(r["latency_ms"]) == {"1", "64"} for r in rows)
+
+
+def test_prune_bad_values_are_one_line(tmp_path, fake_fmnist, capsys):
+    base = tmp_path / "base"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "lenet5",
+                "--dataset",
+                "fashion-mnist",
+                "--epochs",
+                "1",
+                "--data-root",
+                str(fake_fmnist),
+                "--out",
+                str(base),
+                "--latency-repeats",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    ckpt = str(base / "model.safetensors")
+    assert main(["prune", ckpt, "--sparsity", "1.5", "--data-root", str(fake_fmnist)]) == 2
+    err = capsys.readouterr().err
+    assert err == "mipp: error: sparsity must be in [0, 1), got 1.5\n"
+    assert (
+        main(
+            [
+                "prune",
+                ckpt,
+                "--sparsity",
+                "0.5",
+                "--calib-samples",
+                "50",
+                "--data-root",
+                str(fake_fmnist),
+            ]
+        )
+        == 2
+    )
+    assert "needs at least 122 samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", ckpt, "--sparsity", "0.5", "--confidence", "0.9"])
+    assert "not allowed with argument" in capsys.readouterr().err

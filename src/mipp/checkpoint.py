@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from torch import nn
 from mipp import models
 from mipp.errors import MippError
 from mipp.metrics import count_params, layer_widths
+from mipp.report import apply_report
 from mipp.types import ModelSpec
 
 __all__ = [
@@ -101,10 +102,14 @@ def save_checkpoint(
     *,
     spec: ModelSpec,
     extra: Mapping[str, Any] | None = None,
+    pruning: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Save ``model``'s weights to ``path`` (.safetensors) and its sidecar; return ``path``.
 
     ``extra`` must be JSON-serialisable; it is stored under ``"extra"`` in the sidecar.
+    ``pruning`` lists the replay records (:meth:`~mipp.report.PruneReport.replay_record`) of
+    the pruning runs applied to the model built from ``spec``, in order; loading replays them
+    before the weights are loaded.
 
     >>> import tempfile, pathlib
     >>> from mipp.types import ModelSpec
@@ -127,6 +132,7 @@ def save_checkpoint(
         "model": spec.to_dict(),
         "widths": layer_widths(model),
         "params": count_params(model),
+        "pruning": [dict(r) for r in pruning],
         "extra": dict(extra) if extra is not None else {},
     }
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"  # fails early if not JSON-able
@@ -183,6 +189,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
     model = build_model(spec)
+    for record in meta.get("pruning", []):
+        apply_report(model, record)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

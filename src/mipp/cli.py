@@ -4,6 +4,9 @@
     mipp train --model M --dataset D ...  train a zoo model, save a run directory
     mipp eval CHECKPOINT                  loss and top-1 accuracy of a checkpoint
     mipp info CHECKPOINT | --model M      per-layer widths, parameters, MACs
+    mipp prune CHECKPOINT --sparsity S    prune with MIPP: pruned checkpoint + report.json
+    mipp finetune CHECKPOINT              re-train a (pruned) checkpoint
+    mipp compare CKPT [CKPT ...]          accuracy, size, latency and widths side by side
 
 Errors a user can cause are printed as one line (``mipp: error: ...``) with exit status 2;
 set ``MIPP_DEBUG=1`` to see the traceback instead.
@@ -12,43 +15,15 @@ set ``MIPP_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import torch
-from rich.console import Console
-from rich.table import Table
-
-from mipp import __version__, data, models
-from mipp.checkpoint import (
-    atomic_write_bytes,
-    build_model,
-    load_checkpoint,
-    save_checkpoint,
-)
-from mipp.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from mipp import __version__, commands, data, models
+from mipp.config import OPTIMIZERS, SCHEDULES
 from mipp.errors import MippError
-from mipp.metrics import count_macs, count_params, layer_widths, measure_latency
-from mipp.train import evaluate, seeded, train
-from mipp.types import ModelSpec
 
 __all__ = ["build_parser", "main"]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _console() -> Console:
-    return Console(highlight=False)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _positive_int(text: str) -> int:
@@ -61,6 +36,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _pool(text: str) -> str | int:
+    if text == "mean":
+        return "mean"
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"pool is 'mean' or a positive integer k, got {text!r}")
+    return k
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(w) for w in text.split(","))
@@ -68,274 +62,6 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"widths are comma-separated whole numbers (e.g. 6,16,120,84), got {text!r}"
         ) from None
-
-
-def _load_data(
-    name: str, *, split: str, root: str | None, pad_to_32: bool, channels: int | None
-) -> data.ImageDataset:
-    return data.load_dataset(name, split=split, root=root, pad_to_32=pad_to_32, channels=channels)
-
-
-def _input_shape(ds: data.ImageDataset) -> tuple[int, ...]:
-    return tuple(ds.x.shape[1:])
-
-
-def _size_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
-
-
-def _fmt_int(n: int) -> str:
-    return f"{n:,}"
-
-
-def _model_numbers(
-    model: torch.nn.Module, input_shape: tuple[int, ...], *, latency_repeats: int
-) -> dict[str, Any]:
-    macs = count_macs(model, input_shape)
-    out: dict[str, Any] = {
-        "params": count_params(model),
-        "macs": macs.macs,
-        "flops": macs.flops,
-        "widths": layer_widths(model),
-    }
-    if latency_repeats > 0:
-        lat = measure_latency(model, input_shape, batch_sizes=(1, 64), repeats=latency_repeats)
-        out["latency_ms"] = {str(b): r.median_ms for b, r in lat.items()}
-    return out
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    console = _console()
-    if args.what in ("models", "all"):
-        table = Table(title="models (mipp.models.create)")
-        table.add_column("name")
-        table.add_column("description")
-        for name in models.list_models():
-            table.add_row(name, models.describe(name))
-        console.print(table)
-    if args.what in ("datasets", "all"):
-        table = Table(title="datasets (mipp.data.load_dataset)")
-        table.add_column("name")
-        table.add_column("description")
-        for name in data.list_datasets():
-            table.add_row(name, data.describe_dataset(name))
-        console.print(table)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    console = _console()
-    out = Path(args.out)
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        augment=args.augment,
-        seed=args.seed,
-    )
-    full = _load_data(
-        args.dataset,
-        split="train",
-        root=args.data_root,
-        pad_to_32=args.pad_to_32,
-        channels=args.channels,
-    )
-    test = _load_data(
-        args.dataset,
-        split="test",
-        root=args.data_root,
-        pad_to_32=args.pad_to_32,
-        channels=args.channels,
-    )
-    if args.val_fraction > 0:
-        train_ds, val_ds = data.train_val_split(
-            full, val_fraction=args.val_fraction, seed=args.seed
-        )
-    else:
-        train_ds, val_ds = full, None
-    if full.input_size is None:
-        raise MippError(f"dataset {args.dataset!r} holds vectors; use --model mlp with it")
-    spec = ModelSpec(
-        args.model,
-        num_classes=full.num_classes,
-        in_channels=full.in_channels,
-        input_size=full.input_size,
-        widths=args.widths,
-    )
-    with seeded(args.seed):
-        model = build_model(spec)
-    console.print(
-        f"training [bold]{spec.name}[/] on [bold]{args.dataset}[/] "
-        f"({len(train_ds):,} train, {0 if val_ds is None else len(val_ds):,} validation, "
-        f"{len(test):,} test; input {tuple(full.x.shape[1:])}) for {config.epochs} epoch(s)"
-    )
-    run_config = {
-        "command": "train",
-        "mipp_version": __version__,
-        "torch_version": torch.__version__,
-        "model": spec.to_dict(),
-        "dataset": {
-            "name": args.dataset,
-            "root": args.data_root,
-            "pad_to_32": args.pad_to_32,
-            "channels": args.channels,
-            "val_fraction": args.val_fraction,
-        },
-        "train": config.to_dict(),
-        "device": args.device,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", run_config)
-    history = train(
-        model, train_ds, config, val_data=val_ds, device=args.device, progress=not args.no_progress
-    )
-    model.to("cpu")
-    result = evaluate(model, test)
-    numbers = _model_numbers(model, _input_shape(full), latency_repeats=args.latency_repeats)
-    metrics = {
-        "test_loss": result.loss,
-        "test_top1": result.top1,
-        "test_samples": result.n,
-        "train_seconds": history.seconds,
-        "history": history.to_dict()["epochs"],
-        **numbers,
-    }
-    _write_json(out / "metrics.json", metrics)
-    ckpt = save_checkpoint(
-        out / "model.safetensors",
-        model,
-        spec=spec,
-        extra={
-            "dataset": run_config["dataset"],
-            "train": config.to_dict(),
-            "test_top1": result.top1,
-        },
-    )
-    rows = [
-        ("test accuracy (top-1)", f"{result.top1:.4f}"),
-        ("test loss", f"{result.loss:.4f}"),
-        ("training time", f"{history.seconds:.1f} s"),
-        ("parameters", _fmt_int(numbers["params"])),
-        ("MACs / sample", _fmt_int(numbers["macs"])),
-        ("FLOPs / sample (2 x MACs)", _fmt_int(numbers["flops"])),
-    ]
-    for b, ms in numbers.get("latency_ms", {}).items():
-        rows.append((f"CPU latency, batch {b} (median)", f"{ms:.2f} ms"))
-    console.print(_size_table(f"{spec.name} on {args.dataset}", rows))
-    console.print(
-        f"saved {ckpt} (+ {ckpt.with_suffix('.json').name}, config.json, metrics.json) in {out}"
-    )
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    console = _console()
-    ckpt = load_checkpoint(args.checkpoint)
-    ds_meta = ckpt.meta.get("extra", {}).get("dataset", {})
-    name = args.dataset or ds_meta.get("name")
-    if name is None:
-        raise MippError(f"{args.checkpoint} does not record its dataset; pass --dataset")
-    pad = ds_meta.get("pad_to_32", False) if args.dataset is None else args.pad_to_32
-    channels = ds_meta.get("channels") if args.dataset is None else args.channels
-    ds = _load_data(
-        name,
-        split=args.split,
-        root=args.data_root or ds_meta.get("root"),
-        pad_to_32=pad,
-        channels=channels,
-    )
-    t0 = time.perf_counter()
-    result = evaluate(ckpt.model, ds, device=args.device)
-    seconds = time.perf_counter() - t0
-    console.print(
-        _size_table(
-            f"{ckpt.spec.name} on {name} ({args.split})",
-            [
-                ("top-1 accuracy", f"{result.top1:.4f}"),
-                ("loss", f"{result.loss:.4f}"),
-                ("samples", _fmt_int(result.n)),
-                ("time", f"{seconds:.1f} s"),
-            ],
-        )
-    )
-    if args.json:
-        print(json.dumps({"top1": result.top1, "loss": result.loss, "n": result.n}))
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    console = _console()
-    if (args.checkpoint is None) == (args.model is None):
-        raise MippError("give either a CHECKPOINT or --model NAME (not both)")
-    if args.checkpoint is not None:
-        ckpt = load_checkpoint(args.checkpoint)
-        model, spec = ckpt.model, ckpt.spec
-    else:
-        spec = ModelSpec(
-            args.model,
-            num_classes=args.num_classes,
-            in_channels=args.in_channels,
-            input_size=args.input_size,
-            widths=args.widths,
-        )
-        model = build_model(spec)
-    shape = (spec.in_channels, spec.input_size, spec.input_size)
-    macs = count_macs(model, shape)
-    params_per_layer = {
-        name: sum(p.numel() for p in m.parameters(recurse=False))
-        for name, m in model.named_modules()
-    }
-    table = Table(title=f"{spec.name}: Conv/Linear layers (input {shape})")
-    table.add_column("layer")
-    table.add_column("type")
-    table.add_column("units", justify="right")
-    table.add_column("params", justify="right")
-    table.add_column("MACs", justify="right")
-    named = dict(model.named_modules())
-    for name, width in layer_widths(model).items():
-        table.add_row(
-            name,
-            type(named[name]).__name__,
-            str(width),
-            _fmt_int(params_per_layer.get(name, 0)),
-            _fmt_int(macs.per_layer.get(name, 0)),
-        )
-    console.print(table)
-    total = count_params(model)
-    console.print(
-        _size_table(
-            "totals",
-            [
-                ("parameters", _fmt_int(total)),
-                ("MACs / sample", _fmt_int(macs.macs)),
-                ("FLOPs / sample (2 x MACs)", _fmt_int(macs.flops)),
-            ],
-        )
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": spec.to_dict(),
-                    "params": total,
-                    "macs": macs.macs,
-                    "widths": layer_widths(model),
-                }
-            )
-        )
-    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -357,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="what to list (default: all)",
     )
-    p.set_defaults(func=cmd_list)
+    p.set_defaults(func=commands.cmd_list)
 
     def add_data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         p.add_argument(
@@ -385,6 +111,54 @@ def build_parser() -> argparse.ArgumentParser:
             help="repeat grey images to 3 channels (3) or keep them (1)",
         )
 
+    def add_train_options(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
+        p.add_argument(
+            "--epochs",
+            type=_positive_int,
+            default=epochs,
+            help=f"training epochs (default {epochs})",
+        )
+        p.add_argument(
+            "--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)"
+        )
+        p.add_argument(
+            "--optimizer",
+            choices=OPTIMIZERS,
+            default="sgd",
+            help="optimizer (default sgd, with momentum and Nesterov)",
+        )
+        p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+        p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+        p.add_argument(
+            "--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)"
+        )
+        p.add_argument(
+            "--schedule",
+            choices=SCHEDULES,
+            default="cosine",
+            help="learning-rate schedule: cosine (per step), step (x0.1 at 1/3 and 2/3 "
+            "of the run) or constant (default cosine)",
+        )
+        p.add_argument(
+            "--augment",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="random crop + flip augmentation (default: on for CIFAR, off otherwise)",
+        )
+        p.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.0,
+            help="hold out this fraction of the training set for per-epoch validation "
+            "(default 0: none)",
+        )
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of model initialisation, shuffling and augmentation (default 0)",
+        )
+
     p = sub.add_parser("train", help="train a zoo model and save a run directory")
     p.add_argument(
         "--model", required=True, help=f"model name, one of: {', '.join(models.list_models())}"
@@ -396,47 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated layer widths for mlp / lenet5 / vgg (default: standard)",
     )
     add_data_options(p, required=True)
-    p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=128, help="mini-batch size (default 128)"
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default="sgd",
-        help="optimizer (default sgd, with momentum and Nesterov)",
-    )
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument(
-        "--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)"
-    )
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="learning-rate schedule: cosine (per step), step (x0.1 at 1/3 and 2/3 "
-        "of the run) or constant (default cosine)",
-    )
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="random crop + flip augmentation (default: on for CIFAR, off otherwise)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="hold out this fraction of the training set for per-epoch validation "
-        "(default 0: none)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of model initialisation, shuffling and augmentation (default 0)",
-    )
+    add_train_options(p, epochs=3, lr=0.05)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--out",
@@ -450,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs per batch size for CPU latency; 0 skips it (default 20)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (loss, top-1 accuracy)")
     p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
@@ -463,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("info", help="per-layer widths, parameters and MACs of a model")
     p.add_argument(
@@ -502,7 +236,111 @@ def build_parser() -> argparse.ArgumentParser:
         help="input side in pixels of the fresh model (default 32)",
     )
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=commands.cmd_info)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a checkpoint with MIPP (pruned checkpoint + report.json + summary)",
+        description="Prune a checkpoint with MIPP. Give exactly one of --sparsity (target "
+        "mode: a global threshold on the relative conditional MI is bisected until the "
+        "achieved sparsity is within --tolerance), --confidence (the paper's test) or "
+        "--threshold (one pass with a fixed relative threshold).",
+    )
+    p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--sparsity",
+        type=_fraction,
+        help="global sparsity to reach, in [0, 1) (what it counts: --target)",
+    )
+    how.add_argument(
+        "--confidence",
+        type=_fraction,
+        help="paper mode: keep a unit iff more than this sure (0..1) it adds information",
+    )
+    how.add_argument(
+        "--threshold",
+        type=_fraction,
+        help="fixed threshold on the relative conditional MI (share of the target's variance)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("units", "params", "macs"),
+        default="units",
+        help="what --sparsity counts: units removed (the paper's PR), parameters or MACs "
+        "(default units)",
+    )
+    p.add_argument(
+        "--estimator",
+        default="linear",
+        help="conditional-MI estimator: linear (closed form, default), gaussian (nats), "
+        "mlp (the paper's, slow)",
+    )
+    p.add_argument(
+        "--pool",
+        type=_pool,
+        default="mean",
+        help="per-channel pooling of conv maps: mean (default) or k for k x k blocks",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=_positive_int,
+        default=2048,
+        help="calibration samples drawn (seeded) from the training split (default 2048)",
+    )
+    p.add_argument(
+        "--scope",
+        choices=("internal", "all"),
+        default="internal",
+        help="internal: block-internal groups of residual nets (every layer of plain nets); "
+        "all: residual streams too (default internal)",
+    )
+    p.add_argument(
+        "--min-keep", type=_positive_int, default=1, help="units every layer keeps (default 1)"
+    )
+    p.add_argument(
+        "--order",
+        choices=("mi", "index", "random"),
+        default="mi",
+        help="unit test order: mi ascending as in the paper (default), index or random",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="allowed |achieved - requested| sparsity (default 0.01)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration subset etc. (default 0)"
+    )
+    p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
+    p.add_argument("--out", default="runs/pruned", help="run directory (default runs/pruned)")
+    p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
+    p.add_argument("--no-progress", action="store_true", help="hide progress output")
+    p.set_defaults(func=commands.cmd_prune)
+
+    p = sub.add_parser("finetune", help="re-train a (pruned) checkpoint and save it")
+    p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
+    add_train_options(p, epochs=1, lr=0.01)
+    p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="runs/finetuned", help="run directory (default runs/finetuned)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=commands.cmd_finetune)
+
+    p = sub.add_parser(
+        "compare", help="accuracy, parameters, MACs, latency and widths of checkpoints"
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoints to compare (first = reference)")
+    p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
+    p.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=20,
+        help="timed runs per batch size for CPU latency; 0 skips it (default 20)",
+    )
+    p.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
+    p.set_defaults(func=commands.cmd_compare)
     return parser
 
 

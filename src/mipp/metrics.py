@@ -30,6 +30,7 @@ from torch import Tensor, nn
 __all__ = [
     "LatencyResult",
     "MacCount",
+    "compare_latency",
     "count_macs",
     "count_params",
     "layer_widths",
@@ -241,6 +242,48 @@ def measure_latency(
                 results[b] = _summarise(b, times)
     finally:
         torch.set_num_threads(previous_threads)
+    return results
+
+
+def compare_latency(
+    models: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 20,
+    warmup: int = 5,
+) -> list[dict[int, LatencyResult]]:
+    """Time several models side by side: each repeat runs every model once, in turn.
+
+    Interleaving puts every model under the same machine conditions, so the *ratios* of the
+    medians are meaningful even on a busy machine (absolute times are not). Same input
+    and conventions as :func:`measure_latency`; returns one result dict per model.
+    """
+    shape = _check_shape(input_shape)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not models:
+        return []
+    template = _example(models[0], shape, 1)
+    generator = torch.Generator().manual_seed(0)
+    results: list[dict[int, LatencyResult]] = [{} for _ in models]
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for m in models:
+            stack.enter_context(_eval_mode(m))
+        for b in batch_sizes:
+            x = torch.randn((b, *shape), generator=generator, dtype=template.dtype)
+            x = x.to(template.device)
+            for m in models:
+                for _ in range(warmup):
+                    m(x)
+            times: list[list[float]] = [[] for _ in models]
+            for _ in range(repeats):
+                for i, m in enumerate(models):
+                    start = time.perf_counter()
+                    m(x)
+                    times[i].append((time.perf_counter() - start) * 1e3)
+            for i in range(len(models)):
+                results[i][b] = _summarise(b, times[i])
     return results
 
 

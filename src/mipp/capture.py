@@ -1,0 +1,209 @@
+"""Recording what layers see: the only place in mipp that installs forward hooks.
+
+MIPP needs, for every prunable unit layer, the activation its consumers actually read (after
+BatchNorm, the nonlinearity and any pooling in between). We get it by recording the *input*
+of every consumer layer (Conv / Linear) with forward pre-hooks, plus the network's output
+(the logits, the first target). Conv inputs are pooled per channel as they are recorded, so
+memory stays O(n · channels · k²):
+
+- ``pool="mean"``: global average over space, 1 feature per channel (default);
+- ``pool=k`` (int): adaptive k×k average, k² features per channel (a unit is then a block).
+
+Linear inputs are kept as they are (n, in_features); per-unit pooling of flattened conv maps
+happens later, when units are mapped to their input indices (see :mod:`mipp.structure`).
+
+Hooks exist only inside the ``with`` block and are removed even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mipp.errors import MippError
+
+__all__ = [
+    "Activations",
+    "NonFiniteActivationError",
+    "Pool",
+    "capture_activations",
+    "pool_channels",
+    "record_forward_order",
+]
+
+Pool = str | int  # "mean" or a positive int k (k×k adaptive average)
+
+
+class NonFiniteActivationError(MippError, ValueError):
+    """A recorded activation holds NaN or Inf; the message names the layer."""
+
+
+def pool_channels(x: Tensor, pool: Pool) -> Tensor:
+    """Pool a conv input ``(n, c, *spatial)`` per channel to ``(n, c, f)``.
+
+    ``pool="mean"`` gives f = 1; ``pool=k`` gives f = k² (2-D) or k (1-D) by adaptive
+    averaging. A 2-D input ``(n, c)`` is returned as ``(n, c, 1)``.
+
+    >>> pool_channels(torch.ones(2, 3, 4, 4), 2).shape
+    torch.Size([2, 3, 4])
+    """
+    if x.ndim == 2:
+        return x.unsqueeze(-1)
+    if pool == "mean":
+        return x.flatten(2).mean(-1, keepdim=True)
+    if x.ndim == 3:
+        return F.adaptive_avg_pool1d(x, int(pool))
+    if x.ndim == 4:
+        return F.adaptive_avg_pool2d(x, int(pool)).flatten(2)
+    raise MippError(f"cannot pool an input of shape {tuple(x.shape)} per channel")
+
+
+@dataclass
+class Activations:
+    """What :func:`capture_activations` recorded, on CPU in float32.
+
+    ``inputs[name]``: the input of layer ``name`` — ``(n, c, f)`` pooled for convolutions,
+    ``(n, in_features)`` for Linear layers. Layers reading the very same tensor are recorded
+    once: ``alias[name]`` is the layer whose record holds it (itself if unique).
+    ``output``: the model output ``(n, classes)``. ``order``: layer names in the order their
+    forward first ran.
+    """
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    alias: dict[str, str] = field(default_factory=dict)
+    output: Tensor | None = None
+    order: list[str] = field(default_factory=list)
+
+    def of(self, name: str) -> Tensor:
+        """The recorded input of layer ``name`` (following aliases)."""
+        return self.inputs[self.alias.get(name, name)]
+
+    @property
+    def n(self) -> int:
+        return 0 if self.output is None else int(self.output.shape[0])
+
+
+@contextlib.contextmanager
+def record_forward_order(modules: Mapping[str, nn.Module]) -> Iterator[list[str]]:
+    """Within the block, append each module's name to the yielded list when it first runs."""
+    order: list[str] = []
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make(name)))
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _recording(
+    model: nn.Module, layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
+) -> Iterator[dict[str, list[Tensor]]]:
+    chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
+    outputs: list[Tensor] = []
+    first_pass = {"on": True, "seen": {}, "keep": []}
+    handles = []
+
+    def make(name: str, module: nn.Module):
+        is_conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if first_pass["on"]:
+                acts.order.append(name)
+                key = id(x)
+                if key in first_pass["seen"]:
+                    acts.alias[name] = first_pass["seen"][key]
+                else:
+                    first_pass["seen"][key] = name
+                    first_pass["keep"].append(x)  # keep alive: ids stay unique in this pass
+            if name in acts.alias:
+                return
+            feats = pool_channels(x.detach(), pool) if is_conv else x.detach()
+            if not is_conv and feats.ndim != 2:
+                raise MippError(
+                    f"layer {name!r} ({type(mod).__name__}) receives an input of shape "
+                    f"{tuple(x.shape)}; only (batch, features) inputs of Linear layers are "
+                    f"supported"
+                )
+            chunks[name].append(feats.float().cpu())
+
+        return hook
+
+    def out_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        first_pass["on"] = False
+        first_pass["keep"].clear()
+        if not isinstance(out, Tensor):
+            raise MippError(f"the model returned {type(out).__name__}; expected a logits tensor")
+        outputs.append(out.detach().float().cpu().reshape(out.shape[0], -1))
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(make(name, module)))
+        handles.append(model.register_forward_hook(out_hook))
+        yield chunks
+    finally:
+        for h in handles:
+            h.remove()
+        first_pass["keep"].clear()
+    acts.output = torch.cat(outputs) if outputs else None
+
+
+def capture_activations(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    *,
+    pool: Pool = "mean",
+) -> Activations:
+    """Run ``batches`` through ``model`` (eval mode, no grad) recording the inputs of ``layers``.
+
+    Args:
+        model: the network; its train/eval mode is restored afterwards.
+        batches: input tensors ``(batch, *input_shape)`` on the model's device.
+        layers: name → Conv/Linear module whose input to record.
+        pool: ``"mean"`` or k (see the module docstring).
+
+    Raises:
+        NonFiniteActivationError: a recorded input (or the output) holds NaN / Inf; the
+            message names the layer.
+    """
+    acts = Activations()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _recording(model, layers, pool=pool, acts=acts) as chunks:
+            for x in batches:
+                model(x)
+    finally:
+        model.train(was_training)
+    for name, parts in chunks.items():
+        if name in acts.alias or not parts:
+            continue
+        acts.inputs[name] = torch.cat(parts)
+        bad = ~torch.isfinite(acts.inputs[name])
+        if bad.any():
+            raise NonFiniteActivationError(
+                f"the input of layer {name!r} holds {int(bad.sum())} NaN/Inf values on the "
+                f"calibration data; check the model's weights and the data"
+            )
+    if acts.output is not None and not torch.isfinite(acts.output).all():
+        raise NonFiniteActivationError(
+            "the model output holds NaN/Inf values on the calibration data"
+        )
+    return acts

@@ -1,0 +1,70 @@
+"""Estimators of I(X_i; Y) and of the conditional MI Δ_i = I(X_i; Y | X_{S∖i}) (METHOD.md §3).
+
+All take tensors — activations ``x`` ``(n, U, b)`` of U units with b features each (or
+``(n, U)``) and a target ``y`` ``(n, Q)`` — and follow the :class:`Estimator` /
+:class:`EstimatorState` contract in :mod:`mipp.estimators.base`.
+
+============  ====================================================  =======================
+name          Δ_i                                                   unit of ``Delta.value``
+============  ====================================================  =======================
+``linear``    rise in ridge-regression loss, closed form (default)  share of target variance
+``gaussian``  Gaussian conditional MI, log-det closed form          nats
+``mlp``       rise in held-out loss of a trained MLP (the paper's)  share of target variance
+============  ====================================================  =======================
+
+>>> est = make_estimator("linear")
+>>> est.name, sorted(ESTIMATORS)
+('linear', ['gaussian', 'linear', 'mlp'])
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from mipp.estimators.base import Delta, Estimator, EstimatorState
+from mipp.estimators.gaussian import GaussianEstimator, GaussianState
+from mipp.estimators.linear import LinearEstimator, LinearState
+from mipp.estimators.mlp import MLPData, MLPEstimator, MLPState
+from mipp.estimators.moments import Moments, second_moments
+from mipp.registry import lookup
+
+__all__ = [
+    "ESTIMATORS",
+    "Delta",
+    "Estimator",
+    "EstimatorState",
+    "GaussianEstimator",
+    "GaussianState",
+    "LinearEstimator",
+    "LinearState",
+    "MLPData",
+    "MLPEstimator",
+    "MLPState",
+    "Moments",
+    "make_estimator",
+    "second_moments",
+]
+
+ESTIMATORS: dict[str, type] = {
+    "linear": LinearEstimator,
+    "gaussian": GaussianEstimator,
+    "mlp": MLPEstimator,
+}
+
+
+def make_estimator(name: str, *, seed: int = 0) -> Estimator:
+    """The estimator registered as ``name``, with default options.
+
+    ``seed`` reaches the estimators that use randomness (``mlp``); the closed forms are
+    deterministic and ignore it. An unknown name raises
+    :class:`~mipp.errors.UnknownNameError` (a ``ValueError``) listing the valid names.
+
+    >>> make_estimator("gaussian")
+    GaussianEstimator(ridge=0.001)
+    >>> make_estimator("mlp", seed=1).seed
+    1
+    """
+    cls = lookup(ESTIMATORS, name, kind="estimator")
+    if "seed" in inspect.signature(cls).parameters:
+        return cls(seed=seed)
+    return cls()

@@ -1,0 +1,229 @@
+"""Second moments and block-inverse algebra shared by the closed-form estimators.
+
+``linear`` and ``gaussian`` need only the centred second moments of (X, Y): they are
+computed once per layer in float64 (:func:`second_moments`), after which the activations
+are no longer needed. Every later quantity is a function of the ridged covariance of the
+kept features and its inverse; removing a unit is a block Schur-complement downdate of that
+inverse (:func:`downdate`), O(D²) instead of a fresh O(D³) inversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mipp.estimators.base import check_columns, check_pair
+
+__all__ = ["Moments", "UnitSlots", "downdate", "ridge_scale", "second_moments", "spd_inverse"]
+
+_CHUNK_ROWS = 8192  # rows per accumulation step: bounds the float64 working copy
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Centred float64 second moments of activations X (U units × b features) and targets Y.
+
+    Moments use the 1/n normalisation: ``sxx = Xcᵀ Xc / n`` with ``Xc = X - mean``.
+    Features and columns that are constant over the samples (``const_x`` / ``const_y``) have
+    their rows and columns set to exactly 0, so a dead unit contributes exactly nothing.
+
+    Attributes:
+        sxx: ``(D, D)`` with ``D = U * b``; feature ``u * b + j`` is feature j of unit u.
+        sxy: ``(D, Q)``.
+        syy: ``(Q, Q)``.
+        mean_x: ``(D,)``; mean_y: ``(Q,)``.
+        const_x: bool ``(D,)``; const_y: bool ``(Q,)``.
+        n: number of samples; n_units: U; unit_size: b.
+    """
+
+    sxx: Tensor
+    sxy: Tensor
+    syy: Tensor
+    mean_x: Tensor
+    mean_y: Tensor
+    const_x: Tensor
+    const_y: Tensor
+    n: int
+    n_units: int
+    unit_size: int
+
+    @property
+    def const_units(self) -> Tensor:
+        """bool ``(U,)``: True for units whose every feature is constant (dead units)."""
+        return self.const_x.view(self.n_units, self.unit_size).all(dim=1)
+
+    def standardised(self, columns: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Moments for the target columns ``columns`` scaled to unit variance.
+
+        Zero-variance columns are dropped. Returns ``(kept_columns (q,), sxy (D, q),
+        syy (q, q))`` where ``syy`` is the correlation matrix of the kept columns.
+        """
+        cols = check_columns(columns, self.syy.shape[0])
+        cols = cols[~self.const_y[cols]]
+        std = self.syy.diagonal()[cols].sqrt()
+        sxy = self.sxy[:, cols] / std
+        syy = self.syy[cols][:, cols] / std[:, None] / std[None, :]
+        syy.diagonal().fill_(1.0)
+        return cols, sxy, syy
+
+
+def second_moments(x: Tensor, y: Tensor) -> Moments:
+    """Centred float64 second moments of ``x`` ``(n, U, b)`` or ``(n, U)`` and ``y`` ``(n, Q)``.
+
+    >>> m = second_moments(torch.tensor([[1.0, 5.0], [3.0, 5.0]]), torch.tensor([0.0, 2.0]))
+    >>> m.sxx.tolist(), m.sxy.tolist(), m.const_x.tolist()
+    ([[1.0, 0.0], [0.0, 0.0]], [[1.0], [0.0]], [False, True])
+    """
+    x, y = check_pair(x, y)
+    n, n_units, unit_size = x.shape
+    x = x.reshape(n, n_units * unit_size)
+    sum_x = torch.zeros(x.shape[1], dtype=torch.float64)
+    sum_y = torch.zeros(y.shape[1], dtype=torch.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        sum_x += x[start : start + _CHUNK_ROWS].double().sum(0)
+        sum_y += y[start : start + _CHUNK_ROWS].double().sum(0)
+    mean_x, mean_y = sum_x / n, sum_y / n
+    sxx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    sxy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+    syy = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
+    for start in range(0, n, _CHUNK_ROWS):
+        xc = x[start : start + _CHUNK_ROWS].double() - mean_x
+        yc = y[start : start + _CHUNK_ROWS].double() - mean_y
+        sxx += xc.T @ xc
+        sxy += xc.T @ yc
+        syy += yc.T @ yc
+    const_x = x.amax(0) == x.amin(0)
+    const_y = y.amax(0) == y.amin(0)
+    for mat, rows, cols in (
+        (sxx, const_x, const_x),
+        (sxy, const_x, const_y),
+        (syy, const_y, const_y),
+    ):
+        mat[rows] = 0.0
+        mat[:, cols] = 0.0
+    sxx, sxy, syy = sxx / n, sxy / n, syy / n
+    sxx = (sxx + sxx.T) / 2
+    syy = (syy + syy.T) / 2
+    return Moments(
+        sxx=sxx,
+        sxy=sxy,
+        syy=syy,
+        mean_x=mean_x,
+        mean_y=mean_y,
+        const_x=const_x.cpu(),
+        const_y=const_y.cpu(),
+        n=n,
+        n_units=n_units,
+        unit_size=unit_size,
+    )
+
+
+def ridge_scale(sxx: Tensor, const_x: Tensor) -> float:
+    """Mean variance of the non-constant features (1.0 if every feature is constant).
+
+    The ridge of the closed forms is ``ridge * ridge_scale``: relative, hence scale-free.
+    Dead features are left out of the mean so that dead units do not change the ridge.
+    """
+    live = sxx.diagonal()[~const_x]
+    scale = float(live.mean()) if live.numel() else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def ridged(sxx: Tensor, const_x: Tensor, lam: float) -> Tensor:
+    """``sxx + λI``, with a unit diagonal for constant features.
+
+    A constant feature is exactly 0 after centring and uncoupled from everything, so its
+    diagonal entry changes no estimate; 1 keeps the matrix invertible even at ``λ = 0``.
+    """
+    diag = torch.where(const_x, 1.0, sxx.diagonal() + lam)
+    out = sxx.clone()
+    out.diagonal().copy_(diag)
+    return out
+
+
+def spd_inverse(a: Tensor, *, what: str) -> Tensor:
+    """Inverse of a symmetric positive-definite matrix via Cholesky; a clear error if singular."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise ValueError(
+            f"the {what} is singular (collinear features, e.g. exact duplicate units); "
+            "use a ridge > 0"
+        )
+    inv = torch.cholesky_inverse(chol)
+    return (inv + inv.T) / 2
+
+
+def logdet_spd(a: Tensor) -> float:
+    """log det of a symmetric positive-definite matrix (0 for an empty one)."""
+    if a.numel() == 0:
+        return 0.0
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return float(2 * chol.diagonal().log().sum())
+    sign, value = torch.linalg.slogdet(a)
+    if sign <= 0:
+        raise ValueError("matrix is not positive definite; use a ridge > 0")
+    return float(value)
+
+
+def downdate(m: Tensor, idx: Tensor, *, square: bool) -> Tensor:
+    """Remove the index block ``idx`` from an inverse by a Schur complement.
+
+    With ``m`` the inverse of a matrix A (or such an inverse with extra columns appended,
+    ``square=False``), returns ``m_rr - m_ri m_ii⁻¹ m_ir`` over the remaining rows r (and the
+    remaining columns): the inverse of A with the rows and columns ``idx`` deleted (and the
+    extra columns updated the same way, e.g. regression coefficients B = P Σ_xy).
+    """
+    keep_rows = torch.ones(m.shape[0], dtype=torch.bool)
+    keep_rows[idx] = False
+    keep_cols = torch.ones(m.shape[1], dtype=torch.bool)
+    keep_cols[idx] = False
+    m_ii = m[idx][:, idx]
+    m_ic = m[idx][:, keep_cols]
+    m_ri = m[keep_rows][:, idx]
+    out = m[keep_rows][:, keep_cols] - m_ri @ torch.linalg.solve(m_ii, m_ic)
+    if square:
+        out = (out + out.T) / 2
+    return out
+
+
+class UnitSlots:
+    """Which units are in S, and where each kept unit's b features sit in the compact matrices.
+
+    Compact matrices hold the features of the kept units in unit order, b rows per unit.
+    """
+
+    def __init__(self, n_units: int, unit_size: int) -> None:
+        self.n_units = n_units
+        self.unit_size = unit_size
+        self._active = torch.ones(n_units, dtype=torch.bool)
+
+    @property
+    def active(self) -> Tensor:
+        return self._active.clone()
+
+    @property
+    def n_active(self) -> int:
+        return int(self._active.sum())
+
+    def check(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < self.n_units:
+            raise ValueError(f"unit index must be in 0..{self.n_units - 1}, got {i}")
+        if not self._active[i]:
+            raise ValueError(f"unit {i} is not in the kept set S (already removed)")
+        return i
+
+    def rows(self, i: int) -> Tensor:
+        """Compact row indices ``(b,)`` of kept unit i."""
+        pos = int(self._active[:i].sum())
+        return torch.arange(pos * self.unit_size, (pos + 1) * self.unit_size)
+
+    def feature_mask(self) -> Tensor:
+        """bool ``(D,)``: the original features of the kept units."""
+        return self._active.repeat_interleave(self.unit_size)
+
+    def remove(self, i: int) -> None:
+        self._active[i] = False

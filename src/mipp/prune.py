@@ -1,0 +1,491 @@
+"""MIPP on a whole network: capture → select (output → input) → remove → report.
+
+:func:`prune` copies the model, runs a fixed calibration set through it once recording what
+every consumer layer reads (:mod:`mipp.capture`), and walks the unit groups from the output
+towards the input (:mod:`mipp.structure`). For group l the target is what its consumers
+produce — the next layer's activations restricted to the units already kept there (the
+logits for the last hidden layer) — and the TERC selection of :mod:`mipp.selection` keeps the
+units whose conditional information about that target is significant. The chosen units are
+then removed physically. METHOD.md §2 is the specification.
+
+Three ways to say how much to prune (exactly one):
+
+- ``sparsity=`` (target mode): a global sparsity of units, parameters or MACs (``target=``);
+  one global threshold on the *relative* Δ_i is bisected until the achieved sparsity is
+  within ``tolerance`` of the request. Per-layer ratios come from the method.
+- ``confidence=`` (the paper's mode): keep a unit iff we are more than ``confidence`` sure
+  that Δ_i > 0.
+- ``threshold=``: one pass with a fixed threshold on the relative Δ_i.
+
+Statistics are computed once per group; bisection re-runs only the selection loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from mipp.capture import Activations, Pool, capture_activations
+from mipp.costs import CostModel
+from mipp.data import ImageDataset, calibration_subset
+from mipp.errors import MippError
+from mipp.estimators import Estimator, make_estimator
+from mipp.report import GroupReport, PruneReport
+from mipp.selection import SelectionResult, terc
+from mipp.structure import SCOPES, ModelStructure, Scope, UnitGroup, build_structure
+
+__all__ = ["PruneResult", "prune"]
+
+Target = Literal["units", "params", "macs"]
+TARGETS = ("units", "params", "macs")
+
+
+@dataclass
+class PruneResult:
+    """The physically pruned copy of the model and the record of what was done."""
+
+    model: nn.Module
+    report: PruneReport
+
+
+@dataclass
+class _GroupData:
+    group: UnitGroup
+    prepared: Any
+    #: per target column: index of the owning group in the walk (-1: network output) and unit
+    owner: Tensor
+    unit: Tensor
+    features: int
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_options(
+    sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
+) -> None:
+    given = [
+        k
+        for k, v in (("sparsity", sparsity), ("confidence", confidence), ("threshold", threshold))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one of sparsity= (target mode), confidence= (the paper's test) or "
+            f"threshold= (fixed relative threshold); got {given or 'none'}"
+        )
+    if sparsity is not None and not (isinstance(sparsity, int | float) and 0 <= sparsity < 1):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if confidence is not None and not (isinstance(confidence, int | float) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if threshold is not None and not (
+        isinstance(threshold, int | float) and math.isfinite(threshold) and threshold >= 0
+    ):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not (pool == "mean" or (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1)):
+        raise ValueError(f"pool must be 'mean' or a positive integer k (k×k), got {pool!r}")
+    if not (isinstance(calib_samples, int) and calib_samples >= 1):
+        raise ValueError(f"calib_samples must be an integer >= 1, got {calib_samples!r}")
+    if not (isinstance(min_keep, int) and min_keep >= 1):
+        raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+
+
+def _calibration_inputs(data: Any, n: int, *, seed: int) -> Tensor:
+    """The calibration inputs ``(n, *input_shape)``: a seeded subset of ``data``."""
+    if isinstance(data, ImageDataset):
+        ds = calibration_subset(data, min(n, len(data)), seed=seed) if len(data) else data
+        x = ds.x
+    elif isinstance(data, Tensor):
+        if len(data) > n:
+            gen = torch.Generator().manual_seed(seed)
+            data = data[torch.randperm(len(data), generator=gen)[:n].sort().values]
+        x = data
+    elif isinstance(data, Iterable):
+        parts, count = [], 0
+        for batch in data:
+            xb = batch[0] if isinstance(batch, list | tuple) else batch
+            parts.append(xb)
+            count += len(xb)
+            if count >= n:
+                break
+        x = torch.cat(parts)[:n] if parts else torch.empty(0)
+    else:
+        raise TypeError(
+            f"data must be an ImageDataset, a tensor of inputs or an iterable of batches, "
+            f"got {type(data).__name__}"
+        )
+    if len(x) == 0:
+        raise ValueError("the calibration set is empty")
+    return x
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Pool) -> Tensor:
+    """Features of each unit from a recorded layer input → ``(n, units, f)``."""
+    widths = {len(ix) for ix in index}
+    if len(widths) != 1:
+        raise MippError("units map to different numbers of input features; not supported")
+    idx = torch.tensor(index, dtype=torch.long)  # (U, m)
+    if recorded.ndim == 3:  # conv input, pooled per channel: (n, C, f)
+        n = recorded.shape[0]
+        return recorded[:, idx, :].reshape(n, len(index), -1)
+    gathered = recorded[:, idx]  # (n, U, m): a Linear input, m values per unit
+    n, u, m = gathered.shape
+    if m == 1:
+        return gathered
+    side = math.isqrt(m)
+    if pool == "mean" or side * side != m:
+        return gathered.mean(-1, keepdim=True)
+    maps = gathered.reshape(n * u, 1, side, side)
+    k = min(int(pool), side)
+    return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
+
+
+def _group_data(
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    acts: Activations,
+    estimator: Estimator,
+    pool: Pool,
+) -> list[_GroupData]:
+    walk_index = {g.name: i for i, g in enumerate(groups)}
+    result = []
+    for g in groups:
+        blocks, seen = [], set()
+        for c in g.consumers:
+            key = acts.alias.get(c.layer, c.layer)
+            if key not in seen:
+                seen.add(key)
+                blocks.append(_unit_features(acts.of(c.layer), c.index, pool))
+        x = torch.cat(blocks, dim=2)
+        cols, owner, unit, seen = [], [], [], set()
+        for c in g.consumers:
+            if c.layer == structure.output_layer:
+                if "output" not in seen:
+                    seen.add("output")
+                    cols.append(acts.output)
+                    owner += [-1] * acts.output.shape[1]
+                    unit += list(range(acts.output.shape[1]))
+                continue
+            for nxt in structure.next_layers[c.layer]:
+                for h_name, h_cons in structure.readers.get(nxt, []):
+                    key = (acts.alias.get(nxt, nxt), h_name)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    feats = _unit_features(acts.of(nxt), h_cons.index, pool)  # (n, U_h, f)
+                    cols.append(feats.reshape(len(feats), -1))
+                    f = feats.shape[2]
+                    owner += [walk_index.get(h_name, -2)] * (feats.shape[1] * f)
+                    unit += [j for j in range(feats.shape[1]) for _ in range(f)]
+        if not cols:
+            raise MippError(f"group {g.name!r} has no measurable target")
+        y = torch.cat(cols, dim=1)
+        result.append(
+            _GroupData(
+                g, estimator.prepare(x, y), torch.tensor(owner), torch.tensor(unit), x.shape[2]
+            )
+        )
+    return result
+
+
+def _required_samples(data: list[_GroupData], estimator_name: str) -> tuple[int, _GroupData]:
+    worst, need = data[0], 0
+    for d in data:
+        dim = d.group.size * d.features
+        q = len(d.owner)
+        req = dim + 2 + (q if estimator_name == "gaussian" else 0)
+        if req > need:
+            worst, need = d, req
+    return need, worst
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _select(
+    data: list[_GroupData],
+    *,
+    confidence: float | None,
+    threshold: float | None,
+    min_keep: int,
+    order: str,
+    seed: int,
+    estimator: Estimator,
+) -> tuple[list[Tensor], list[SelectionResult]]:
+    """One output → input pass; returns per-group keep masks and selection results."""
+    kept: list[Tensor] = [torch.ones(d.group.size, dtype=torch.bool) for d in data]
+    results: list[SelectionResult] = []
+    for i, d in enumerate(data):
+        use = torch.ones(len(d.owner), dtype=torch.bool)
+        for j in range(len(data)):
+            rows = d.owner == j
+            if rows.any():
+                use[rows] = kept[j][d.unit[rows]]
+        state = estimator.start(d.prepared, use.nonzero().flatten())
+        res = terc(
+            state,
+            confidence=confidence,
+            threshold=threshold,
+            min_keep=min(min_keep, d.group.size),
+            order=order,
+            seed=seed + i,
+        )
+        kept[i] = res.support.clone()
+        results.append(res)
+    return kept, results
+
+
+def _sparsity(
+    kept: list[Tensor], data: list[_GroupData], costs: CostModel, units_total: int
+) -> dict[str, float]:
+    removed = {d.group.name: ~k for d, k in zip(data, kept, strict=True)}
+    params, macs = costs(removed)
+    units = sum(int(k.sum()) for k in kept)
+    return {
+        "units": 1 - units / units_total,
+        "params": 1 - params / costs.params_before,
+        "macs": 1 - macs / costs.macs_before,
+    }
+
+
+def prune(
+    model: nn.Module,
+    data: ImageDataset | Tensor | Iterable[Any],
+    *,
+    sparsity: float | None = None,
+    confidence: float | None = None,
+    threshold: float | None = None,
+    target: Target = "units",
+    estimator: str | Estimator = "linear",
+    pool: Pool = "mean",
+    calib_samples: int = 2048,
+    scope: Scope = "internal",
+    min_keep: int = 1,
+    order: Literal["mi", "index", "random"] = "mi",
+    tolerance: float = 0.01,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune ``model`` with MIPP; the input model is never modified.
+
+    Args:
+        model: a trained (PaT) or freshly initialised (PaI) network (see
+            :func:`mipp.structure.build_structure` for what it may contain).
+        data: calibration source — an :class:`~mipp.data.ImageDataset` (a seeded subset of
+            ``calib_samples`` is drawn), a tensor of inputs, or an iterable of batches.
+        sparsity / confidence / threshold: exactly one (see the module docstring).
+        target: what ``sparsity`` counts: ``"units"`` (the paper's PR), ``"params"`` or
+            ``"macs"``.
+        estimator: ``"linear"`` (default), ``"gaussian"``, ``"mlp"`` or an estimator object.
+        pool: per-channel pooling of conv maps, ``"mean"`` or k (k×k blocks).
+        calib_samples: calibration set size.
+        scope: ``"internal"`` prunes single-producer groups (block-internal in residual
+            nets, every layer in plain ones); ``"all"`` also prunes residual streams.
+        min_keep: units every group keeps at least (layer collapse is impossible).
+        order: TERC test order (``"mi"`` ascending as in the paper; ``"index"``,
+            ``"random"`` for ablations).
+        tolerance: allowed |achieved − requested| sparsity in target mode.
+        seed: calibration subset, random orders, the mlp estimator.
+
+    Returns:
+        :class:`PruneResult` with the pruned copy and its :class:`~mipp.report.PruneReport`.
+
+    >>> import mipp, torch
+    >>> from mipp.train import seeded
+    >>> with seeded(0):
+    ...     net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    >>> x = torch.randn(512, 1, 28, 28)
+    >>> result = prune(net, x, sparsity=0.5)
+    >>> abs(result.report.achieved["units"] - 0.5) <= 0.01
+    True
+    """
+    _check_options(
+        sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
+    )
+    console = Console(stderr=True, quiet=not progress)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    est = make_estimator(estimator, seed=seed) if isinstance(estimator, str) else estimator
+    est_name = getattr(est, "name", type(est).__name__)
+
+    x = _calibration_inputs(data, calib_samples, seed=seed)
+    work = copy.deepcopy(model)
+    param = next(work.parameters())
+    x = x.to(device=param.device, dtype=param.dtype)
+    structure = build_structure(work, x[:2])
+    groups = structure.in_scope(scope)
+    if not groups:
+        raise MippError(f"{type(model).__name__} has no prunable unit groups in scope {scope!r}")
+    costs = CostModel(structure, x[:2])
+    timings["structure"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    layers = {n: m for n, m in work.named_modules() if n in structure.readers}
+    batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    with console.status(f"capturing activations of {len(x)} calibration samples"):
+        acts = capture_activations(work, batches, layers, pool=pool)
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with console.status("computing statistics"):
+        gdata = _group_data(structure, groups, acts, est, pool)
+    timings["statistics"] = time.perf_counter() - t
+    need, worst = _required_samples(gdata, est_name)
+    if len(x) < need:
+        raise ValueError(
+            f"the calibration set has {len(x)} samples, but group {worst.group.name!r} has "
+            f"{worst.group.size} units × {worst.features} features and a "
+            f"{len(worst.owner)}-column target: the {est_name!r} estimator needs at least "
+            f"{need} samples (raise calib_samples or supply more data)"
+        )
+    units_total = sum(g.size for g in groups)
+
+    t = time.perf_counter()
+    bisection: list[dict[str, float]] = []
+    chosen_threshold = threshold
+
+    def run(tau: float | None) -> tuple[list[Tensor], list[SelectionResult], dict[str, float]]:
+        kept, res = _select(
+            gdata,
+            confidence=confidence,
+            threshold=tau,
+            min_keep=min_keep,
+            order=order,
+            seed=seed,
+            estimator=est,
+        )
+        return kept, res, _sparsity(kept, gdata, costs, units_total)
+
+    if sparsity is None:
+        kept, results, achieved = run(threshold)
+    else:
+        kept, results, achieved, chosen_threshold = _bisect(
+            run, sparsity, target, tolerance, bisection, console
+        )
+    timings["selection"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    removed = {
+        d.group.name: (~k).nonzero().flatten().tolist() for d, k in zip(gdata, kept, strict=True)
+    }
+    structure.remove(removed)
+    timings["removal"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    from mipp.metrics import count_macs, count_params
+
+    report = PruneReport(
+        method="mipp",
+        options={
+            "estimator": est_name,
+            "pool": pool,
+            "calib_samples": len(x),
+            "scope": scope,
+            "min_keep": min_keep,
+            "order": order,
+            "tolerance": tolerance,
+            "seed": seed,
+            "confidence": confidence,
+            "threshold": threshold,
+            "sparsity": sparsity,
+        },
+        input_shape=list(x.shape[1:]),
+        groups=[_group_report(d, k, r) for d, k, r in zip(gdata, kept, results, strict=True)],
+        units_before=units_total,
+        units_after=sum(int(k.sum()) for k in kept),
+        params_before=costs.params_before,
+        params_after=count_params(work),
+        macs_before=costs.macs_before,
+        macs_after=count_macs(work, x[:1]).macs,
+        requested=sparsity,
+        target=target,
+        achieved=achieved,
+        threshold=chosen_threshold,
+        bisection=bisection,
+        timings=timings,
+    )
+    if sparsity is not None and abs(achieved[target] - sparsity) > tolerance:
+        report.notes.append(
+            f"requested {target} sparsity {sparsity:.4f} could not be met within "
+            f"{tolerance}; achieved {achieved[target]:.4f} (the closest threshold)"
+        )
+    work.train(model.training)
+    return PruneResult(model=work, report=report)
+
+
+def _bisect(
+    run,
+    sparsity: float,
+    target: str,
+    tolerance: float,
+    trace: list[dict[str, float]],
+    console: Console,
+):
+    """Bisect the relative threshold τ (log scale) until |achieved − sparsity| ≤ tolerance."""
+    best = None
+
+    def attempt(tau: float):
+        nonlocal best
+        kept, res, ach = run(tau)
+        trace.append({"threshold": tau, **ach})
+        console.log(f"threshold {tau:.3e} → {target} sparsity {ach[target]:.4f}")
+        if best is None or abs(ach[target] - sparsity) < abs(best[2][target] - sparsity):
+            best = (kept, res, ach, tau)
+        return ach[target]
+
+    if attempt(0.0) >= sparsity - tolerance:
+        return best
+    lo, hi = -12.0, 0.0
+    while attempt(10.0**hi) < sparsity - tolerance and hi < 6:
+        lo, hi = hi, hi + 2.0
+    for _ in range(40):
+        if abs(best[2][target] - sparsity) <= tolerance:
+            break
+        mid = 0.5 * (lo + hi)
+        if attempt(10.0**mid) < sparsity:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-9:
+            break
+    return best
+
+
+def _group_report(d: _GroupData, kept: Tensor, res: SelectionResult) -> GroupReport:
+    g = d.group
+    return GroupReport(
+        name=g.name,
+        kind=g.kind,
+        producers=list(g.producers),
+        width_before=g.size,
+        width_after=int(kept.sum()),
+        kept=kept.nonzero().flatten().tolist(),
+        removed=(~kept).nonzero().flatten().tolist(),
+        order=res.order.tolist(),
+        scores=res.scores.tolist(),
+        deltas=res.deltas.tolist(),
+        relative_deltas=res.relative_deltas.tolist(),
+        pvalues=res.pvalues.tolist(),
+        info_full=float(res.info_full),
+        info_kept=float(res.info_kept),
+        features_per_unit=d.features,
+        target_columns=len(d.owner),
+    )

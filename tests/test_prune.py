@@ -1,0 +1,230 @@
+"""MIPP end to end on networks: target sparsity, invariants, report, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_model, zero_consumers
+from mipp import models
+from mipp.capture import NonFiniteActivationError
+from mipp.checkpoint import load_checkpoint, save_checkpoint
+from mipp.config import TrainConfig
+from mipp.data import ImageDataset, make_separable
+from mipp.metrics import count_macs, count_params
+from mipp.prune import prune
+from mipp.report import PruneReport, apply_report
+from mipp.structure import UnsupportedModuleError, build_structure
+from mipp.train import evaluate, seeded, train
+from mipp.types import ModelSpec
+
+
+def _check_equivalent(model: nn.Module, result, x: torch.Tensor) -> None:
+    masked = copy.deepcopy(model)
+    zero_consumers(masked, build_structure(masked, x[:2]), result.report.removed)
+    with torch.no_grad():
+        assert (result.model(x) - masked(x)).abs().max().item() < 1e-5
+    assert result.report.params_after == count_params(result.model)
+    assert result.report.macs_after == count_macs(result.model, x[:1]).macs
+
+
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [
+        ("mlp", 1024),
+        ("lenet5", 1024),
+        ("vgg11-narrow", 300),
+        ("resnet20", 600),
+        ("tiny-resnet", 400),
+    ],
+)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_target_sparsity_is_met_and_removal_is_exact(name, n, sparsity):
+    model, x = make_model(name, n=n, input_size=16)
+    result = prune(model, x, sparsity=sparsity, scope="all")
+    report = result.report
+    feasible = 1 - len(report.groups) / report.units_before  # every group keeps one unit
+    assert abs(report.achieved["units"] - min(sparsity, feasible)) <= 0.01
+    if sparsity > feasible + 0.01:  # tiny-resnet at 0.9: said, not hidden
+        assert "could not be met" in report.notes[0]
+    assert report.units_after == sum(g.width_after for g in report.groups)
+    assert all(g.width_after >= 1 for g in report.groups)
+    _check_equivalent(model, result, x[:8])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["vgg16", "vgg19", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg13"]
+)
+def test_target_sparsity_on_the_rest_of_the_zoo(name):
+    model, x = make_model(name, n=1100, input_size=8)
+    for sparsity in (0.5, 0.95):
+        result = prune(model, x, sparsity=sparsity)
+        assert abs(result.report.achieved["units"] - sparsity) <= 0.01
+        assert all(g.width_after >= 1 for g in result.report.groups)
+        _check_equivalent(model, result, x[:4])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_099_never_empties_a_layer(name):
+    model, x = make_model(name, n=700, input_size=16)
+    result = prune(model, x, sparsity=0.99, scope="all", tolerance=0.2)
+    assert all(g.width_after >= 1 for g in result.report.groups)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(x[:4])).all()
+
+
+@pytest.mark.parametrize(("name", "target"), [("lenet5", "params"), ("resnet20", "macs")])
+def test_params_and_macs_targets(name, target):
+    model, x = make_model(name, n=1024, input_size=16)
+    report = prune(model, x, sparsity=0.4, target=target).report
+    assert abs(report.achieved[target] - 0.4) <= 0.01
+    after = report.params_after if target == "params" else report.macs_after
+    before = report.params_before if target == "params" else report.macs_before
+    assert 1 - after / before == pytest.approx(report.achieved[target])
+
+
+def test_unreachable_precision_is_reported_not_hidden():
+    """LeNet-5's MACs sit in 22 conv filters: one filter moves MACs by ~5 points."""
+    model, x = make_model("lenet5", n=1024)
+    report = prune(model, x, sparsity=0.6, target="macs").report
+    if abs(report.achieved["macs"] - 0.6) > 0.01:
+        assert report.notes and "could not be met" in report.notes[0]
+        assert f"{report.achieved['macs']:.4f}" in report.notes[0]
+    # the closest threshold tried was chosen
+    best = min(abs(b["macs"] - 0.6) for b in report.bisection)
+    assert abs(report.achieved["macs"] - 0.6) == pytest.approx(best)
+
+
+def test_planted_duplicate_hidden_units_are_dropped_once():
+    """A hidden layer whose units 4..7 copy units 0..3: MIPP keeps one of each pair."""
+    with seeded(0):
+        net = models.create("mlp", in_channels=1, input_size=4, widths=(8, 6), num_classes=3)
+    with torch.no_grad():
+        net.fc1.weight[4:] = net.fc1.weight[:4]
+        net.fc1.bias[4:] = net.fc1.bias[:4]
+    x = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    result = prune(net, x, confidence=0.99)
+    group = {g.name: g for g in result.report.groups}["fc1"]
+    kept = set(group.kept)
+    assert all(len(kept & {j, j + 4}) == 1 for j in range(4))
+    assert group.width_after == 4
+
+
+def test_same_seed_same_units_and_input_model_untouched():
+    model, x = make_model("lenet5", n=3000)
+    before = copy.deepcopy(model.state_dict())
+    a = prune(model, x, sparsity=0.7, calib_samples=1500, seed=3)
+    b = prune(model, x, sparsity=0.7, calib_samples=1500, seed=3)
+    assert [g.kept for g in a.report.groups] == [g.kept for g in b.report.groups]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_report_json_round_trip_and_apply_report(tmp_path):
+    model, x = make_model("resnet20", n=600, input_size=16)
+    result = prune(model, x, sparsity=0.6, scope="all")
+    text = result.report.to_json()
+    again = PruneReport.from_dict(json.loads(text))
+    assert again.to_json() == text
+    fresh, _ = make_model("resnet20", input_size=16)
+    apply_report(fresh, again)
+    pruned_shapes = {k: v.shape for k, v in result.model.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == pruned_shapes
+    # a pruned checkpoint rebuilds itself from its sidecar
+    spec = ModelSpec("resnet20", input_size=16)
+    path = save_checkpoint(
+        tmp_path / "p.safetensors", result.model, spec=spec, pruning=[result.report.replay_record()]
+    )
+    loaded = load_checkpoint(path).model
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:4]), result.model(x[:4]))
+
+
+def test_report_records_traces_and_information():
+    model, x = make_model("lenet5", n=1024)
+    report = prune(model, x, sparsity=0.7).report
+    for g in report.groups:
+        assert len(g.scores) == len(g.deltas) == g.width_before
+        assert sorted(g.kept + g.removed) == list(range(g.width_before))
+        assert 0 <= g.retained <= 1 + 1e-9
+        assert g.info_kept <= g.info_full + 1e-9
+    assert set(report.timings) >= {"capture", "statistics", "selection", "removal", "total"}
+    assert report.bisection and report.threshold is not None
+
+
+def test_pruning_after_training_keeps_a_trained_mlp_accurate():
+    """PaT: a separable task survives removing half the hidden units one-shot."""
+    xs, ys = make_separable(3000, num_classes=10, dim=32, seed=0)
+    data = ImageDataset(xs.reshape(-1, 1, 4, 8), ys, num_classes=10, name="toy")
+    with seeded(0):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    train(
+        net, data, TrainConfig(epochs=3, optimizer="adam", lr=3e-3, weight_decay=0), progress=False
+    )
+    result = prune(net, data, sparsity=0.5, calib_samples=1000)
+    assert result.report.groups[0].width_after == 32
+    assert evaluate(result.model, data).top1 > 0.95
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1), got 1.0"),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1), got -0.1"),
+        ({"confidence": 0.0}, "confidence must be in (0, 1), got 0.0"),
+        ({"confidence": 1.0}, "confidence must be in (0, 1), got 1.0"),
+        ({"sparsity": 0.5, "confidence": 0.9}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"sparsity": 0.5, "target": "flops"}, "target must be one of"),
+        ({"sparsity": 0.5, "scope": "stream"}, "scope must be one of"),
+        ({"sparsity": 0.5, "estimator": "ksg2"}, "unknown estimator 'ksg2'"),
+        ({"sparsity": 0.5, "pool": 0}, "pool must be 'mean' or a positive integer"),
+    ],
+)
+def test_bad_options_are_named(options, needle):
+    model, x = make_model("lenet5", n=300)
+    with pytest.raises(ValueError) as info:
+        prune(model, x, **options)
+    assert needle in str(info.value)
+
+
+def test_too_small_calibration_set_says_how_many_are_needed():
+    model, x = make_model("lenet5", n=100)
+    with pytest.raises(ValueError, match=r"group 'fc1' has 120 units .* at least 122 samples"):
+        prune(model, x, sparsity=0.5)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        prune(model, x[:0], sparsity=0.5)
+
+
+def test_non_finite_activations_name_the_layer_and_leave_the_model_alone():
+    model, x = make_model("lenet5", n=300)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(NonFiniteActivationError, match="input of layer 'fc2'"):
+        prune(model, x, sparsity=0.5)
+    after = model.state_dict()
+    assert all(
+        torch.equal(
+            before[k],
+            after[k],
+        )
+        or k == "fc1.weight"
+        for k in before
+    )
+    assert torch.isnan(after["fc1.weight"][0, 0])
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_unsupported_module_is_refused_by_prune():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"'2' \(LayerNorm\)"):
+        prune(net, torch.randn(64, 16), sparsity=0.5)
