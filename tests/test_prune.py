@@ -61,7 +61,7 @@ def test_target_sparsity_is_met_and_removal_is_exact(name, n, sparsity):
     "name", ["vgg16", "vgg19", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg13"]
 )
 def test_target_sparsity_on_the_rest_of_the_zoo(name):
-    model, x = make_model(name, n=1100, input_size=8)
+    model, x = make_model(name, n=700, input_size=8)
     for sparsity in (0.5, 0.95):
         result = prune(model, x, sparsity=sparsity)
         assert abs(result.report.achieved["units"] - sparsity) <= 0.01

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="re-train a (pruned) checkpoint and save it")
     p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
-    add_train_options(p, epochs=1, lr=0.01)
+    add_train_options(p, epochs=1, lr=0.05)
     p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="runs/finetuned", help="run directory (default runs/finetuned)")

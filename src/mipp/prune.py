@@ -38,6 +38,7 @@ from mipp.costs import CostModel
 from mipp.data import ImageDataset, calibration_subset
 from mipp.errors import MippError
 from mipp.estimators import Estimator, make_estimator
+from mipp.metrics import count_macs, count_params
 from mipp.report import GroupReport, PruneReport
 from mipp.selection import SelectionResult, terc
 from mipp.structure import SCOPES, ModelStructure, Scope, UnitGroup, build_structure
@@ -389,8 +390,6 @@ def prune(
     structure.remove(removed)
     timings["removal"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-
-    from mipp.metrics import count_macs, count_params
 
     report = PruneReport(
         method="mipp",

@@ -1,0 +1,95 @@
+"""Capture: what consumers read, pooled per channel; hooks always removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mipp.capture import NonFiniteActivationError, capture_activations, pool_channels
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_pooling_known_answers():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert pool_channels(x, "mean").flatten().tolist() == [7.5]
+    # 2x2 adaptive average of a 4x4 ramp: block means
+    assert pool_channels(x, 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_channels(torch.ones(3, 5), "mean").shape == (3, 5, 1)
+    assert pool_channels(torch.arange(6.0).reshape(1, 1, 6), 3).flatten().tolist() == [
+        0.5,
+        2.5,
+        4.5,
+    ]
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 2),
+    ).eval()
+
+
+def test_records_what_consumers_read_after_bn_relu_and_pool():
+    net = _net()
+    x = torch.randn(5, 1, 8, 8)
+    layers = {"4": net[4], "7": net[7]}
+    acts = capture_activations(net, [x[:3], x[3:]], layers)
+    with torch.no_grad():
+        seen_by_conv = net[3](net[2](net[1](net[0](x))))
+        seen_by_fc = net[6](net[5](net[4](seen_by_conv)))
+        out = net(x)
+    torch.testing.assert_close(acts.inputs["4"], seen_by_conv.mean((2, 3)).unsqueeze(-1))
+    torch.testing.assert_close(acts.inputs["7"], seen_by_fc)
+    torch.testing.assert_close(acts.output, out)
+    assert acts.order == ["4", "7"] and acts.n == 5
+    assert _hooks(net) == 0
+
+
+def test_layers_reading_the_same_tensor_are_recorded_once():
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    net = Fork()
+    acts = capture_activations(net, [torch.randn(4, 3)], {"a": net.a, "b": net.b})
+    assert acts.alias == {"b": "a"}
+    assert list(acts.inputs) == ["a"]
+    assert acts.of("b") is acts.inputs["a"]
+
+
+def test_hooks_are_removed_when_the_forward_raises():
+    net = _net()
+    net.train()
+
+    def boom(*_):
+        raise RuntimeError("forward failed")
+
+    net[5].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        capture_activations(net, [torch.randn(2, 1, 8, 8)], {"4": net[4], "7": net[7]})
+    assert _hooks(net) == 1  # only the test's own hook is left
+    assert net.training  # mode restored
+
+
+def test_non_finite_input_names_the_layer():
+    net = _net()
+    with torch.no_grad():
+        net[4].bias[0] = float("inf")
+    with pytest.raises(NonFiniteActivationError, match="input of layer '7'"):
+        capture_activations(net, [torch.randn(2, 1, 8, 8)], {"4": net[4], "7": net[7]})
+    assert _hooks(net) == 0
