@@ -33,15 +33,16 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from mipp.capture import Activations, Pool, capture_activations
+from mipp.capture import Pool, capture_activations
 from mipp.costs import CostModel
 from mipp.data import ImageDataset, calibration_subset
 from mipp.errors import MippError
 from mipp.estimators import Estimator, make_estimator
+from mipp.features import GroupData, group_data, required_samples
 from mipp.metrics import count_macs, count_params
 from mipp.report import GroupReport, PruneReport
 from mipp.selection import SelectionResult, terc
-from mipp.structure import SCOPES, ModelStructure, Scope, UnitGroup, build_structure
+from mipp.structure import SCOPES, Scope, build_structure
 
 __all__ = ["PruneResult", "prune"]
 
@@ -55,16 +56,6 @@ class PruneResult:
 
     model: nn.Module
     report: PruneReport
-
-
-@dataclass
-class _GroupData:
-    group: UnitGroup
-    prepared: Any
-    #: per target column: index of the owning group in the walk (-1: network output) and unit
-    owner: Tensor
-    unit: Tensor
-    features: int
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -134,94 +125,11 @@ def _calibration_inputs(data: Any, n: int, *, seed: int) -> Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------- features
-
-
-def _unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Pool) -> Tensor:
-    """Features of each unit from a recorded layer input → ``(n, units, f)``."""
-    widths = {len(ix) for ix in index}
-    if len(widths) != 1:
-        raise MippError("units map to different numbers of input features; not supported")
-    idx = torch.tensor(index, dtype=torch.long)  # (U, m)
-    if recorded.ndim == 3:  # conv input, pooled per channel: (n, C, f)
-        n = recorded.shape[0]
-        return recorded[:, idx, :].reshape(n, len(index), -1)
-    gathered = recorded[:, idx]  # (n, U, m): a Linear input, m values per unit
-    n, u, m = gathered.shape
-    if m == 1:
-        return gathered
-    side = math.isqrt(m)
-    if pool == "mean" or side * side != m:
-        return gathered.mean(-1, keepdim=True)
-    maps = gathered.reshape(n * u, 1, side, side)
-    k = min(int(pool), side)
-    return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
-
-
-def _group_data(
-    structure: ModelStructure,
-    groups: list[UnitGroup],
-    acts: Activations,
-    estimator: Estimator,
-    pool: Pool,
-) -> list[_GroupData]:
-    walk_index = {g.name: i for i, g in enumerate(groups)}
-    result = []
-    for g in groups:
-        blocks, seen = [], set()
-        for c in g.consumers:
-            key = acts.alias.get(c.layer, c.layer)
-            if key not in seen:
-                seen.add(key)
-                blocks.append(_unit_features(acts.of(c.layer), c.index, pool))
-        x = torch.cat(blocks, dim=2)
-        cols, owner, unit, seen = [], [], [], set()
-        for c in g.consumers:
-            if c.layer == structure.output_layer:
-                if "output" not in seen:
-                    seen.add("output")
-                    cols.append(acts.output)
-                    owner += [-1] * acts.output.shape[1]
-                    unit += list(range(acts.output.shape[1]))
-                continue
-            for nxt in structure.next_layers[c.layer]:
-                for h_name, h_cons in structure.readers.get(nxt, []):
-                    key = (acts.alias.get(nxt, nxt), h_name)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    feats = _unit_features(acts.of(nxt), h_cons.index, pool)  # (n, U_h, f)
-                    cols.append(feats.reshape(len(feats), -1))
-                    f = feats.shape[2]
-                    owner += [walk_index.get(h_name, -2)] * (feats.shape[1] * f)
-                    unit += [j for j in range(feats.shape[1]) for _ in range(f)]
-        if not cols:
-            raise MippError(f"group {g.name!r} has no measurable target")
-        y = torch.cat(cols, dim=1)
-        result.append(
-            _GroupData(
-                g, estimator.prepare(x, y), torch.tensor(owner), torch.tensor(unit), x.shape[2]
-            )
-        )
-    return result
-
-
-def _required_samples(data: list[_GroupData], estimator_name: str) -> tuple[int, _GroupData]:
-    worst, need = data[0], 0
-    for d in data:
-        dim = d.group.size * d.features
-        q = len(d.owner)
-        req = dim + 2 + (q if estimator_name == "gaussian" else 0)
-        if req > need:
-            worst, need = d, req
-    return need, worst
-
-
 # ----------------------------------------------------------------------------- selection
 
 
 def _select(
-    data: list[_GroupData],
+    data: list[GroupData],
     *,
     confidence: float | None,
     threshold: float | None,
@@ -254,7 +162,7 @@ def _select(
 
 
 def _sparsity(
-    kept: list[Tensor], data: list[_GroupData], costs: CostModel, units_total: int
+    kept: list[Tensor], data: list[GroupData], costs: CostModel, units_total: int
 ) -> dict[str, float]:
     removed = {d.group.name: ~k for d, k in zip(data, kept, strict=True)}
     params, macs = costs(removed)
@@ -347,9 +255,9 @@ def prune(
 
     t = time.perf_counter()
     with console.status("computing statistics"):
-        gdata = _group_data(structure, groups, acts, est, pool)
+        gdata = group_data(structure, groups, acts, est, pool)
     timings["statistics"] = time.perf_counter() - t
-    need, worst = _required_samples(gdata, est_name)
+    need, worst = required_samples(gdata, est_name)
     if len(x) < need:
         raise ValueError(
             f"the calibration set has {len(x)} samples, but group {worst.group.name!r} has "
@@ -468,7 +376,7 @@ def _bisect(
     return best
 
 
-def _group_report(d: _GroupData, kept: Tensor, res: SelectionResult) -> GroupReport:
+def _group_report(d: GroupData, kept: Tensor, res: SelectionResult) -> GroupReport:
     g = d.group
     return GroupReport(
         name=g.name,

@@ -1,0 +1,128 @@
+"""Per-unit features and targets for MIPP, from what :mod:`mipp.capture` recorded.
+
+For a unit group (:mod:`mipp.structure`), ``X`` is what its consumers read, one feature block
+per unit ``(n, units, f)``; the target ``Y`` is what those consumers produce — the next
+activations (or the network output), one column per feature of each next unit, labelled with
+the group and unit it belongs to so the walk can restrict it to the units already kept there.
+The estimator's reusable statistics are computed here, once per group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mipp.capture import Activations, Pool
+from mipp.errors import MippError
+from mipp.estimators import Estimator
+from mipp.structure import ModelStructure, UnitGroup
+
+__all__ = ["GroupData", "group_data", "required_samples", "unit_features"]
+
+
+@dataclass
+class GroupData:
+    """A group's prepared estimator statistics and the labels of its target columns."""
+
+    group: UnitGroup
+    prepared: Any
+    #: per target column: index of the owning group in the walk (-1: network output, -2: a
+    #: group outside the pruning scope) and the unit it belongs to
+    owner: Tensor
+    unit: Tensor
+    features: int
+
+
+def unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Pool) -> Tensor:
+    """Features of each unit from a recorded layer input → ``(n, units, f)``.
+
+    ``index[j]`` are the input indices of unit j. A conv input is already pooled per channel
+    ``(n, C, f)``; a Linear input ``(n, F)`` after a flatten holds m values per unit (its
+    map), averaged (``pool="mean"``) or adaptively pooled to k×k when the map is square.
+
+    >>> unit_features(torch.arange(8.0).reshape(1, 8), ((0, 1, 2, 3), (4, 5, 6, 7)), "mean")
+    tensor([[[1.5000],
+             [5.5000]]])
+    """
+    widths = {len(ix) for ix in index}
+    if len(widths) != 1:
+        raise MippError("units map to different numbers of input features; not supported")
+    idx = torch.tensor(index, dtype=torch.long)  # (U, m)
+    if recorded.ndim == 3:  # conv input, pooled per channel: (n, C, f)
+        n = recorded.shape[0]
+        return recorded[:, idx, :].reshape(n, len(index), -1)
+    gathered = recorded[:, idx]  # (n, U, m): a Linear input, m values per unit
+    n, u, m = gathered.shape
+    if m == 1:
+        return gathered
+    side = math.isqrt(m)
+    if pool == "mean" or side * side != m:
+        return gathered.mean(-1, keepdim=True)
+    maps = gathered.reshape(n * u, 1, side, side)
+    k = min(int(pool), side)
+    return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
+
+
+def group_data(
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    acts: Activations,
+    estimator: Estimator,
+    pool: Pool,
+) -> list[GroupData]:
+    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input)."""
+    walk_index = {g.name: i for i, g in enumerate(groups)}
+    result = []
+    for g in groups:
+        blocks, seen = [], set()
+        for c in g.consumers:
+            key = acts.alias.get(c.layer, c.layer)
+            if key not in seen:
+                seen.add(key)
+                blocks.append(unit_features(acts.of(c.layer), c.index, pool))
+        x = torch.cat(blocks, dim=2)
+        cols, owner, unit, seen = [], [], [], set()
+        for c in g.consumers:
+            if c.layer == structure.output_layer:
+                if "output" not in seen:
+                    seen.add("output")
+                    cols.append(acts.output)
+                    owner += [-1] * acts.output.shape[1]
+                    unit += list(range(acts.output.shape[1]))
+                continue
+            for nxt in structure.next_layers[c.layer]:
+                for h_name, h_cons in structure.readers.get(nxt, []):
+                    key = (acts.alias.get(nxt, nxt), h_name)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    feats = unit_features(acts.of(nxt), h_cons.index, pool)  # (n, U_h, f)
+                    cols.append(feats.reshape(len(feats), -1))
+                    f = feats.shape[2]
+                    owner += [walk_index.get(h_name, -2)] * (feats.shape[1] * f)
+                    unit += [j for j in range(feats.shape[1]) for _ in range(f)]
+        if not cols:
+            raise MippError(f"group {g.name!r} has no measurable target")
+        y = torch.cat(cols, dim=1)
+        result.append(
+            GroupData(
+                g, estimator.prepare(x, y), torch.tensor(owner), torch.tensor(unit), x.shape[2]
+            )
+        )
+    return result
+
+
+def required_samples(data: list[GroupData], estimator_name: str) -> tuple[int, GroupData]:
+    """Calibration samples the estimator needs (features + 2; + target columns for gaussian)."""
+    worst, need = data[0], 0
+    for d in data:
+        dim = d.group.size * d.features
+        q = len(d.owner)
+        req = dim + 2 + (q if estimator_name == "gaussian" else 0)
+        if req > need:
+            worst, need = d, req
+    return need, worst
