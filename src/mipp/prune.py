@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -137,6 +137,7 @@ def _select(
     order: str,
     seed: int,
     estimator: Estimator,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[Tensor], list[SelectionResult]]:
     """One output → input pass; returns per-group keep masks and selection results."""
     kept: list[Tensor] = [torch.ones(d.group.size, dtype=torch.bool) for d in data]
@@ -158,6 +159,8 @@ def _select(
         )
         kept[i] = res.support.clone()
         results.append(res)
+        if log is not None:
+            log(f"{d.group.name}: kept {int(kept[i].sum())} of {d.group.size} units")
     return kept, results
 
 
@@ -271,7 +274,9 @@ def prune(
     bisection: list[dict[str, float]] = []
     chosen_threshold = threshold
 
-    def run(tau: float | None) -> tuple[list[Tensor], list[SelectionResult], dict[str, float]]:
+    def run(
+        tau: float | None, log: Callable[[str], None] | None = None
+    ) -> tuple[list[Tensor], list[SelectionResult], dict[str, float]]:
         kept, res = _select(
             gdata,
             confidence=confidence,
@@ -280,11 +285,12 @@ def prune(
             order=order,
             seed=seed,
             estimator=est,
+            log=log,
         )
         return kept, res, _sparsity(kept, gdata, costs, units_total)
 
     if sparsity is None:
-        kept, results, achieved = run(threshold)
+        kept, results, achieved = run(threshold, console.log)  # per-group progress
     else:
         kept, results, achieved, chosen_threshold = _bisect(
             run, sparsity, target, tolerance, bisection, console
