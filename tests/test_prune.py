@@ -199,6 +199,7 @@ def test_pruning_after_training_keeps_a_trained_mlp_accurate():
         ({"sparsity": 0.5, "scope": "stream"}, "scope must be one of"),
         ({"sparsity": 0.5, "estimator": "ksg2"}, "unknown estimator 'ksg2'"),
         ({"sparsity": 0.5, "pool": 0}, "pool must be 'mean' or a positive integer"),
+        ({"sparsity": 0.5, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_options_are_named(options, needle):

@@ -215,7 +215,9 @@ def prune(
         order: TERC test order (``"mi"`` ascending as in the paper; ``"index"``,
             ``"random"`` for ablations).
         tolerance: allowed |achieved − requested| sparsity in target mode.
+        batch_size: calibration samples per forward pass while capturing.
         seed: calibration subset, random orders, the mlp estimator.
+        progress: log phases, bisection steps and per-layer results to stderr.
 
     Returns:
         :class:`PruneResult` with the pruned copy and its :class:`~mipp.report.PruneReport`.
@@ -232,6 +234,8 @@ def prune(
     _check_options(
         sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
     )
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     console = Console(stderr=True, quiet=not progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
