@@ -61,7 +61,6 @@ class GroupReport:
     width_after: int
     kept: list[int]
     removed: list[int]
-    pruned: bool = True
     order: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     deltas: list[float] = field(default_factory=list)

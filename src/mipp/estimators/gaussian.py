@@ -34,20 +34,18 @@ from torch import Tensor
 
 from mipp.estimators.base import Delta
 from mipp.estimators.moments import (
+    ClosedFormEstimator,
+    ClosedFormState,
     Moments,
-    UnitSlots,
     downdate,
     logdet_spd,
-    ridge_scale,
-    ridged,
-    second_moments,
     spd_inverse,
 )
 
 __all__ = ["GaussianEstimator", "GaussianState"]
 
 
-class GaussianEstimator:
+class GaussianEstimator(ClosedFormEstimator):
     """Closed-form Gaussian (log-det) conditional MI in nats, with a χ² likelihood-ratio test.
 
     Args:
@@ -64,26 +62,8 @@ class GaussianEstimator:
 
     name = "gaussian"
 
-    def __init__(self, *, ridge: float = 1e-3) -> None:
-        if not (math.isfinite(ridge) and ridge >= 0):
-            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
-        self.ridge = float(ridge)
 
-    def __repr__(self) -> str:
-        return f"GaussianEstimator(ridge={self.ridge})"
-
-    def prepare(self, x: Tensor, y: Tensor) -> Moments:
-        """Centred float64 second moments of ``x`` ``(n, U, b)`` / ``(n, U)``, ``y`` ``(n, Q)``."""
-        return second_moments(x, y)
-
-    def start(self, prepared: Moments, columns: Tensor | None = None) -> GaussianState:
-        """A state with S = all units, for target columns ``columns`` (None = all)."""
-        if not isinstance(prepared, Moments):
-            raise TypeError(f"prepared must come from prepare(), got {type(prepared).__name__}")
-        return GaussianState(prepared, columns, ridge=self.ridge)
-
-
-class GaussianState:
+class GaussianState(ClosedFormState):
     """Kept set S with the downdated inverses P and Q (see :class:`GaussianEstimator`).
 
     Attributes:
@@ -92,22 +72,9 @@ class GaussianState:
     """
 
     def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
-        self.n_units = moments.n_units
-        self._b = moments.unit_size
-        self._n = moments.n
-        self.columns, sxy, syy = moments.standardised(columns)
-        self._q = q = int(self.columns.numel())
-        self._slots = UnitSlots(moments.n_units, moments.unit_size)
-        self._const_units = moments.const_units
-        self._live = ~moments.const_x
-        self.ridge_x = ridge * ridge_scale(moments.sxx, moments.const_x)
+        a, sxy, syy, self.ridge_x = self._setup(moments, columns, ridge=ridge)
         self.ridge_y = ridge
-        a = ridged(moments.sxx, moments.const_x, self.ridge_x)
-        cyy = syy + self.ridge_y * torch.eye(q, dtype=torch.float64)
-        b = self._b
-        idx = torch.arange(self.n_units * b).view(self.n_units, b)
-        self._a_blocks = a[idx[:, :, None], idx[:, None, :]]  # (U, b, b)
-        self._sxy = sxy
+        cyy = syy + self.ridge_y * torch.eye(self._q, dtype=torch.float64)
         self._cyy = cyy
         self._half_logdet_cyy = 0.5 * logdet_spd(cyy)
         p = spd_inverse(a, what="ridged feature covariance")
@@ -120,11 +87,6 @@ class GaussianState:
         self._g = b_mat.T @ b_mat
         self._info: float | None = None
         self._logdet_r: float | None = None
-
-    @property
-    def active(self) -> Tensor:
-        """bool ``(U,)``: True for units in S."""
-        return self._slots.active
 
     def information(self) -> float:
         """I(X_S; Y) in nats under the Gaussian model (ridged covariances)."""
@@ -209,3 +171,6 @@ def _batched_logdet(a: Tensor) -> Tensor:
         return 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
     sign, value = torch.linalg.slogdet(a)
     return torch.where(sign > 0, value, torch.full_like(value, -math.inf))
+
+
+GaussianEstimator.state_class = GaussianState

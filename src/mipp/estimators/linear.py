@@ -18,27 +18,23 @@ is the Schur-complement downdate P ← P_rr − P_ri P_ii⁻¹ P_ir, B ← B_r �
 
 from __future__ import annotations
 
-import math
-
 import scipy.stats
 import torch
 from torch import Tensor
 
 from mipp.estimators.base import Delta
 from mipp.estimators.moments import (
+    ClosedFormEstimator,
+    ClosedFormState,
     Moments,
-    UnitSlots,
     downdate,
-    ridge_scale,
-    ridged,
-    second_moments,
     spd_inverse,
 )
 
 __all__ = ["LinearEstimator", "LinearState"]
 
 
-class LinearEstimator:
+class LinearEstimator(ClosedFormEstimator):
     """Closed-form ridge-regression estimator; values are shares of the target's variance.
 
     Args:
@@ -74,26 +70,8 @@ class LinearEstimator:
 
     name = "linear"
 
-    def __init__(self, *, ridge: float = 1e-3) -> None:
-        if not (math.isfinite(ridge) and ridge >= 0):
-            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
-        self.ridge = float(ridge)
 
-    def __repr__(self) -> str:
-        return f"LinearEstimator(ridge={self.ridge})"
-
-    def prepare(self, x: Tensor, y: Tensor) -> Moments:
-        """Centred float64 second moments of ``x`` ``(n, U, b)`` / ``(n, U)``, ``y`` ``(n, Q)``."""
-        return second_moments(x, y)
-
-    def start(self, prepared: Moments, columns: Tensor | None = None) -> LinearState:
-        """A state with S = all units, for target columns ``columns`` (None = all)."""
-        if not isinstance(prepared, Moments):
-            raise TypeError(f"prepared must come from prepare(), got {type(prepared).__name__}")
-        return LinearState(prepared, columns, ridge=self.ridge)
-
-
-class LinearState:
+class LinearState(ClosedFormState):
     """Kept set S and the downdated ridge inverse for one target (see :class:`LinearEstimator`).
 
     Attributes:
@@ -102,29 +80,11 @@ class LinearState:
     """
 
     def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
-        self.n_units = moments.n_units
-        self._b = moments.unit_size
-        self._n = moments.n
-        self.columns, sxy, _ = moments.standardised(columns)
-        self._q = int(self.columns.numel())
-        self._slots = UnitSlots(moments.n_units, moments.unit_size)
-        self._const_units = moments.const_units
-        self._live = ~moments.const_x
-        self.ridge = ridge * ridge_scale(moments.sxx, moments.const_x)
-        a = ridged(moments.sxx, moments.const_x, self.ridge)
-        b = self._b
-        idx = torch.arange(self.n_units * b).view(self.n_units, b)
-        self._a_blocks = a[idx[:, :, None], idx[:, None, :]]  # (U, b, b)
-        self._sxy = sxy  # (D, q), standardised columns
+        a, sxy, _, self.ridge = self._setup(moments, columns, ridge=ridge)
         p = spd_inverse(a, what="ridged feature covariance")
         self._m = torch.cat([p, p @ sxy], dim=1)  # [P | B], (D_S, D_S + q)
         self._explained: float | None = None
         self._b_norm = 0.0  # ‖B‖²_F, cached with _explained
-
-    @property
-    def active(self) -> Tensor:
-        """bool ``(U,)``: True for units in S."""
-        return self._slots.active
 
     def information(self) -> float:
         """I(X_S; Y) = 1 − L(S): share of the standardised target's variance explained by S."""
@@ -188,3 +148,6 @@ class LinearState:
         self._m = downdate(self._m, self._slots.rows(i), square=False)
         self._slots.remove(i)
         self._explained = None
+
+
+LinearEstimator.state_class = LinearState

@@ -9,14 +9,25 @@ inverse (:func:`downdate`), O(D²) instead of a fresh O(D³) inversion.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mipp.estimators.base import check_columns, check_pair
 
-__all__ = ["Moments", "UnitSlots", "downdate", "ridge_scale", "second_moments", "spd_inverse"]
+__all__ = [
+    "ClosedFormEstimator",
+    "ClosedFormState",
+    "Moments",
+    "UnitSlots",
+    "downdate",
+    "ridge_scale",
+    "second_moments",
+    "spd_inverse",
+]
 
 _CHUNK_ROWS = 8192  # rows per accumulation step: bounds the float64 working copy
 
@@ -227,3 +238,61 @@ class UnitSlots:
 
     def remove(self, i: int) -> None:
         self._active[i] = False
+
+
+class ClosedFormState:
+    """What the closed-form states share: the kept set and the ridged feature covariance."""
+
+    def _setup(
+        self, moments: Moments, columns: Tensor | None, *, ridge: float
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Set the common attributes; return ``(A, Σ_xy, Σ_yy, λ)`` for the chosen columns.
+
+        A = Σ_xx + λI on live features (λ = ``ridge`` × mean live feature variance), with
+        Σ_xy, Σ_yy over the standardised target columns.
+        """
+        self.n_units = moments.n_units
+        self._b = moments.unit_size
+        self._n = moments.n
+        self.columns, sxy, syy = moments.standardised(columns)
+        self._q = int(self.columns.numel())
+        self._slots = UnitSlots(moments.n_units, moments.unit_size)
+        self._const_units = moments.const_units
+        self._live = ~moments.const_x
+        lam = ridge * ridge_scale(moments.sxx, moments.const_x)
+        a = ridged(moments.sxx, moments.const_x, lam)
+        idx = torch.arange(self.n_units * self._b).view(self.n_units, self._b)
+        self._a_blocks = a[idx[:, :, None], idx[:, None, :]]  # (U, b, b)
+        self._sxy = sxy  # (D, q), standardised columns
+        return a, sxy, syy, lam
+
+    @property
+    def active(self) -> Tensor:
+        """bool ``(U,)``: True for units in S."""
+        return self._slots.active
+
+
+class ClosedFormEstimator:
+    """What ``linear`` and ``gaussian`` share: the ridge option, moments, and ``start``."""
+
+    name = "closed-form"
+    #: the state class :meth:`start` builds (set by each subclass)
+    state_class: type[Any] = ClosedFormState
+
+    def __init__(self, *, ridge: float = 1e-3) -> None:
+        if not (math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        self.ridge = float(ridge)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ridge={self.ridge})"
+
+    def prepare(self, x: Tensor, y: Tensor) -> Moments:
+        """Centred float64 second moments of ``x`` ``(n, U, b)`` / ``(n, U)``, ``y`` ``(n, Q)``."""
+        return second_moments(x, y)
+
+    def start(self, prepared: Moments, columns: Tensor | None = None) -> Any:
+        """A state with S = all units, for target columns ``columns`` (None = all)."""
+        if not isinstance(prepared, Moments):
+            raise TypeError(f"prepared must come from prepare(), got {type(prepared).__name__}")
+        return self.state_class(prepared, columns, ridge=self.ridge)
