@@ -18,7 +18,7 @@ Hooks exist only inside the ``with`` block and are removed even when the forward
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "NonFiniteActivationError",
     "Pool",
     "capture_activations",
+    "capture_inputs",
     "pool_channels",
     "record_forward_order",
 ]
@@ -207,3 +208,41 @@ def capture_activations(
             "the model output holds NaN/Inf values on the calibration data"
         )
     return acts
+
+
+def capture_inputs(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    reduce: Callable[[str, Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """Run ``batches`` (eval mode, no grad) and keep ``reduce(name, input)`` of each layer.
+
+    The raw input of every layer in ``layers`` — full feature maps, not pooled — is handed to
+    ``reduce`` batch by batch; the reduced tensors (first dimension: the batch) are
+    concatenated on CPU. Used by the activation-based baselines (HRank ranks, CHIP nuclear
+    norms, APoZ zero counts, ThiNet patch samples), whose statistics need whole maps.
+    Hooks are removed even when the forward or ``reduce`` raises.
+    """
+    parts: dict[str, list[Tensor]] = {name: [] for name in layers}
+    handles = []
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            parts[name].append(reduce(name, args[0].detach()).cpu())
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(make(name)))
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(p) for name, p in parts.items() if p}

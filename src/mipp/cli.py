@@ -4,7 +4,7 @@
     mipp train --model M --dataset D ...  train a zoo model, save a run directory
     mipp eval CHECKPOINT                  loss and top-1 accuracy of a checkpoint
     mipp info CHECKPOINT | --model M      per-layer widths, parameters, MACs
-    mipp prune CHECKPOINT --sparsity S    prune with MIPP: pruned checkpoint + report.json
+    mipp prune CHECKPOINT --sparsity S    prune (MIPP or --method NAME): checkpoint + report
     mipp finetune CHECKPOINT              re-train a (pruned) checkpoint
     mipp compare CKPT [CKPT ...]          accuracy, size, latency and widths side by side
 
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from mipp import __version__, commands, data, models
+from mipp.baselines import METHOD_NAMES
 from mipp.config import OPTIMIZERS, SCHEDULES
 from mipp.errors import MippError
 
@@ -240,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prune",
-        help="prune a checkpoint with MIPP (pruned checkpoint + report.json + summary)",
-        description="Prune a checkpoint with MIPP. Give exactly one of --sparsity (target "
-        "mode: a global threshold on the relative conditional MI is bisected until the "
-        "achieved sparsity is within --tolerance), --confidence (the paper's test) or "
-        "--threshold (one pass with a fixed relative threshold).",
+        help="prune a checkpoint with MIPP or a baseline (pruned checkpoint + report.json)",
+        description="Prune a checkpoint with MIPP (default) or a baseline (--method). Give "
+        "exactly one of --sparsity (target mode: for MIPP a global threshold on the relative "
+        "conditional MI is bisected until the achieved sparsity is within --tolerance), "
+        "--match REPORT (the achieved sparsity of another run's report.json, for "
+        "equal-sparsity comparisons), --confidence (MIPP: the paper's test) or --threshold "
+        "(MIPP: one pass with a fixed relative threshold).",
     )
     p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
     how = p.add_mutually_exclusive_group(required=True)
@@ -252,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsity",
         type=_fraction,
         help="global sparsity to reach, in [0, 1) (what it counts: --target)",
+    )
+    how.add_argument(
+        "--match",
+        metavar="REPORT",
+        help="report.json of another run: reach its achieved sparsity of --target",
     )
     how.add_argument(
         "--confidence",
@@ -271,16 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(default units)",
     )
     p.add_argument(
+        "--method",
+        default="mipp",
+        help="mipp (default) or a baseline: " + ", ".join(METHOD_NAMES[1:]),
+    )
+    p.add_argument(
+        "--allocation",
+        choices=("global", "uniform"),
+        default=None,
+        help="baselines: global ranking or uniform per-layer ratio (default: the method's)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a baseline's own option, e.g. rounds=5 or temperature=100 (repeatable)",
+    )
+    p.add_argument(
         "--estimator",
-        default="linear",
-        help="conditional-MI estimator: linear (closed form, default), gaussian (nats), "
-        "mlp (the paper's, slow)",
+        default=None,
+        help="MIPP's conditional-MI estimator: linear (closed form, default), gaussian "
+        "(nats), mlp (the paper's, slow)",
     )
     p.add_argument(
         "--pool",
         type=_pool,
-        default="mean",
-        help="per-channel pooling of conv maps: mean (default) or k for k x k blocks",
+        default=None,
+        help="MIPP: per-channel pooling of conv maps: mean (default) or k for k x k blocks",
     )
     p.add_argument(
         "--calib-samples",
@@ -296,13 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
         "all: residual streams too (default internal)",
     )
     p.add_argument(
-        "--min-keep", type=_positive_int, default=1, help="units every layer keeps (default 1)"
+        "--min-keep",
+        type=_positive_int,
+        default=None,
+        help="MIPP: units every layer keeps (default 1)",
     )
     p.add_argument(
         "--order",
         choices=("mi", "index", "random"),
-        default="mi",
-        help="unit test order: mi ascending as in the paper (default), index or random",
+        default=None,
+        help="MIPP: unit test order: mi ascending as in the paper (default), index or random",
     )
     p.add_argument(
         "--tolerance",

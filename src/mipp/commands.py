@@ -340,12 +340,34 @@ def _fmt_ratio(before: float, after: float) -> str:
     return f"{after / before:.3f}x" if before else "-"
 
 
+def _method_options(items: list[str]) -> dict[str, Any]:
+    """``["rounds=3", "normalize=none"]`` → ``{"rounds": 3, "normalize": "none"}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MippError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    from mipp.baselines import make_method
     from mipp.prune import prune
+    from mipp.report import PruneReport
 
     console = _console()
     out = Path(args.out)
     ckpt = load_checkpoint(args.checkpoint)
+    method: Any = "mipp"
+    if args.method != "mipp":
+        method = make_method(args.method, **_method_options(args.option))
+    elif args.option:
+        raise MippError("--option sets a baseline's options; MIPP's are its own flags")
+    match = PruneReport.load(args.match) if args.match else None
     train_ds = _checkpoint_data(ckpt, args.checkpoint, split="train", root=args.data_root)
     test_ds = None
     if not args.no_eval:
@@ -353,21 +375,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     mode = (
         f"sparsity {args.sparsity} of {args.target}"
         if args.sparsity is not None
+        else f"the {args.target} sparsity of {args.match} "
+        f"({match.achieved.get(args.target, float('nan')):.4f})"
+        if match is not None
         else f"confidence {args.confidence}"
         if args.confidence is not None
         else f"threshold {args.threshold}"
     )
+    what = (
+        f"MIPP ({args.estimator or 'linear'} estimator"
+        if args.method == "mipp"
+        else f"{args.method} ({args.allocation or method.default_allocation} allocation"
+    )
     console.print(
-        f"pruning [bold]{ckpt.spec.name}[/] with MIPP ({args.estimator} estimator, {mode}, "
+        f"pruning [bold]{ckpt.spec.name}[/] with {what}, {mode}, "
         f"{args.calib_samples} calibration samples)"
     )
     result = prune(
         ckpt.model,
         train_ds,
+        method=method,
         sparsity=args.sparsity,
+        match=match,
         confidence=args.confidence,
         threshold=args.threshold,
         target=args.target,
+        allocation=args.allocation,
         estimator=args.estimator,
         pool=args.pool,
         calib_samples=args.calib_samples,
@@ -386,6 +419,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report.save(out / "report.json")
     metrics = {
+        "method": report.method,
+        "collapsed": report.collapsed,
         "achieved": report.achieved,
         "requested": report.requested,
         "target": report.target,
@@ -408,11 +443,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra=extra,
         pruning=[*ckpt.meta.get("pruning", []), report.replay_record()],
     )
-    table = Table(title=f"MIPP on {ckpt.spec.name}: units per layer (output -> input)")
-    for col in ("group", "kind", "units before", "units after", "info kept"):
+    last = "info kept" if report.method == "mipp" else "collapsed"
+    table = Table(title=f"{report.method} on {ckpt.spec.name}: units per layer (output -> input)")
+    for col in ("group", "kind", "units before", "units after", last):
         table.add_column(col, justify="left" if col in ("group", "kind") else "right")
     for g in report.groups:
-        table.add_row(g.name, g.kind, str(g.width_before), str(g.width_after), f"{g.retained:.3f}")
+        extra = f"{g.retained:.3f}" if report.method == "mipp" else ("yes" if g.collapsed else "")
+        table.add_row(g.name, g.kind, str(g.width_before), str(g.width_after), extra)
     console.print(table)
     rows = [
         ("units", f"{report.units_before:,}", f"{report.units_after:,}"),
@@ -429,7 +466,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     console.print(summary)
     achieved = ", ".join(f"{k} {v:.4f}" for k, v in report.achieved.items())
     console.print(
-        f"achieved sparsity: {achieved}; selection {report.timings['selection']:.2f} s, "
+        f"achieved sparsity: {achieved}; "
+        f"{'selection' if report.method == 'mipp' else 'scoring'} "
+        f"{report.timings.get('selection', report.timings.get('scoring', 0.0)):.2f} s, "
         f"total {report.timings['total']:.2f} s"
     )
     for note in report.notes:

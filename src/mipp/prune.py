@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from mipp.baselines.base import Allocation, Method
 from mipp.capture import Pool, capture_activations
 from mipp.costs import CostModel
 from mipp.data import ImageDataset, calibration_subset
@@ -96,33 +97,52 @@ def _check_options(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
 
 
-def _calibration_inputs(data: Any, n: int, *, seed: int) -> Tensor:
-    """The calibration inputs ``(n, *input_shape)``: a seeded subset of ``data``."""
+def _calibration_inputs(data: Any, n: int, *, seed: int) -> tuple[Tensor, Tensor | None]:
+    """The calibration inputs ``(n, *input_shape)`` and their labels (None if unknown).
+
+    ``data``: an :class:`~mipp.data.ImageDataset` or a pair ``(inputs, labels)`` (a seeded
+    subset of ``n`` is drawn), a tensor of inputs (same), or an iterable of batches — input
+    tensors or ``(inputs, labels)`` pairs (the first ``n`` samples are taken).
+    """
+    y: Tensor | None = None
     if isinstance(data, ImageDataset):
         ds = calibration_subset(data, min(n, len(data)), seed=seed) if len(data) else data
-        x = ds.x
-    elif isinstance(data, Tensor):
-        if len(data) > n:
+        x, y = ds.x, ds.y
+    elif isinstance(data, Tensor) or (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+        and len(data[0]) == len(data[1])
+    ):
+        x, y = (data, None) if isinstance(data, Tensor) else data
+        if len(x) > n:
             gen = torch.Generator().manual_seed(seed)
-            data = data[torch.randperm(len(data), generator=gen)[:n].sort().values]
-        x = data
+            pick = torch.randperm(len(x), generator=gen)[:n].sort().values
+            x = x[pick]
+            y = None if y is None else y[pick]
     elif isinstance(data, Iterable):
-        parts, count = [], 0
+        parts, labels, count = [], [], 0
         for batch in data:
-            xb = batch[0] if isinstance(batch, list | tuple) else batch
-            parts.append(xb)
-            count += len(xb)
+            if isinstance(batch, list | tuple):
+                parts.append(batch[0])
+                if len(batch) > 1 and isinstance(batch[1], Tensor):
+                    labels.append(batch[1])
+            else:
+                parts.append(batch)
+            count += len(parts[-1])
             if count >= n:
                 break
         x = torch.cat(parts)[:n] if parts else torch.empty(0)
+        if labels and len(labels) == len(parts):
+            y = torch.cat(labels)[:n]
     else:
         raise TypeError(
-            f"data must be an ImageDataset, a tensor of inputs or an iterable of batches, "
-            f"got {type(data).__name__}"
+            f"data must be an ImageDataset, a tensor of inputs, a pair (inputs, labels) or an "
+            f"iterable of batches, got {type(data).__name__}"
         )
     if len(x) == 0:
         raise ValueError("the calibration set is empty")
-    return x
+    return x, y
 
 
 # ----------------------------------------------------------------------------- selection
@@ -179,45 +199,60 @@ def _sparsity(
 
 def prune(
     model: nn.Module,
-    data: ImageDataset | Tensor | Iterable[Any],
+    data: ImageDataset | Tensor | tuple[Tensor, Tensor] | Iterable[Any],
     *,
+    method: str | Method = "mipp",
     sparsity: float | None = None,
     confidence: float | None = None,
     threshold: float | None = None,
+    match: PruneReport | None = None,
     target: Target = "units",
-    estimator: str | Estimator = "linear",
-    pool: Pool = "mean",
+    allocation: Allocation | None = None,
+    estimator: str | Estimator | None = None,
+    pool: Pool | None = None,
     calib_samples: int = 2048,
     scope: Scope = "internal",
-    min_keep: int = 1,
-    order: Literal["mi", "index", "random"] = "mi",
+    min_keep: int | None = None,
+    order: Literal["mi", "index", "random"] | None = None,
     tolerance: float = 0.01,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
 ) -> PruneResult:
-    """Prune ``model`` with MIPP; the input model is never modified.
+    """Prune ``model`` with MIPP or a baseline; the input model is never modified.
 
     Args:
         model: a trained (PaT) or freshly initialised (PaI) network (see
             :func:`mipp.structure.build_structure` for what it may contain).
-        data: calibration source — an :class:`~mipp.data.ImageDataset` (a seeded subset of
-            ``calib_samples`` is drawn), a tensor of inputs, or an iterable of batches.
-        sparsity / confidence / threshold: exactly one (see the module docstring).
+        data: calibration source — an :class:`~mipp.data.ImageDataset` or a pair
+            ``(inputs, labels)`` (a seeded subset of ``calib_samples`` is drawn), a tensor
+            of inputs, or an iterable of batches. Methods that use the loss (SNIP, GraSP,
+            SOSP-H, IMP's re-training) need labels.
+        method: ``"mipp"`` (default), a baseline name from
+            :data:`mipp.baselines.METHOD_NAMES`, or a configured
+            :class:`~mipp.baselines.Method` (e.g. ``IMP(retrain=my_callback)``).
+        sparsity / confidence / threshold: exactly one for MIPP (see the module
+            docstring); baselines take ``sparsity`` (or ``match``).
+        match: a :class:`~mipp.report.PruneReport` whose *achieved* ``target`` sparsity this
+            run requests (equal-sparsity comparisons); replaces ``sparsity``.
         target: what ``sparsity`` counts: ``"units"`` (the paper's PR), ``"params"`` or
             ``"macs"``.
-        estimator: ``"linear"`` (default), ``"gaussian"``, ``"mlp"`` or an estimator object.
-        pool: per-channel pooling of conv maps, ``"mean"`` or k (k×k blocks).
-        calib_samples: calibration set size.
+        allocation: baselines only — ``"global"`` ranking or ``"uniform"`` per-layer ratio
+            (default: the method's own, see :mod:`mipp.baselines`).
+        estimator: MIPP only — ``"linear"`` (default), ``"gaussian"``, ``"mlp"`` or an
+            estimator object.
+        pool: MIPP only — per-channel pooling of conv maps, ``"mean"`` (default) or k (k×k).
+        calib_samples: calibration set size (shared by every method).
         scope: ``"internal"`` prunes single-producer groups (block-internal in residual
             nets, every layer in plain ones); ``"all"`` also prunes residual streams.
-        min_keep: units every group keeps at least (layer collapse is impossible).
-        order: TERC test order (``"mi"`` ascending as in the paper; ``"index"``,
-            ``"random"`` for ablations).
+        min_keep: MIPP only — units every group keeps at least (default 1: layer collapse
+            is impossible). Baselines may collapse a layer; the report records it.
+        order: MIPP only — TERC test order (``"mi"`` ascending as in the paper, default;
+            ``"index"``, ``"random"`` for ablations).
         tolerance: allowed |achieved − requested| sparsity in target mode.
-        batch_size: calibration samples per forward pass while capturing.
-        seed: calibration subset, random orders, the mlp estimator.
-        progress: log phases, bisection steps and per-layer results to stderr.
+        batch_size: calibration samples per forward pass.
+        seed: calibration subset, random orders and scores, the mlp estimator.
+        progress: log phases, bisection steps / rounds and per-layer results to stderr.
 
     Returns:
         :class:`PruneResult` with the pruned copy and its :class:`~mipp.report.PruneReport`.
@@ -230,7 +265,44 @@ def prune(
     >>> result = prune(net, x, sparsity=0.5)
     >>> abs(result.report.achieved["units"] - 0.5) <= 0.01
     True
+    >>> l1 = prune(net, x, method="l1", match=result.report)
+    >>> abs(l1.report.achieved["units"] - result.report.achieved["units"]) <= 0.01
+    True
     """
+    if match is not None:
+        sparsity = _matched_sparsity(match, sparsity, target, scope)
+    if method != "mipp":
+        return _prune_baseline(
+            model,
+            data,
+            method=method,
+            sparsity=sparsity,
+            mipp_only={
+                "confidence": confidence,
+                "threshold": threshold,
+                "estimator": estimator,
+                "pool": pool,
+                "min_keep": min_keep,
+                "order": order,
+            },
+            target=target,
+            allocation=allocation,
+            calib_samples=calib_samples,
+            scope=scope,
+            tolerance=tolerance,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+    if allocation is not None:
+        raise ValueError(
+            f"allocation={allocation!r} applies to baselines only; MIPP chooses per-layer "
+            f"widths itself"
+        )
+    estimator = "linear" if estimator is None else estimator
+    pool = "mean" if pool is None else pool
+    min_keep = 1 if min_keep is None else min_keep
+    order = "mi" if order is None else order
     _check_options(
         sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
     )
@@ -242,7 +314,7 @@ def prune(
     est = make_estimator(estimator, seed=seed) if isinstance(estimator, str) else estimator
     est_name = getattr(est, "name", type(est).__name__)
 
-    x = _calibration_inputs(data, calib_samples, seed=seed)
+    x, _ = _calibration_inputs(data, calib_samples, seed=seed)
     work = copy.deepcopy(model)
     param = next(work.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
@@ -345,6 +417,85 @@ def prune(
             f"{tolerance}; achieved {achieved[target]:.4f} (the closest threshold)"
         )
     work.train(model.training)
+    return PruneResult(model=work, report=report)
+
+
+def _matched_sparsity(match: PruneReport, sparsity, target: str, scope: str) -> float:
+    if sparsity is not None:
+        raise ValueError("give either sparsity= or match=, not both")
+    if not isinstance(match, PruneReport):
+        raise TypeError(f"match must be a PruneReport, got {type(match).__name__}")
+    if target not in match.achieved:
+        raise ValueError(
+            f"the report to match has no achieved {target!r} sparsity; it has "
+            f"{sorted(match.achieved) or 'none'}"
+        )
+    their = match.options.get("scope", "internal")
+    if their != scope:
+        raise ValueError(
+            f"the report to match was made with scope={their!r}; run with scope={their!r} so "
+            f"both count the same units (got scope={scope!r})"
+        )
+    return float(match.achieved[target])
+
+
+def _prune_baseline(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str | Method,
+    sparsity: float | None,
+    mipp_only: dict[str, Any],
+    target: str,
+    allocation: str | None,
+    calib_samples: int,
+    scope: str,
+    tolerance: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> PruneResult:
+    from mipp.baselines import make_method
+    from mipp.baselines.base import ALLOCATIONS
+    from mipp.baselines.driver import run_method
+
+    m = make_method(method) if isinstance(method, str) else method
+    if not isinstance(m, Method):
+        raise TypeError(f"method must be a name or a mipp.baselines.Method, got {m!r}")
+    given = sorted(k for k, v in mipp_only.items() if v is not None)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to method 'mipp' only; baseline {m.name!r} takes "
+            f"sparsity= (or match=), target=, allocation= and scope="
+        )
+    if sparsity is None:
+        raise ValueError(f"method {m.name!r} needs sparsity= (or match=) to know how much to prune")
+    _check_options(sparsity, None, None, target, scope, "mean", calib_samples, 1, tolerance)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    allocation = m.default_allocation if allocation is None else allocation
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    x, y = _calibration_inputs(data, calib_samples, seed=seed)
+    param = next(model.parameters())
+    x = x.to(device=param.device, dtype=param.dtype)
+    y = None if y is None else y.to(param.device)
+    console = Console(stderr=True, quiet=not progress)
+    work, report = run_method(
+        model,
+        x,
+        y,
+        m,
+        data=data,
+        sparsity=sparsity,
+        target=target,
+        allocation=allocation,
+        scope=scope,
+        batch_size=batch_size,
+        seed=seed,
+        tolerance=tolerance,
+        console=console,
+    )
     return PruneResult(model=work, report=report)
 
 

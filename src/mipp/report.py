@@ -51,7 +51,8 @@ class GroupReport:
     group's original index order; NaN where a unit was never tested (``min_keep`` reached).
     ``order`` is the test order. ``info_full`` / ``info_kept`` are I(X;Y) and I(X_S;Y) under
     the estimator (share of target variance for ``linear``/``mlp``, nats for ``gaussian``),
-    and ``retained`` their ratio.
+    and ``retained`` their ratio. For baselines, ``scores`` are the method's unit scores
+    (higher = keep), the MI fields stay empty and ``collapsed`` says whether every unit went.
     """
 
     name: str
@@ -70,6 +71,8 @@ class GroupReport:
     info_kept: float = math.nan
     features_per_unit: int = 1
     target_columns: int = 0
+    #: every unit was removed (a baseline's layer collapse; one dead placeholder stays)
+    collapsed: bool = False
 
     @property
     def retained(self) -> float:

@@ -130,6 +130,49 @@ class ModelStructure:
             done[g.name] = units
         return done
 
+    def mask(self, masked: Mapping[str, Sequence[int]]) -> None:
+        """Silence units in place without changing shapes: ``masked[group name]`` unit indices.
+
+        Every tensor Torch-Pruning would slice for those units is zeroed instead: the
+        producers' weight rows and biases, the BatchNorm scale and shift (so the normalised
+        output is exactly 0) and the consumers' input columns. A masked unit's output carries
+        no information and, with both sides zero, gradients leave it at zero. All units of a
+        group may be masked (a collapsed layer).
+        """
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for g in self.groups:
+                units = sorted({int(i) for i in masked.get(g.name, ())})
+                if not units:
+                    continue
+                if units[0] < 0 or units[-1] >= g.size:
+                    raise ValueError(
+                        f"unit index out of range for group {g.name!r} of {g.size} units: {units}"
+                    )
+                root = modules[g.root]
+                fn = self.graph.get_pruner_of_module(root).prune_out_channels
+                idxs = sorted(g.producer_index[g.root][j] for j in units)
+                for dep, ix in self.graph.get_pruning_group(root, fn, idxs=idxs):
+                    _zero(
+                        dep.target.module,
+                        list(ix),
+                        out=self.graph.is_out_channel_pruning_fn(dep.handler),
+                    )
+
+
+def _zero(module: nn.Module, idxs: list[int], *, out: bool) -> None:
+    if isinstance(module, _NORMS):
+        if module.affine:
+            module.weight[idxs] = 0
+            module.bias[idxs] = 0
+    elif isinstance(module, _UNIT_LAYERS):
+        if out:
+            module.weight[idxs] = 0
+            if module.bias is not None:
+                module.bias[idxs] = 0
+        else:
+            module.weight[:, idxs] = 0
+
 
 def _check_modules(model: nn.Module) -> None:
     for name, m in model.named_modules():

@@ -1,0 +1,192 @@
+"""How many units each group loses, given per-unit scores (higher = keep).
+
+Two allocations, both hitting a requested sparsity of units, parameters or MACs:
+
+- ``"global"``: one ranking across all groups. Scores are first normalised per group
+  (``normalize="mean"``: divided by the mean |score| of the group's units still in play, so
+  a unit of average importance scores 1 in every layer; ``"none"``: raw scores). Ties are
+  broken deterministically — walk order of the group (output → input), then unit index —
+  so exactly the requested number of units goes (Torch-Pruning's own global ranking drops
+  every unit tied at the threshold). Global ranking may remove every unit of a group: that
+  is layer collapse, which the driver records.
+- ``"uniform"``: every group loses the same share ρ of its units (keeping at least one,
+  rounding to the nearest unit); ρ is bisected so the overall sparsity lands on the request.
+
+Parameters and MACs move in steps: one conv filter of LeNet-5 carries 3 % of its parameters.
+When the best knob setting misses the request by more than ``tolerance``, the gap is closed
+from just below by removing further units, next in ranking order, one at a time whenever
+that brings the measure closer (a group always keeps one). The per-layer ratios then differ
+from uniform by those few units; unit targets never need this.
+
+Both work on top of units already removed in earlier rounds (they stay removed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mipp.errors import MippError
+
+__all__ = ["allocate", "normalise"]
+
+Measure = Callable[[list[Tensor]], dict[str, float]]
+
+
+def normalise(scores: Tensor, alive: Tensor, how: str) -> Tensor:
+    """Scores of one group made comparable across groups (see the module docstring)."""
+    s = scores.double()
+    if how == "none" or not alive.any():
+        return s
+    scale = s[alive].abs().mean()
+    if not torch.isfinite(scale) or scale <= 0:
+        return torch.zeros_like(s)
+    return s / scale
+
+
+def _check(scores: list[Tensor], names: list[str], method: str) -> None:
+    for s, name in zip(scores, names, strict=True):
+        if not torch.isfinite(s).all():
+            raise MippError(
+                f"method {method!r} produced non-finite scores for group {name!r}; "
+                f"check the model's weights and the calibration data"
+            )
+
+
+def _closest(
+    evaluate: Callable[[float], tuple[list[Tensor], dict[str, float]]],
+    lo: float,
+    hi: float,
+    sparsity: float,
+    target: str,
+    *,
+    integer: bool,
+):
+    """Bisect a monotone knob in [lo, hi] → (closest candidate, the candidate just below)."""
+    best = below = None
+
+    def attempt(v):
+        nonlocal best, below
+        removed, ach = evaluate(v)
+        if best is None or abs(ach[target] - sparsity) < abs(best[1][target] - sparsity) - 1e-12:
+            best = (removed, ach)
+        if ach[target] <= sparsity and (below is None or ach[target] >= below[1][target]):
+            below = (removed, ach)
+        return ach[target]
+
+    if attempt(lo) >= sparsity or attempt(hi) <= sparsity:
+        return best, below
+    for _ in range(64):
+        if (integer and hi - lo <= 1) or (not integer and hi - lo < 1e-9):
+            break
+        mid = (lo + hi) // 2 if integer else 0.5 * (lo + hi)
+        if attempt(mid) < sparsity:
+            lo = mid
+        else:
+            hi = mid
+    return best, below
+
+
+def _fill(
+    best, below, order: list[tuple[int, int]], measure: Measure, sparsity, target, tolerance: float
+):
+    """Close a gap the knob's granularity leaves (e.g. params, where one filter can be 3 %).
+
+    Starting from the candidate just below the request, the next units in ``order`` (group,
+    unit) whose removal brings the measure closer are removed one by one; a group always
+    keeps one unit. Used only when the bisection's best is off by more than ``tolerance``.
+    """
+    if best is None or below is None or abs(best[1][target] - sparsity) <= tolerance:
+        return best
+    removed = [r.clone() for r in below[0]]
+    ach = below[1]
+    for gi, u in order:
+        if abs(ach[target] - sparsity) <= tolerance / 4:
+            break
+        if removed[gi][u] or int((~removed[gi]).sum()) <= 1:
+            continue
+        removed[gi][u] = True
+        trial = measure(removed)
+        if abs(trial[target] - sparsity) < abs(ach[target] - sparsity):
+            ach = trial
+        else:
+            removed[gi][u] = False
+    if abs(ach[target] - sparsity) < abs(best[1][target] - sparsity):
+        return removed, ach
+    return best
+
+
+def allocate(
+    scores: list[Tensor],
+    alive: list[Tensor],
+    *,
+    names: list[str],
+    method: str,
+    mode: str,
+    sparsity: float,
+    target: str,
+    measure: Measure,
+    normalize: str = "mean",
+    tolerance: float = 0.01,
+) -> tuple[list[Tensor], dict[str, float]]:
+    """Choose which units to remove → (removed bool mask per group, achieved sparsity).
+
+    ``scores[i]`` / ``alive[i]`` belong to group ``names[i]`` (walk order); units not alive
+    are already removed and stay so. ``measure(removed)`` gives the sparsity of units,
+    params and MACs of a candidate removal.
+    """
+    _check(scores, names, method)
+    base = [~a for a in alive]
+    if mode == "global":
+        keys_s, keys_g, keys_u = [], [], []
+        for gi, (s, a) in enumerate(zip(scores, alive, strict=True)):
+            ns = normalise(s, a, normalize)
+            idx = a.nonzero().flatten()
+            keys_s.append(ns[idx].numpy())
+            keys_g.append(np.full(len(idx), gi))
+            keys_u.append(idx.numpy())
+        s_all, g_all, u_all = (np.concatenate(k) for k in (keys_s, keys_g, keys_u))
+        order = np.lexsort((u_all, g_all, s_all))  # ascending score, then group, then unit
+
+        def evaluate(k):
+            removed = [b.clone() for b in base]
+            for j in order[: int(k)]:
+                removed[int(g_all[j])][int(u_all[j])] = True
+            return removed, measure(removed)
+
+        best, below = _closest(evaluate, 0, len(order), sparsity, target, integer=True)
+        ranked = [(int(g_all[j]), int(u_all[j])) for j in order]
+        return _fill(best, below, ranked, measure, sparsity, target, tolerance)
+    if mode == "uniform":
+        ranked = []
+        for s, a in zip(scores, alive, strict=True):
+            idx = a.nonzero().flatten()
+            # ascending score, ties by unit index (a stable sort of index-ordered units)
+            ranked.append(idx[torch.sort(s.double()[idx], stable=True).indices])
+
+        def evaluate(rho):
+            removed = [b.clone() for b in base]
+            for r, rk in zip(removed, ranked, strict=True):
+                width = len(r)
+                keep = max(1, round(width * (1 - rho)))
+                extra = max(0, (width - keep) - int(r.sum()))
+                r[rk[:extra]] = True
+            return removed, measure(removed)
+
+        best, below = _closest(evaluate, 0.0, 1.0, sparsity, target, integer=False)
+        # the fill takes units in global normalised-score order
+        flat = [
+            (float(ns), gi, int(u))
+            for gi, (s, a) in enumerate(zip(scores, alive, strict=True))
+            for u, ns in zip(
+                a.nonzero().flatten().tolist(),
+                normalise(s, a, normalize)[a].tolist(),
+                strict=True,
+            )
+        ]
+        ranked = [(gi, u) for _, gi, u in sorted(flat)]
+        return _fill(best, below, ranked, measure, sparsity, target, tolerance)
+    raise ValueError(f"allocation must be 'global' or 'uniform', got {mode!r}")

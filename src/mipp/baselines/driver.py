@@ -1,0 +1,257 @@
+"""The loop every baseline runs: score → allocate → mask, for each round; then remove.
+
+Rounds follow SynFlow's exponential schedule: after round r of R the requested sparsity is
+``1 − (1 − s)^(r/R)`` (of units, params or MACs, whatever ``target`` counts), so one round
+is one-shot pruning. Between rounds the removed units are *masked* in the working copy
+(:meth:`~mipp.structure.ModelStructure.mask`) and the method re-scores what is left; after
+the last round they are removed physically through the same backend MIPP uses.
+
+Layer collapse is recorded, not hidden. When the allocation removes every unit of a group,
+a layer cannot have zero width, so one unit stays physically as a dead placeholder: its
+weights in and out (and BatchNorm scale and shift) are zero, so the layer's output carries
+no information and stays dead under fine-tuning. The group's report has ``collapsed=True``
+and ``width_after=0``; the report lists it in ``collapsed``; unit / param / MAC sparsity
+count the group as fully removed, while ``params_after`` / ``macs_after`` measure the
+physical model (placeholder included).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from mipp.baselines.allocation import allocate
+from mipp.baselines.base import Method, ScoringContext
+from mipp.costs import CostModel
+from mipp.errors import MippError
+from mipp.metrics import count_macs, count_params
+from mipp.report import GroupReport, PruneReport
+from mipp.structure import ModelStructure, UnitGroup, build_structure
+
+__all__ = ["run_method"]
+
+
+def measure_for(groups: list[UnitGroup], costs: CostModel):
+    """``removed masks → {units, params, macs}`` sparsity (collapsed groups fully removed)."""
+    total = sum(g.size for g in groups)
+
+    def measure(removed: list[Tensor]) -> dict[str, float]:
+        params, macs = costs({g.name: r for g, r in zip(groups, removed, strict=True)})
+        return {
+            "units": sum(int(r.sum()) for r in removed) / total,
+            "params": 1 - params / costs.params_before,
+            "macs": 1 - macs / costs.macs_before,
+        }
+
+    return measure
+
+
+def prepare(model: nn.Module, x: Tensor, scope: str):
+    """Working copy in eval mode, its structure, in-scope groups and cost model."""
+    work = copy.deepcopy(model).eval()
+    structure = build_structure(work, x[:2])
+    groups = structure.in_scope(scope)
+    if not groups:
+        raise MippError(f"{type(model).__name__} has no prunable unit groups in scope {scope!r}")
+    return work, structure, groups, CostModel(structure, x[:2])
+
+
+def run_method(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    method: Method,
+    *,
+    data: Any,
+    sparsity: float,
+    target: str,
+    allocation: str,
+    scope: str,
+    batch_size: int,
+    seed: int,
+    tolerance: float,
+    console: Console,
+) -> tuple[nn.Module, PruneReport]:
+    """Prune a copy of ``model`` with ``method``; returns (pruned copy, report)."""
+    t0 = time.perf_counter()
+    timings = {"scoring": 0.0, "allocation": 0.0}
+    work, structure, groups, costs = prepare(model, x, scope)
+    measure = measure_for(groups, costs)
+    names = [g.name for g in groups]
+    alive = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
+    ctx = ScoringContext(
+        model=work,
+        structure=structure,
+        groups=groups,
+        inputs=x,
+        labels=y,
+        alive=alive,
+        batch_size=batch_size,
+        seed=seed,
+        data=data,
+    )
+    if method.needs_labels:
+        ctx.require_labels(method.name)
+    timings["structure"] = time.perf_counter() - t0
+    scores: dict[str, Tensor] = {}
+    achieved: dict[str, float] = {}
+    trace: list[dict[str, float]] = []
+    removed = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+    for r in range(1, method.rounds + 1):
+        goal = 1 - (1 - sparsity) ** (r / method.rounds)
+        t = time.perf_counter()
+        with console.status(f"{method.name}: scoring units (round {r} of {method.rounds})"):
+            scores = method.scores(ctx)
+        timings["scoring"] += time.perf_counter() - t
+        missing = [n for n in names if n not in scores or scores[n].shape != (alive[n].numel(),)]
+        if missing:
+            raise MippError(
+                f"method {method.name!r} returned no or mis-shaped scores for {missing}"
+            )
+        t = time.perf_counter()
+        removed, achieved = allocate(
+            [scores[n].detach().double().cpu() for n in names],
+            [alive[n] for n in names],
+            names=names,
+            method=method.name,
+            mode=allocation,
+            sparsity=goal,
+            target=target,
+            measure=measure,
+            normalize=method.normalize,
+            tolerance=tolerance,
+        )
+        timings["allocation"] += time.perf_counter() - t
+        trace.append({"round": r, "goal": goal, **achieved})
+        console.log(f"{method.name} round {r}: {target} sparsity {achieved[target]:.4f}")
+        structure.mask(
+            {n: m.nonzero().flatten().tolist() for n, m in zip(names, removed, strict=True)}
+        )
+        for n, m in zip(names, removed, strict=True):
+            alive[n] = ~m
+        if r < method.rounds:
+            t = time.perf_counter()
+            method.after_round(ctx, r)
+            work.eval()
+            timings["between_rounds"] = timings.get("between_rounds", 0.0) + time.perf_counter() - t
+    decided = dict(zip(names, removed, strict=True))
+    method.before_removal(ctx, decided)
+
+    t = time.perf_counter()
+    collapsed, placeholders = [], {}
+    for g in groups:
+        if bool(decided[g.name].all()):
+            collapsed.append(g.name)
+            s = scores[g.name].double().cpu()
+            placeholders[g.name] = int(torch.argmax(torch.nan_to_num(s, nan=-torch.inf)))
+    physical = {}
+    for g in groups:
+        gone = decided[g.name].clone()
+        if g.name in placeholders:
+            gone[placeholders[g.name]] = False
+        physical[g.name] = gone.nonzero().flatten().tolist()
+    structure.remove(physical)
+    timings["removal"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report = _report(
+        method,
+        structure,
+        groups,
+        decided,
+        physical,
+        scores,
+        collapsed,
+        work,
+        costs,
+        x,
+        sparsity=sparsity,
+        target=target,
+        allocation=allocation,
+        scope=scope,
+        seed=seed,
+        achieved=achieved,
+        trace=trace,
+        timings=timings,
+    )
+    if abs(achieved[target] - sparsity) > tolerance:
+        report.notes.append(
+            f"requested {target} sparsity {sparsity:.4f} could not be met within {tolerance}; "
+            f"achieved {achieved[target]:.4f} (the closest the allocation allows)"
+        )
+    if collapsed:
+        report.notes.append(
+            f"layer collapse: every unit of {', '.join(collapsed)} was removed; the network "
+            f"keeps a dead placeholder unit there and its output carries no information"
+        )
+    work.train(model.training)
+    return work, report
+
+
+def _report(
+    method: Method,
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    decided: dict[str, Tensor],
+    physical: dict[str, list[int]],
+    scores: dict[str, Tensor],
+    collapsed: list[str],
+    work: nn.Module,
+    costs: CostModel,
+    x: Tensor,
+    *,
+    sparsity: float,
+    target: str,
+    allocation: str,
+    scope: str,
+    seed: int,
+    achieved: dict[str, float],
+    trace: list[dict[str, float]],
+    timings: dict[str, float],
+) -> PruneReport:
+    group_reports = []
+    for g in groups:
+        gone = set(physical[g.name])
+        kept = [j for j in range(g.size) if j not in gone]
+        group_reports.append(
+            GroupReport(
+                name=g.name,
+                kind=g.kind,
+                producers=list(g.producers),
+                width_before=g.size,
+                width_after=0 if g.name in collapsed else len(kept),
+                kept=kept,
+                removed=sorted(gone),
+                scores=scores[g.name].double().cpu().tolist(),
+                collapsed=g.name in collapsed,
+            )
+        )
+    return PruneReport(
+        method=method.name,
+        options={
+            **method.options(),
+            "allocation": allocation,
+            "calib_samples": len(x),
+            "scope": scope,
+            "seed": seed,
+            "sparsity": sparsity,
+        },
+        input_shape=list(x.shape[1:]),
+        groups=group_reports,
+        units_before=sum(g.size for g in groups),
+        units_after=sum(int((~decided[g.name]).sum()) for g in groups),
+        params_before=costs.params_before,
+        params_after=count_params(work),
+        macs_before=costs.macs_before,
+        macs_after=count_macs(work, x[:1]).macs,
+        requested=sparsity,
+        target=target,
+        achieved=achieved,
+        bisection=trace,
+        timings=timings,
+        collapsed=collapsed,
+    )
