@@ -275,3 +275,37 @@ def test_prune_bad_values_are_one_line(tmp_path, fake_fmnist, capsys):
     with pytest.raises(SystemExit):
         main(["prune", ckpt, "--sparsity", "0.5", "--confidence", "0.9"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
+    base = tmp_path / "base"
+    common = ["--data-root", str(fake_fmnist), "--no-progress", "--calib-samples", "200"]
+    train_argv = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "1"]
+    train_argv += ["--out", str(base), "--latency-repeats", "0", "--data-root", str(fake_fmnist)]
+    assert main([*train_argv, "--no-progress"]) == 0
+    ckpt = str(base / "model.safetensors")
+    assert main(["prune", ckpt, "--sparsity", "0.6", "--out", str(tmp_path / "m"), *common]) == 0
+    ref = json.loads((tmp_path / "m" / "report.json").read_text())
+    match = str(tmp_path / "m" / "report.json")
+    for method, extra in (("l1", ["--allocation", "global"]), ("random", ["--option", "rounds=2"])):
+        out = tmp_path / method
+        argv = ["prune", ckpt, "--method", method, "--match", match, "--out", str(out), *common]
+        assert main([*argv, *extra]) == 0
+        report = json.loads((out / "report.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert report["method"] == metrics["method"] == method
+        assert abs(report["achieved"]["units"] - ref["achieved"]["units"]) <= 0.01
+        sidecar = json.loads((out / "model.json").read_text())
+        assert sidecar["params"] == report["params_after"]
+    assert json.loads((tmp_path / "random" / "report.json").read_text())["options"]["rounds"] == 2
+    assert "scoring" in capsys.readouterr().out
+    for argv, needle in (
+        (["--method", "l1", "--sparsity", "0.5", "--option", "banana=1"], "no option(s) banana"),
+        (["--method", "l1", "--sparsity", "0.5", "--option", "rounds"], "KEY=VALUE"),
+        (["--method", "l1", "--confidence", "0.9"], "apply to method 'mipp' only"),
+        (["--method", "obd", "--sparsity", "0.5"], "unknown method 'obd'"),
+        (["--sparsity", "0.5", "--option", "rounds=2"], "MIPP's are its own flags"),
+    ):
+        assert main(["prune", ckpt, *argv, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
