@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 
+from mipp.baselines import METHOD_NAMES
 from mipp.cli import main
 
 
@@ -40,6 +41,11 @@ def test_list_names_models_and_datasets(capsys):
     out = capsys.readouterr().out
     for name in ("lenet5", "resnet56", "vgg16", "resnet50", "fashion-mnist", "cifar100"):
         assert name in out
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHOD_NAMES:
+        assert name in out
+    assert "lenet5" not in out
 
 
 def test_info_known_answers_for_lenet5(capsys):

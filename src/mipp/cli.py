@@ -76,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mipp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="list the models and datasets mipp knows")
+    p = sub.add_parser("list", help="list the models, datasets and pruning methods mipp knows")
     p.add_argument(
         "what",
         nargs="?",
-        choices=("models", "datasets", "all"),
+        choices=("models", "datasets", "methods", "all"),
         default="all",
         help="what to list (default: all)",
     )

@@ -106,6 +106,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in data.list_datasets():
             table.add_row(name, data.describe_dataset(name))
         console.print(table)
+    if args.what in ("methods", "all"):
+        from mipp.baselines import METHODS
+
+        table = Table(title="pruning methods (mipp prune --method NAME)")
+        for col in ("name", "allocation", "labels", "description"):
+            table.add_column(col)
+        table.add_row("mipp", "its own", "no", "Mutual Information Preserving Pruning (default)")
+        for name, cls in METHODS.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            labels = "yes" if cls.needs_labels else "no"
+            table.add_row(name, cls.default_allocation, labels, doc)
+        console.print(table)
     return 0
 
 
