@@ -34,9 +34,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from mipp.baselines.base import Allocation, Method
+from mipp.baselines.driver import matched_sparsity, prune_with_method
+from mipp.calibration import calibration_inputs
 from mipp.capture import Pool, capture_activations
 from mipp.costs import CostModel
-from mipp.data import ImageDataset, calibration_subset
+from mipp.data import ImageDataset
 from mipp.errors import MippError
 from mipp.estimators import Estimator, make_estimator
 from mipp.features import GroupData, group_data, required_samples
@@ -62,7 +64,7 @@ class PruneResult:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _check_options(
+def check_options(
     sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
 ) -> None:
     given = [
@@ -95,54 +97,6 @@ def _check_options(
         raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-
-
-def _calibration_inputs(data: Any, n: int, *, seed: int) -> tuple[Tensor, Tensor | None]:
-    """The calibration inputs ``(n, *input_shape)`` and their labels (None if unknown).
-
-    ``data``: an :class:`~mipp.data.ImageDataset` or a pair ``(inputs, labels)`` (a seeded
-    subset of ``n`` is drawn), a tensor of inputs (same), or an iterable of batches — input
-    tensors or ``(inputs, labels)`` pairs (the first ``n`` samples are taken).
-    """
-    y: Tensor | None = None
-    if isinstance(data, ImageDataset):
-        ds = calibration_subset(data, min(n, len(data)), seed=seed) if len(data) else data
-        x, y = ds.x, ds.y
-    elif isinstance(data, Tensor) or (
-        isinstance(data, tuple)
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-        and len(data[0]) == len(data[1])
-    ):
-        x, y = (data, None) if isinstance(data, Tensor) else data
-        if len(x) > n:
-            gen = torch.Generator().manual_seed(seed)
-            pick = torch.randperm(len(x), generator=gen)[:n].sort().values
-            x = x[pick]
-            y = None if y is None else y[pick]
-    elif isinstance(data, Iterable):
-        parts, labels, count = [], [], 0
-        for batch in data:
-            if isinstance(batch, list | tuple):
-                parts.append(batch[0])
-                if len(batch) > 1 and isinstance(batch[1], Tensor):
-                    labels.append(batch[1])
-            else:
-                parts.append(batch)
-            count += len(parts[-1])
-            if count >= n:
-                break
-        x = torch.cat(parts)[:n] if parts else torch.empty(0)
-        if labels and len(labels) == len(parts):
-            y = torch.cat(labels)[:n]
-    else:
-        raise TypeError(
-            f"data must be an ImageDataset, a tensor of inputs, a pair (inputs, labels) or an "
-            f"iterable of batches, got {type(data).__name__}"
-        )
-    if len(x) == 0:
-        raise ValueError("the calibration set is empty")
-    return x, y
 
 
 # ----------------------------------------------------------------------------- selection
@@ -270,9 +224,9 @@ def prune(
     True
     """
     if match is not None:
-        sparsity = _matched_sparsity(match, sparsity, target, scope)
+        sparsity = matched_sparsity(match, sparsity, target, scope)
     if method != "mipp":
-        return _prune_baseline(
+        pruned, report = prune_with_method(
             model,
             data,
             method=method,
@@ -294,6 +248,7 @@ def prune(
             seed=seed,
             progress=progress,
         )
+        return PruneResult(model=pruned, report=report)
     if allocation is not None:
         raise ValueError(
             f"allocation={allocation!r} applies to baselines only; MIPP chooses per-layer "
@@ -303,7 +258,7 @@ def prune(
     pool = "mean" if pool is None else pool
     min_keep = 1 if min_keep is None else min_keep
     order = "mi" if order is None else order
-    _check_options(
+    check_options(
         sparsity, confidence, threshold, target, scope, pool, calib_samples, min_keep, tolerance
     )
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -314,7 +269,7 @@ def prune(
     est = make_estimator(estimator, seed=seed) if isinstance(estimator, str) else estimator
     est_name = getattr(est, "name", type(est).__name__)
 
-    x, _ = _calibration_inputs(data, calib_samples, seed=seed)
+    x, _ = calibration_inputs(data, calib_samples, seed=seed)
     work = copy.deepcopy(model)
     param = next(work.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
@@ -417,85 +372,6 @@ def prune(
             f"{tolerance}; achieved {achieved[target]:.4f} (the closest threshold)"
         )
     work.train(model.training)
-    return PruneResult(model=work, report=report)
-
-
-def _matched_sparsity(match: PruneReport, sparsity, target: str, scope: str) -> float:
-    if sparsity is not None:
-        raise ValueError("give either sparsity= or match=, not both")
-    if not isinstance(match, PruneReport):
-        raise TypeError(f"match must be a PruneReport, got {type(match).__name__}")
-    if target not in match.achieved:
-        raise ValueError(
-            f"the report to match has no achieved {target!r} sparsity; it has "
-            f"{sorted(match.achieved) or 'none'}"
-        )
-    their = match.options.get("scope", "internal")
-    if their != scope:
-        raise ValueError(
-            f"the report to match was made with scope={their!r}; run with scope={their!r} so "
-            f"both count the same units (got scope={scope!r})"
-        )
-    return float(match.achieved[target])
-
-
-def _prune_baseline(
-    model: nn.Module,
-    data: Any,
-    *,
-    method: str | Method,
-    sparsity: float | None,
-    mipp_only: dict[str, Any],
-    target: str,
-    allocation: str | None,
-    calib_samples: int,
-    scope: str,
-    tolerance: float,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-) -> PruneResult:
-    from mipp.baselines import make_method
-    from mipp.baselines.base import ALLOCATIONS
-    from mipp.baselines.driver import run_method
-
-    m = make_method(method) if isinstance(method, str) else method
-    if not isinstance(m, Method):
-        raise TypeError(f"method must be a name or a mipp.baselines.Method, got {m!r}")
-    given = sorted(k for k, v in mipp_only.items() if v is not None)
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} apply to method 'mipp' only; baseline {m.name!r} takes "
-            f"sparsity= (or match=), target=, allocation= and scope="
-        )
-    if sparsity is None:
-        raise ValueError(f"method {m.name!r} needs sparsity= (or match=) to know how much to prune")
-    _check_options(sparsity, None, None, target, scope, "mean", calib_samples, 1, tolerance)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    allocation = m.default_allocation if allocation is None else allocation
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    x, y = _calibration_inputs(data, calib_samples, seed=seed)
-    param = next(model.parameters())
-    x = x.to(device=param.device, dtype=param.dtype)
-    y = None if y is None else y.to(param.device)
-    console = Console(stderr=True, quiet=not progress)
-    work, report = run_method(
-        model,
-        x,
-        y,
-        m,
-        data=data,
-        sparsity=sparsity,
-        target=target,
-        allocation=allocation,
-        scope=scope,
-        batch_size=batch_size,
-        seed=seed,
-        tolerance=tolerance,
-        console=console,
-    )
     return PruneResult(model=work, report=report)
 
 

@@ -26,14 +26,15 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from mipp.baselines.allocation import allocate
-from mipp.baselines.base import Method, ScoringContext
+from mipp.baselines.base import ALLOCATIONS, Method, ScoringContext
+from mipp.calibration import calibration_inputs
 from mipp.costs import CostModel
 from mipp.errors import MippError
 from mipp.metrics import count_macs, count_params
 from mipp.report import GroupReport, PruneReport
 from mipp.structure import ModelStructure, UnitGroup, build_structure
 
-__all__ = ["run_method"]
+__all__ = ["matched_sparsity", "prune_with_method", "run_method"]
 
 
 def measure_for(groups: list[UnitGroup], costs: CostModel):
@@ -255,3 +256,82 @@ def _report(
         timings=timings,
         collapsed=collapsed,
     )
+
+
+def matched_sparsity(match: PruneReport, sparsity, target: str, scope: str) -> float:
+    if sparsity is not None:
+        raise ValueError("give either sparsity= or match=, not both")
+    if not isinstance(match, PruneReport):
+        raise TypeError(f"match must be a PruneReport, got {type(match).__name__}")
+    if target not in match.achieved:
+        raise ValueError(
+            f"the report to match has no achieved {target!r} sparsity; it has "
+            f"{sorted(match.achieved) or 'none'}"
+        )
+    their = match.options.get("scope", "internal")
+    if their != scope:
+        raise ValueError(
+            f"the report to match was made with scope={their!r}; run with scope={their!r} so "
+            f"both count the same units (got scope={scope!r})"
+        )
+    return float(match.achieved[target])
+
+
+def prune_with_method(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str | Method,
+    sparsity: float | None,
+    mipp_only: dict[str, Any],
+    target: str,
+    allocation: str | None,
+    calib_samples: int,
+    scope: str,
+    tolerance: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> tuple[nn.Module, PruneReport]:
+    """:func:`mipp.prune` for a baseline: resolve and check options, run, return (model, report)."""
+    from mipp.baselines import make_method
+    from mipp.prune import check_options
+
+    m = make_method(method) if isinstance(method, str) else method
+    if not isinstance(m, Method):
+        raise TypeError(f"method must be a name or a mipp.baselines.Method, got {m!r}")
+    given = sorted(k for k, v in mipp_only.items() if v is not None)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to method 'mipp' only; baseline {m.name!r} takes "
+            f"sparsity= (or match=), target=, allocation= and scope="
+        )
+    if sparsity is None:
+        raise ValueError(f"method {m.name!r} needs sparsity= (or match=) to know how much to prune")
+    check_options(sparsity, None, None, target, scope, "mean", calib_samples, 1, tolerance)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    allocation = m.default_allocation if allocation is None else allocation
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    x, y = calibration_inputs(data, calib_samples, seed=seed)
+    param = next(model.parameters())
+    x = x.to(device=param.device, dtype=param.dtype)
+    y = None if y is None else y.to(param.device)
+    console = Console(stderr=True, quiet=not progress)
+    work, report = run_method(
+        model,
+        x,
+        y,
+        m,
+        data=data,
+        sparsity=sparsity,
+        target=target,
+        allocation=allocation,
+        scope=scope,
+        batch_size=batch_size,
+        seed=seed,
+        tolerance=tolerance,
+        console=console,
+    )
+    return work, report
