@@ -1,6 +1,6 @@
 """Every method on LeNet-5 / Fashion-MNIST at equal sparsity: one-shot, fine-tuned, cost.
 
-    python benchmarks/baselines_lenet_fmnist.py --profile quick   # ~10 min on a 2-core CPU
+    python benchmarks/baselines_lenet_fmnist.py --profile quick   # about 5 min on a 2-core CPU
     python benchmarks/baselines_lenet_fmnist.py --profile full    # 3 seeds, both allocations
 
 For each seed: train LeNet-5 for 3 epochs (the README demo's recipe). For each requested
@@ -23,18 +23,15 @@ Writes ``benchmarks/results/baselines_lenet_fmnist_<profile>.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
+from _results import write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
 from mipp import data, models
 from mipp.baselines import METHODS, make_method
@@ -142,26 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     meta = {
         "command": f"python benchmarks/baselines_lenet_fmnist.py --profile {args.profile}",
         "profile": prof,
         "train": TRAIN.to_dict(),
         "finetune": FINETUNE.to_dict(),
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
     }
-    Path(f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_results(stem, rows, meta)
     _plot(rows, f"{stem}.png", args.profile)
     print(f"wrote {stem}.csv, .json, .png")
     return 0

@@ -20,18 +20,14 @@ Writes ``benchmarks/results/lenet_fmnist_<profile>.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
+from _results import write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
 from mipp import data, models
 from mipp.config import TrainConfig
@@ -171,29 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"lenet_fmnist_{args.profile}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     meta = {
         "command": f"python benchmarks/lenet_fmnist.py --profile {args.profile}"
         + (" --skip-mlp" if args.skip_mlp else ""),
         "profile": prof,
         "train": TRAIN.to_dict(),
         "finetune": FINETUNE.to_dict(),
-        "machine": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
         "speed": speed,
-        "rows": rows,
     }
-    Path(f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_results(stem, rows, meta)
     _plot(rows, speed, f"{stem}.png", args.profile)
     print(f"wrote {stem}.csv, .json, .png")
     return 0

@@ -79,3 +79,23 @@ def zero_consumers(model: nn.Module, structure, removed: dict[str, list[int]]) -
                 cols = [i for j in removed.get(g.name, []) for i in c.index[j]]
                 if cols:
                     modules[c.layer].weight[:, cols] = 0
+
+
+def make_ctx(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 4
+):
+    """A baseline's scoring context on a working copy of ``model``, as the driver builds it."""
+    from mipp.baselines.base import ScoringContext
+    from mipp.baselines.driver import prepare
+
+    work, structure, groups, _ = prepare(model, x, "internal")
+    return ScoringContext(
+        model=work,
+        structure=structure,
+        groups=groups,
+        inputs=x,
+        labels=y,
+        alive={g.name: torch.ones(g.size, dtype=torch.bool) for g in groups},
+        batch_size=batch_size,
+        seed=0,
+    )

@@ -9,24 +9,9 @@ import torch
 from torch import nn
 
 import mipp
+from helpers import make_ctx
 from mipp.baselines.activation import CHIP, APoZ, HRank, MeanActivation, channel_independence
-from mipp.baselines.base import ScoringContext
-from mipp.baselines.driver import prepare
 from mipp.baselines.thinet import ThiNet
-
-
-def make_ctx(model: nn.Module, x: torch.Tensor, batch_size: int = 4) -> ScoringContext:
-    work, structure, groups, _ = prepare(model, x, "internal")
-    return ScoringContext(
-        model=work,
-        structure=structure,
-        groups=groups,
-        inputs=x,
-        labels=None,
-        alive={g.name: torch.ones(g.size, dtype=torch.bool) for g in groups},
-        batch_size=batch_size,
-        seed=0,
-    )
 
 
 def identity_net(channels: int, *, relu: bool = False) -> nn.Sequential:

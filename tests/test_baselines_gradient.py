@@ -13,9 +13,8 @@ from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
 import mipp
+from helpers import make_ctx
 from mipp.baselines import make_method
-from mipp.baselines.base import ScoringContext
-from mipp.baselines.driver import prepare
 from mipp.baselines.gradient import (
     SNIP,
     SOSPH,
@@ -68,22 +67,6 @@ def _data(
     return x, y
 
 
-def _context(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, *, batch_size: int = 4
-) -> ScoringContext:
-    work, structure, groups, _ = prepare(model, x, "internal")
-    return ScoringContext(
-        model=work,
-        structure=structure,
-        groups=groups,
-        inputs=x,
-        labels=y,
-        alive={g.name: torch.ones(g.size, dtype=torch.bool) for g in groups},
-        batch_size=batch_size,
-        seed=0,
-    )
-
-
 def _finite_difference_hvp(model, batches, params, v, *, temperature, eps=1e-4):
     """(∇L(θ + ε v̂) − ∇L(θ − ε v̂)) / 2ε · ‖v‖ on deep copies, v̂ = v / ‖v‖."""
     norm = torch.sqrt(sum((t**2).sum() for t in v))
@@ -114,7 +97,7 @@ def test_snip_matches_hand_computed_gradient():
     dw1, db1 = dh.T @ x, dh.sum(0)
     expected = (dw1 * w1).abs().sum(1) + (db1 * b1).abs()
 
-    scores = {bs: SNIP().scores(_context(model, x, y, batch_size=bs)) for bs in (2, 8)}
+    scores = {bs: SNIP().scores(make_ctx(model, x, y, batch_size=bs)) for bs in (2, 8)}
     assert set(scores[8]) == {"0"}
     assert scores[8]["0"].dtype == torch.float64
     torch.testing.assert_close(scores[8]["0"], expected, rtol=1e-6, atol=0)
@@ -125,8 +108,8 @@ def test_snip_matches_hand_computed_gradient():
 def test_chunking_does_not_change_scores(cls):
     model = _mlp(nn.Tanh)
     x, y = _data(10)
-    a = cls().scores(_context(model, x, y, batch_size=3))["0"]  # chunks 3, 3, 3, 1
-    b = cls().scores(_context(model, x, y, batch_size=10))["0"]
+    a = cls().scores(make_ctx(model, x, y, batch_size=3))["0"]  # chunks 3, 3, 3, 1
+    b = cls().scores(make_ctx(model, x, y, batch_size=10))["0"]
     assert bool((a > 0).all())
     torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
 
@@ -151,7 +134,7 @@ def test_hessian_vector_product_matches_finite_differences():
 def test_grasp_is_l1_of_w_times_finite_difference_hg_at_temperature_200():
     model = _mlp(nn.Tanh)
     x, y = _data(10)
-    ctx = _context(model, x, y, batch_size=4)
+    ctx = make_ctx(model, x, y, batch_size=4)
     scores = GraSP().scores(ctx)["0"]
     net = ctx.model
     batches = list(ctx.batches())
@@ -172,7 +155,7 @@ def test_synflow_matches_closed_form_of_two_layer_linear_net():
     with seeded(3):
         model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Linear(4, 3, bias=False))
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
-    ctx = _context(model, x, None)
+    ctx = make_ctx(model, x, None)
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     scores = SynFlow().scores(ctx)
     w1, w2 = model[0].weight.double(), model[1].weight.double()
@@ -195,8 +178,8 @@ def test_synflow_ignores_signs_of_weights_and_batchnorm_buffers():
             if t.is_floating_point():
                 t.neg_()
     x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    a = SynFlow().scores(_context(model, x, None))
-    b = SynFlow().scores(_context(flipped, x, None))
+    a = SynFlow().scores(make_ctx(model, x, None))
+    b = SynFlow().scores(make_ctx(flipped, x, None))
     assert set(a) == {"0"} and bool((a["0"] > 0).all())
     torch.testing.assert_close(a["0"], b["0"], rtol=1e-12, atol=0)
 
@@ -238,7 +221,7 @@ def test_sosp_h_matches_explicit_second_order_saliency():
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([1.5, 0.7, -1.0, 2.0]))
     x, y = _data(10)
-    ctx = _context(model, x, y, batch_size=4)
+    ctx = make_ctx(model, x, y, batch_size=4)
     scores = SOSPH().scores(ctx)["0"]
 
     theta, gn, grad, unflatten = _explicit_sosp(ctx.model, x, y)
@@ -298,7 +281,7 @@ def test_defaults_names_and_options():
 def test_masked_unit_scores_zero_and_shapes(cls):
     model = _mlp(nn.Tanh, hidden=5)
     x, y = _data(8)
-    ctx = _context(model, x, y)
+    ctx = make_ctx(model, x, y)
     ctx.structure.mask({"0": [1]})
     scores = cls().scores(ctx)
     assert set(scores) == {"0"}
@@ -312,7 +295,7 @@ def test_masked_unit_scores_zero_and_shapes(cls):
 def test_scoring_leaves_the_model_as_it_was(cls):
     model = _mlp(nn.Tanh, dtype=torch.float32)
     x, y = _data(8, dtype=torch.float32)
-    ctx = _context(model, x, y)
+    ctx = make_ctx(model, x, y)
     ctx.model.train()
     ctx.model[2].eval()
     ctx.model[2].bias.requires_grad_(False)
@@ -332,7 +315,7 @@ def test_scores_use_eval_mode_batchnorm():
     model = model.double()
     model[1].running_mean.copy_(torch.tensor([1.0, -1.0, 0.5, 2.0]))
     x, y = _data(8)
-    ctx = _context(model, x, y)
+    ctx = make_ctx(model, x, y)
     methods = (SNIP(), GraSP(), SOSPH())
     in_eval = [m.scores(ctx)["0"] for m in methods]
     ctx.model.train()

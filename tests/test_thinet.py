@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import mipp
-from mipp.baselines.base import ScoringContext
-from mipp.baselines.driver import prepare
+from helpers import make_ctx
 from mipp.baselines.thinet import (
     ThiNet,
     conv_contributions,
@@ -19,21 +18,6 @@ from mipp.baselines.thinet import (
     scale_inputs,
 )
 from mipp.structure import Consumer
-
-
-def make_ctx(model: nn.Module, x: torch.Tensor, batch_size: int = 4) -> ScoringContext:
-    work, structure, groups, _ = prepare(model, x, "internal")
-    return ScoringContext(
-        model=work,
-        structure=structure,
-        groups=groups,
-        inputs=x,
-        labels=None,
-        alive={g.name: torch.ones(g.size, dtype=torch.bool) for g in groups},
-        batch_size=batch_size,
-        seed=0,
-    )
-
 
 PAIRS = Consumer("c", ((0, 1), (2, 3), (4, 5)))  # units of two input channels / features each
 SINGLE = Consumer("c", tuple((i,) for i in range(6)))

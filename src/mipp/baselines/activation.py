@@ -117,7 +117,20 @@ def channel_independence(a: Tensor, *, budget: int = _CHIP_BUDGET) -> Tensor:
     return ci.reshape(b, u)
 
 
-class HRank(Method):
+class _Sampled(Method):
+    """A method that reads the maps of the first ``samples`` calibration images (HRank, CHIP)."""
+
+    def __init__(
+        self, *, samples: int = 128, rounds: int = 1, normalize: Normalize = "mean"
+    ) -> None:
+        super().__init__(rounds=rounds, normalize=normalize)
+        self.samples = _check_samples(samples)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "samples": self.samples}
+
+
+class HRank(_Sampled):
     """Lin et al. 2020, "HRank: Filter Pruning using High-Rank Feature Map".
 
     s_j = (1/N) Σ_i rank(M_ij), the mean matrix rank (``torch.linalg.matrix_rank`` with its
@@ -130,20 +143,11 @@ class HRank(Method):
     name = "hrank"
     default_allocation: Allocation = "uniform"
 
-    def __init__(
-        self, *, samples: int = 128, rounds: int = 1, normalize: Normalize = "mean"
-    ) -> None:
-        super().__init__(rounds=rounds, normalize=normalize)
-        self.samples = _check_samples(samples)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "samples": self.samples}
-
     def scores(self, ctx: ScoringContext) -> dict[str, Tensor]:
         return unit_statistic(ctx, _map_ranks, self.samples)
 
 
-class CHIP(Method):
+class CHIP(_Sampled):
     """Sui et al. 2021, "CHIP: CHannel Independence-based Pruning".
 
     Per image i, A_i ``(units, h·w)`` stacks the flattened maps of the group's units (read
@@ -155,15 +159,6 @@ class CHIP(Method):
 
     name = "chip"
     default_allocation: Allocation = "uniform"
-
-    def __init__(
-        self, *, samples: int = 128, rounds: int = 1, normalize: Normalize = "mean"
-    ) -> None:
-        super().__init__(rounds=rounds, normalize=normalize)
-        self.samples = _check_samples(samples)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "samples": self.samples}
 
     def scores(self, ctx: ScoringContext) -> dict[str, Tensor]:
         return unit_statistic(ctx, lambda maps: channel_independence(maps.flatten(2)), self.samples)
