@@ -10,6 +10,8 @@ The estimator's reusable statistics are computed here, once per group.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +21,17 @@ from torch import Tensor
 from mipp.capture import Activations, Pool
 from mipp.errors import MippError
 from mipp.estimators import Estimator
+from mipp.estimators.moments import MomentAccumulator
 from mipp.structure import ModelStructure, UnitGroup
 
-__all__ = ["GroupData", "group_data", "required_samples", "unit_features"]
+__all__ = [
+    "GroupData",
+    "StreamedMoments",
+    "group_columns",
+    "group_data",
+    "required_samples",
+    "unit_features",
+]
 
 
 @dataclass
@@ -67,16 +77,14 @@ def unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Po
     return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
 
 
-def group_data(
-    structure: ModelStructure,
-    groups: list[UnitGroup],
-    acts: Activations,
-    estimator: Estimator,
-    pool: Pool,
-) -> list[GroupData]:
-    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input)."""
+def group_columns(
+    structure: ModelStructure, groups: list[UnitGroup], acts: Activations, pool: Pool
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """For each group of the walk: ``(x (n, U, f), y (n, Q), owner (Q,), unit (Q,))``.
+
+    ``acts`` may hold the whole calibration set or a single batch of it (streaming).
+    """
     walk_index = {g.name: i for i, g in enumerate(groups)}
-    result = []
     for g in groups:
         blocks, seen = [], set()
         for c in g.consumers:
@@ -107,13 +115,64 @@ def group_data(
                     unit += [j for j in range(feats.shape[1]) for _ in range(f)]
         if not cols:
             raise MippError(f"group {g.name!r} has no measurable target")
-        y = torch.cat(cols, dim=1)
-        result.append(
-            GroupData(
-                g, estimator.prepare(x, y), torch.tensor(owner), torch.tensor(unit), x.shape[2]
-            )
+        yield x, torch.cat(cols, dim=1), torch.tensor(owner), torch.tensor(unit)
+
+
+def group_data(
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    acts: Activations,
+    estimator: Estimator,
+    pool: Pool,
+) -> list[GroupData]:
+    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input)."""
+    return [
+        GroupData(g, estimator.prepare(x, y), owner, unit, x.shape[2])
+        for g, (x, y, owner, unit) in zip(
+            groups, group_columns(structure, groups, acts, pool), strict=True
         )
-    return result
+    ]
+
+
+class StreamedMoments:
+    """Per-group second moments accumulated batch by batch (for the closed-form estimators).
+
+    Feed every batch's :class:`~mipp.capture.Activations` to :meth:`update` (the
+    ``on_batch`` of :func:`mipp.capture.stream_activations`); :meth:`group_data` then gives
+    the same :class:`GroupData` as :func:`group_data` with a closed-form estimator, with
+    ``prepared`` the float64 :class:`~mipp.estimators.Moments` — memory O(D²) per group,
+    whatever the calibration size.
+    """
+
+    def __init__(self, structure: ModelStructure, groups: list[UnitGroup], pool: Pool) -> None:
+        self._structure, self._groups, self._pool = structure, groups, pool
+        self._acc = [MomentAccumulator() for _ in groups]
+        self._labels: list[tuple[Tensor, Tensor, int]] | None = None
+        #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
+        self.seconds = 0.0
+
+    def update(self, acts: Activations) -> None:
+        t = time.perf_counter()
+        labels = []
+        for acc, (x, y, owner, unit) in zip(
+            self._acc, group_columns(self._structure, self._groups, acts, self._pool), strict=True
+        ):
+            acc.update(x, y)
+            labels.append((owner, unit, x.shape[2]))
+        if self._labels is None:
+            self._labels = labels
+        self.seconds += time.perf_counter() - t
+
+    def group_data(self) -> list[GroupData]:
+        if self._labels is None:
+            raise MippError("no calibration batch was seen")
+        t = time.perf_counter()
+        data = [
+            GroupData(g, acc.moments(), owner, unit, f)
+            for g, acc, (owner, unit, f) in zip(self._groups, self._acc, self._labels, strict=True)
+        ]
+        self.seconds += time.perf_counter() - t
+        return data
 
 
 def required_samples(data: list[GroupData], estimator_name: str) -> tuple[int, GroupData]:

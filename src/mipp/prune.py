@@ -17,7 +17,10 @@ Three ways to say how much to prune (exactly one):
   that Δ_i > 0.
 - ``threshold=``: one pass with a fixed threshold on the relative Δ_i.
 
-Statistics are computed once per group; bisection re-runs only the selection loop.
+Statistics are computed once per group; bisection re-runs only the selection loop. For the
+closed-form estimators (``linear``, ``gaussian``) they are float64 second moments accumulated
+batch by batch while the calibration data flows through the network, so no activations are
+held and memory is O(D²) per group, whatever the calibration size.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ from torch import Tensor, nn
 from mipp.baselines.base import Allocation, Method
 from mipp.baselines.driver import matched_sparsity, prune_with_method
 from mipp.calibration import calibration_inputs
-from mipp.capture import Pool, capture_activations
+from mipp.capture import Pool, capture_activations, stream_activations
 from mipp.costs import CostModel
 from mipp.data import ImageDataset
 from mipp.errors import MippError
 from mipp.estimators import Estimator, make_estimator
-from mipp.features import GroupData, group_data, required_samples
+from mipp.features import GroupData, StreamedMoments, group_data, required_samples
 from mipp.metrics import count_macs, count_params
 from mipp.report import GroupReport, PruneReport
 from mipp.selection import SelectionResult, terc
@@ -283,14 +286,23 @@ def prune(
     t = time.perf_counter()
     layers = {n: m for n, m in work.named_modules() if n in structure.readers}
     batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-    with console.status(f"capturing activations of {len(x)} calibration samples"):
-        acts = capture_activations(work, batches, layers, pool=pool)
-    timings["capture"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    with console.status("computing statistics"):
-        gdata = group_data(structure, groups, acts, est, pool)
-    timings["statistics"] = time.perf_counter() - t
+    if getattr(est, "streams", False):
+        # closed forms: float64 moments accumulated while the data flows, O(D²) memory
+        stream = StreamedMoments(structure, groups, pool)
+        with console.status(f"streaming statistics of {len(x)} calibration samples"):
+            stream_activations(work, batches, layers, pool=pool, on_batch=stream.update)
+            gdata = stream.group_data()
+        # interleaved: "statistics" is the time spent accumulating, "capture" the rest
+        timings["statistics"] = stream.seconds
+        timings["capture"] = time.perf_counter() - t - stream.seconds
+    else:
+        with console.status(f"capturing activations of {len(x)} calibration samples"):
+            acts = capture_activations(work, batches, layers, pool=pool)
+        timings["capture"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with console.status("computing statistics"):
+            gdata = group_data(structure, groups, acts, est, pool)
+        timings["statistics"] = time.perf_counter() - t
     need, worst = required_samples(gdata, est_name)
     if len(x) < need:
         raise ValueError(

@@ -88,11 +88,11 @@ class Estimator(Protocol):
     def start(self, prepared: Any, columns: Tensor | None = None) -> EstimatorState: ...
 
 
-def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def check_pair(x: Tensor, y: Tensor, *, min_samples: int = 2) -> tuple[Tensor, Tensor]:
     """Validate activations and target; return ``x`` as ``(n, U, b)`` and ``y`` as ``(n, Q)``.
 
     ``x`` may be ``(n, U)`` (b = 1) or ``(n, U, b)``; ``y`` may be ``(n,)`` (Q = 1) or
-    ``(n, Q)``. Both must be real, finite, with the same ``n >= 2``.
+    ``(n, Q)``. Both must be real, finite, with the same ``n >= min_samples``.
 
     >>> x3, y2 = check_pair(torch.zeros(5, 3), torch.zeros(5))
     >>> tuple(x3.shape), tuple(y2.shape)
@@ -112,8 +112,8 @@ def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}"
         )
-    if x.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples, got {x.shape[0]}")
+    if x.shape[0] < min_samples:
+        raise ValueError(f"need at least {min_samples} samples, got {x.shape[0]}")
     if x.shape[1] < 1 or x.shape[2] < 1 or y.shape[1] < 1:
         raise ValueError(
             f"x needs at least one unit and feature and y one column, "
