@@ -4,54 +4,16 @@ min_keep, ordering, threshold monotonicity, validation and the scikit-learn-styl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor
 
 from mipp.estimators import GaussianEstimator, LinearEstimator, MLPEstimator, make_estimator
+from mipp.estimators.validation import Planted, planted_layer
 from mipp.selection import MIPPSelector, SelectionResult, terc
 
 F64 = torch.float64
-
-
-@dataclass(frozen=True)
-class Planted:
-    """A synthetic layer with known structure; unit indices refer to the (shuffled) columns."""
-
-    x: Tensor  # (n, 13)
-    y: Tensor  # (n, q)
-    informative: list[int]  # z1..z6
-    duplicate_pairs: list[tuple[int, int]]  # (unit of z1, its exact copy), same for z2
-    constant: list[int]
-    ignored: list[int]  # independent noise the target does not depend on
-
-
-def planted_layer(
-    *, n: int = 3000, q: int = 5, nonlinear: bool = False, seed: int = 0, noise: float = 0.5
-) -> Planted:
-    """6 informative independent units z1..z6, exact copies of z1 and z2, 2 constant units and
-    3 ignored noise units; y = z W (or tanh(z W)) + noise, q columns; columns shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 6, generator=g, dtype=F64)
-    ignored = torch.randn(n, 3, generator=g, dtype=F64)
-    constant = torch.tensor([0.1, 1 / 3], dtype=F64).expand(n, 2)
-    x = torch.cat([z, z[:, :2], constant, ignored], 1)  # original roles: 0-5, 6-7, 8-9, 10-12
-    signal = z @ (torch.randn(6, q, generator=g, dtype=F64) / math.sqrt(6))
-    if nonlinear:
-        signal = torch.tanh(signal)
-    y = signal + noise * signal.std() * torch.randn(n, q, generator=g, dtype=F64)
-    perm = torch.randperm(13, generator=g)
-    where = torch.argsort(perm).tolist()  # where[role] = shuffled column
-    return Planted(
-        x=x[:, perm],
-        y=y,
-        informative=[where[r] for r in range(6)],
-        duplicate_pairs=[(where[0], where[6]), (where[1], where[7])],
-        constant=[where[8], where[9]],
-        ignored=[where[r] for r in (10, 11, 12)],
-    )
 
 
 def assert_recovers(layer: Planted, result: SelectionResult, *, exact_zero: bool = True) -> None:
@@ -68,6 +30,7 @@ def assert_recovers(layer: Planted, result: SelectionResult, *, exact_zero: bool
     assert set(singles) <= kept
     assert not kept & set(layer.constant + layer.ignored)
     assert len(kept) == 6
+    assert layer.recovered(result.support)
     assert set(result.order[:5].tolist()) == set(layer.constant + layer.ignored)
     if exact_zero:
         assert set(result.order[:2].tolist()) == set(layer.constant)
