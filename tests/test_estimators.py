@@ -369,12 +369,12 @@ def test_check_pair_rejects_bad_inputs() -> None:
 
 
 def test_registry() -> None:
-    assert sorted(ESTIMATORS) == ["gaussian", "linear", "mlp"]
+    assert sorted(ESTIMATORS) == ["gaussian", "ksg", "linear", "mlp"]
     for name, cls in ESTIMATORS.items():
         est = make_estimator(name, seed=3)
         assert isinstance(est, cls) and isinstance(est, Estimator) and est.name == name
-    assert make_estimator("mlp", seed=3).seed == 3
-    with pytest.raises(UnknownNameError, match="valid estimators: gaussian, linear, mlp"):
+    assert make_estimator("mlp", seed=3).seed == 3 and make_estimator("ksg", seed=3).seed == 3
+    with pytest.raises(UnknownNameError, match="valid estimators: gaussian, ksg, linear, mlp"):
         make_estimator("ksgg")
     with pytest.raises(ValueError, match="ridge must be a finite number >= 0, got -1"):
         LinearEstimator(ridge=-1)
@@ -431,3 +431,55 @@ def test_mlp_is_deterministic_for_a_seed() -> None:
     first = run(0)
     assert run(0) == first
     assert run(1) != first
+
+
+class _NoPrefetch:
+    """A linear state seen without its ``prefetch``: TERC then takes the per-unit path."""
+
+    def __init__(self, state):
+        self._s = state
+        self.n_units = state.n_units
+
+    @property
+    def active(self):
+        return self._s.active
+
+    def single_scores(self):
+        return self._s.single_scores()
+
+    def delta(self, i):
+        return self._s.delta(i)
+
+    def remove(self, i):
+        self._s.remove(i)
+
+    def information(self):
+        return self._s.information()
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_linear_prefetched_blocks_equal_the_per_unit_path(unit_size):
+    """Deferred block removals (prefetch) give the same Δs, p-values and support as removing
+    one unit at a time, over more units than one block holds."""
+    from mipp.selection import terc
+
+    g = torch.Generator().manual_seed(5)
+    n, units = 3000, 150
+    z = torch.randn(n, 40, generator=g, dtype=torch.float64)
+    x = (z @ torch.randn(40, units * unit_size, generator=g, dtype=torch.float64)).view(
+        n, units, unit_size
+    )
+    x = x + 0.3 * torch.randn(n, units, unit_size, generator=g, dtype=torch.float64)
+    y = z[:, :12] + 0.5 * torch.randn(n, 12, generator=g, dtype=torch.float64)
+    est = LinearEstimator(ridge=0.0)  # so that a fresh fit on a subset uses the same ridge
+    prepared = est.prepare(x, y)
+    fast = terc(est.start(prepared), threshold=2e-4)
+    slow = terc(_NoPrefetch(est.start(prepared)), threshold=2e-4)
+    assert 20 < fast.n_kept < units - 20  # removals happen inside and across blocks
+    assert torch.equal(fast.support, slow.support)
+    assert torch.allclose(fast.deltas, slow.deltas, rtol=1e-8, atol=1e-12, equal_nan=True)
+    assert torch.allclose(fast.pvalues, slow.pvalues, rtol=1e-6, atol=1e-12, equal_nan=True)
+    assert fast.info_kept == pytest.approx(slow.info_kept, rel=1e-10)
+    # the incrementally tracked I(X_S; Y) equals a fresh fit on the kept units alone
+    fresh = est.start(est.prepare(x[:, fast.support], y))
+    assert fast.info_kept == pytest.approx(fresh.information(), rel=1e-9)

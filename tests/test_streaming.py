@@ -55,6 +55,25 @@ def test_streamed_moments_float32_batches_match_float64_reference():
     assert (got.sxx - ref.sxx).abs().max() <= 1e-10
 
 
+def test_variances_only_accumulation_serves_linear_and_is_refused_by_gaussian():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    y = x[:, :2] @ torch.randn(2, 3, generator=g, dtype=torch.float64) + torch.randn(300, 3)
+    acc = MomentAccumulator(full_target=False)
+    acc.update(x[:100], y[:100])
+    acc.update(x[100:], y[100:])
+    diag = acc.moments()
+    ref = second_moments(x, y)
+    assert not diag.full_target and ref.full_target
+    assert torch.allclose(diag.syy, torch.diag(ref.syy.diagonal()), rtol=0, atol=1e-12)
+    lin = LinearEstimator()
+    a, b = lin.start(diag), lin.start(ref)
+    assert abs(a.information() - b.information()) < 1e-12
+    assert abs(a.delta(0).value - b.delta(0).value) < 1e-12
+    with pytest.raises(ValueError, match="full covariance"):
+        GaussianEstimator().start(diag)
+
+
 def test_accumulator_rejects_changing_shapes_and_empty():
     acc = MomentAccumulator()
     with pytest.raises(ValueError, match="at least 2 samples"):
@@ -95,12 +114,16 @@ def test_selection_from_streamed_statistics_is_identical(model, est, pool):
     memory = group_data(
         structure, groups, capture_activations(net, x.split(128), layers, pool=pool), est, pool
     )
-    stream = StreamedMoments(structure, groups, pool)
+    # as prune does: linear accumulates only the target's variances
+    stream = StreamedMoments(structure, groups, pool, full_target=est.needs_target_covariance)
     stream_activations(net, x.split(100), layers, pool=pool, on_batch=stream.update)
     streamed = stream.group_data()
     for a, b in zip(memory, streamed, strict=True):
         assert torch.equal(a.owner, b.owner) and torch.equal(a.unit, b.unit)
         assert (a.prepared.sxx - b.prepared.sxx).abs().max() <= 1e-10
+        assert (a.prepared.sxy - b.prepared.sxy).abs().max() <= 1e-10
+        diag_a, diag_b = a.prepared.syy.diagonal(), b.prepared.syy.diagonal()
+        assert (diag_a - diag_b).abs().max() <= 1e-10
     tau = 1e-3 if isinstance(est, LinearEstimator) else 1e-2
     options = dict(confidence=None, threshold=tau, min_keep=1, order="mi", seed=0, estimator=est)
     kept_a, res_a = _select(memory, **options)

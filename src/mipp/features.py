@@ -21,6 +21,7 @@ from torch import Tensor
 from mipp.capture import Activations, Pool
 from mipp.errors import MippError
 from mipp.estimators import Estimator
+from mipp.estimators.ksg import DEFAULT_K as KSG_DEFAULT_K
 from mipp.estimators.moments import MomentAccumulator
 from mipp.structure import ModelStructure, UnitGroup
 
@@ -141,12 +142,20 @@ class StreamedMoments:
     ``on_batch`` of :func:`mipp.capture.stream_activations`); :meth:`group_data` then gives
     the same :class:`GroupData` as :func:`group_data` with a closed-form estimator, with
     ``prepared`` the float64 :class:`~mipp.estimators.Moments` — memory O(D²) per group,
-    whatever the calibration size.
+    whatever the calibration size. ``full_target=False`` keeps only the target's variances
+    (enough for ``linear``).
     """
 
-    def __init__(self, structure: ModelStructure, groups: list[UnitGroup], pool: Pool) -> None:
+    def __init__(
+        self,
+        structure: ModelStructure,
+        groups: list[UnitGroup],
+        pool: Pool,
+        *,
+        full_target: bool = True,
+    ) -> None:
         self._structure, self._groups, self._pool = structure, groups, pool
-        self._acc = [MomentAccumulator() for _ in groups]
+        self._acc = [MomentAccumulator(full_target=full_target) for _ in groups]
         self._labels: list[tuple[Tensor, Tensor, int]] | None = None
         #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
         self.seconds = 0.0
@@ -176,7 +185,10 @@ class StreamedMoments:
 
 
 def required_samples(data: list[GroupData], estimator_name: str) -> tuple[int, GroupData]:
-    """Calibration samples the estimator needs (features + 2; + target columns for gaussian)."""
+    """Calibration samples the estimator needs: features + 2 (+ target columns for gaussian);
+    for ksg only more than k + 1 (its default k; a custom k is checked by its ``prepare``)."""
+    if estimator_name == "ksg":
+        return KSG_DEFAULT_K + 2, data[0]
     worst, need = data[0], 0
     for d in data:
         dim = d.group.size * d.features

@@ -196,8 +196,8 @@ def prune(
             ``"macs"``.
         allocation: baselines only — ``"global"`` ranking or ``"uniform"`` per-layer ratio
             (default: the method's own, see :mod:`mipp.baselines`).
-        estimator: MIPP only — ``"linear"`` (default), ``"gaussian"``, ``"mlp"`` or an
-            estimator object.
+        estimator: MIPP only — ``"linear"`` (default), ``"gaussian"``, ``"mlp"``, ``"ksg"``
+            or an estimator object.
         pool: MIPP only — per-channel pooling of conv maps, ``"mean"`` (default) or k (k×k).
         calib_samples: calibration set size (shared by every method).
         scope: ``"internal"`` prunes single-producer groups (block-internal in residual
@@ -288,7 +288,8 @@ def prune(
     batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
     if getattr(est, "streams", False):
         # closed forms: float64 moments accumulated while the data flows, O(D²) memory
-        stream = StreamedMoments(structure, groups, pool)
+        full = getattr(est, "needs_target_covariance", True)
+        stream = StreamedMoments(structure, groups, pool, full_target=full)
         with console.status(f"streaming statistics of {len(x)} calibration samples"):
             stream_activations(work, batches, layers, pool=pool, on_batch=stream.update)
             gdata = stream.group_data()

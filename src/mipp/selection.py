@@ -28,6 +28,7 @@ from mipp.estimators.base import check_pair
 __all__ = ["MIPPSelector", "SelectionResult", "terc"]
 
 Order = Literal["mi", "index", "random"]
+_PREFETCH = 64  # units announced ahead to states with a ``prefetch`` method
 _ORDERS = ("mi", "index", "random")
 
 
@@ -76,8 +77,8 @@ def terc(
     - confidence mode [paper]: unit i is kept iff ``Delta.pvalue < 1 − confidence``, i.e. we
       are more than ``confidence`` sure that Δ_i > 0; higher confidence prunes more;
     - threshold mode [ours]: unit i is removed iff ``Delta.relative ≤ threshold`` (share of
-      variance for ``linear`` / ``mlp``, share of I(X_S; Y) for ``gaussian``); 0 removes only
-      units adding exactly nothing.
+      variance for ``linear`` / ``mlp``, share of I(X_S; Y) for ``gaussian`` / ``ksg``); 0
+      removes only units adding exactly nothing.
 
     Units are tested in ascending s_i (``order="mi"``, ties by index), in index order
     (``"index"``) or in a permutation drawn from ``seed`` (``"random"``). Once only
@@ -109,9 +110,13 @@ def terc(
     info_full = state.information()
     active = state.active.clone()
     n_active = int(active.sum())
-    for unit in ranked.tolist():
+    order_list = ranked.tolist()
+    prefetch = getattr(state, "prefetch", None)  # optional: states that batch their work
+    for pos, unit in enumerate(order_list):
         if n_active <= min_keep:
             break
+        if prefetch is not None and pos % _PREFETCH == 0:
+            prefetch([u for u in order_list[pos : pos + _PREFETCH] if active[u]])
         if not active[unit]:
             continue
         d = state.delta(unit)

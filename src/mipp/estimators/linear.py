@@ -13,7 +13,8 @@ which is 1, minus loss of the predictor). With P = (Σ_SS + λI)⁻¹ and B = P 
     Δ_i = L(S∖i) − L(S) = trace(B_iᵀ P_ii⁻¹ B_i) / q,
 
 B_i being the rows of unit i's b features and P_ii their b×b diagonal block. Removing unit i
-is the Schur-complement downdate P ← P_rr − P_ri P_ii⁻¹ P_ir, B ← B_r − P_ri P_ii⁻¹ B_i.
+is the Schur-complement downdate P ← P_rr − P_ri P_ii⁻¹ P_ir, B ← B_r − P_ri P_ii⁻¹ B_i,
+done in place on full-size matrices whose removed rows and columns are set to 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from mipp.estimators.moments import (
     ClosedFormEstimator,
     ClosedFormState,
     Moments,
-    downdate,
     spd_inverse,
 )
 
@@ -69,6 +69,7 @@ class LinearEstimator(ClosedFormEstimator):
     """
 
     name = "linear"
+    needs_target_covariance = False
 
 
 class LinearState(ClosedFormState):
@@ -81,21 +82,15 @@ class LinearState(ClosedFormState):
 
     def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
         a, sxy, _, self.ridge = self._setup(moments, columns, ridge=ridge)
-        p = spd_inverse(a, what="ridged feature covariance")
-        self._m = torch.cat([p, p @ sxy], dim=1)  # [P | B], (D_S, D_S + q)
-        self._explained: float | None = None
-        self._b_norm = 0.0  # ‖B‖²_F, cached with _explained
+        # full-size P and B; a removed unit's rows (and P's columns) are exactly 0
+        self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
+        self._bm = self._p @ sxy  # (D, q)
+        self._explained = float((self._sxy * self._bm).sum()) / self._q if self._q else 0.0
+        self._b_norm = float((self._bm**2).sum())  # ‖B‖²_F
+        self._block: _Block | None = None
 
     def information(self) -> float:
         """I(X_S; Y) = 1 − L(S): share of the standardised target's variance explained by S."""
-        if self._q == 0:
-            return 0.0
-        if self._explained is None:
-            d_s = self._m.shape[0]
-            b_mat = self._m[:, d_s:]
-            sxy_s = self._sxy[self._slots.feature_mask()]
-            self._explained = float((sxy_s * b_mat).sum()) / self._q
-            self._b_norm = float((b_mat**2).sum())
         return self._explained
 
     def single_scores(self) -> Tensor:
@@ -108,8 +103,42 @@ class LinearState(ClosedFormState):
         scores = (sxy_u * coef).sum(dim=(1, 2)) / self._q
         return torch.where(self._const_units, 0.0, scores)
 
+    def prefetch(self, units: list[int]) -> None:
+        """Announce the next units TERC will test: their Δ and removals are then served from
+        small caches (O(K²·b² + K·b·q) per removal) and the removals reach the full D×D
+        matrices as one block Schur complement (a GEMM) instead of one O(D²) pass each."""
+        self._flush()
+        units = [int(u) for u in units if self._slots.is_active(int(u))]
+        if len(units) < 2:
+            return
+        rows = torch.cat([torch.arange(u * self._b, (u + 1) * self._b) for u in units])
+        p_k = self._p[rows]  # (Kb, D)
+        self._block = _Block(
+            units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
+            rows=rows,
+            p=p_k[:, rows].clone(),
+            bm=self._bm[rows].clone(),
+            pb=p_k @ self._bm,
+            pp=p_k @ p_k.T,
+        )
+
+    def _rows(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Unit i's ``(P_ii, B_i, P_i· B, P_i· P_·i)``, from the block caches when prefetched."""
+        blk = self._block
+        if blk is not None and i in blk.units:
+            r = blk.units[i]
+            return blk.p[r, r], blk.bm[r], blk.pb[r], blk.pp[r, r]
+        r = slice(i * self._b, (i + 1) * self._b)
+        p_i = self._p[r]
+        return p_i[:, r], self._bm[r], p_i @ self._bm, p_i @ p_i.T
+
     def delta(self, i: int) -> Delta:
-        """Δ_i = L(S∖i) − L(S) (share of variance) and the F-test p-value; i must be in S."""
+        """Δ_i = L(S∖i) − L(S) (share of variance) and the F-test p-value; i must be in S.
+
+        O(D·q·b) (O(q·b²) when prefetched): with c = P_ii⁻¹ B_i and r the other kept rows,
+        ‖B_{S∖i}‖² = ‖B_r − P_ri c‖² = ‖B‖² − ‖B_i‖² − 2⟨c, P_ir B_r⟩ + ⟨c, P_ir P_ri c⟩, where
+        P_ir B_r = P_i· B − P_ii B_i and P_ir P_ri = P_i· P_·i − P_ii² (removed rows are 0).
+        """
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
@@ -120,18 +149,22 @@ class LinearState(ClosedFormState):
                 f"the linear F-test needs more samples than kept features + 1: n={self._n}, "
                 f"{d_live} non-constant features in S; use at least {d_live + 2} samples"
             )
-        rows = self._slots.rows(i)
-        d_s = self._m.shape[0]
-        p_mat, b_mat = self._m[:, :d_s], self._m[:, d_s:]
-        coef = torch.linalg.solve(p_mat[rows][:, rows], b_mat[rows])  # P_ii⁻¹ B_i, (b, q)
-        value = max(float((b_mat[rows] * coef).sum()) / self._q, 0.0)
-        # unpenalised residual shares for the test: R = L − λ‖B‖²/q, B_{S∖i} = B_r − P_ri coef
-        explained = self.information()  # also caches ‖B‖²
-        resid = 1.0 - explained - self.ridge * self._b_norm / self._q
-        rest = torch.ones(d_s, dtype=torch.bool)
-        rest[rows] = False
-        b_without = b_mat[rest] - p_mat[rest][:, rows] @ coef
-        rise = value - self.ridge * (float((b_without**2).sum()) - self._b_norm) / self._q
+        if self._block is not None and i not in self._block.units:
+            self._flush()
+        p_ii, b_i, pb_i, pp_ii = self._rows(i)
+        coef = _solve(p_ii, b_i)  # P_ii⁻¹ B_i, (b, q)
+        value = max(float((b_i * coef).sum()) / self._q, 0.0)
+        # unpenalised residual shares for the test: R = L − λ‖B‖²/q
+        resid = 1.0 - self._explained - self.ridge * self._b_norm / self._q
+        cross = pb_i - p_ii @ b_i  # P_ir B_r, (b, q)
+        gram = pp_ii - p_ii @ p_ii  # P_ir P_ri, (b, b)
+        b_without = (
+            self._b_norm
+            - float((b_i**2).sum())
+            - 2 * float((coef * cross).sum())
+            + float((coef * (gram @ coef)).sum())
+        )
+        rise = value - self.ridge * (b_without - self._b_norm) / self._q
         b_live = int(self._live[i * self._b : (i + 1) * self._b].sum())
         if rise <= 0.0:
             pvalue = 1.0
@@ -143,11 +176,89 @@ class LinearState(ClosedFormState):
         return Delta(value=value, relative=value, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
-        """S ← S ∖ {i} by a Schur-complement downdate of [P | B], O(D²·b)."""
+        """S ← S ∖ {i}: a Schur-complement downdate of P and B (deferred within a prefetched
+        block, in place on the full matrices otherwise, O(D·(D + q)·b))."""
         i = self._slots.check(i)
-        self._m = downdate(self._m, self._slots.rows(i), square=False)
+        blk = self._block
+        if blk is not None and i not in blk.units:
+            self._flush()
+            blk = None
+        p_ii, b_i, pb_i, pp_ii = self._rows(i)
+        coef = _solve(p_ii, b_i)  # C = P_ii⁻¹ B_i
+        # information and ‖B‖² after B ← B − P_·i C
+        self._explained -= float((b_i * coef).sum()) / self._q if self._q else 0.0
+        self._b_norm += float((coef * (pp_ii @ coef)).sum()) - 2 * float((coef * pb_i).sum())
+        if blk is not None:
+            blk.remove(i)
+        else:
+            r = slice(i * self._b, (i + 1) * self._b)
+            p_ri = self._p[:, r].clone()  # (D, b)
+            self._bm -= p_ri @ coef
+            self._p -= p_ri @ _solve(p_ii, p_ri.T)
+            self._p[r] = 0.0
+            self._p[:, r] = 0.0
+            self._bm[r] = 0.0
         self._slots.remove(i)
-        self._explained = None
+
+    def _flush(self) -> None:
+        """Apply a block's deferred removals R to P and B at once:
+        P ← P − P_·R P_RR⁻¹ P_R·, B ← B − P_·R P_RR⁻¹ B_R (P, B still as at the block start)."""
+        blk, self._block = self._block, None
+        if blk is None or not blk.removed:
+            return
+        rows = torch.cat([blk.rows[blk.units[u]] for u in blk.removed])
+        p_r = self._p[:, rows].clone()  # (D, |R|b)
+        p_rr = p_r[rows]
+        self._bm -= p_r @ _solve(p_rr, self._bm[rows])
+        self._p -= p_r @ _solve(p_rr, p_r.T)
+        self._p[rows] = 0.0
+        self._p[:, rows] = 0.0
+        self._bm[rows] = 0.0
+
+
+def _solve(a: Tensor, b: Tensor) -> Tensor:
+    """a⁻¹ b for a small SPD ``a`` (a division when 1×1: far cheaper than a LAPACK call)."""
+    if a.shape == (1, 1):
+        return b / a[0, 0]
+    return torch.linalg.solve(a, b)
+
+
+class _Block:
+    """Caches of P and B restricted to K prefetched units, kept exact under their removals.
+
+    With P' = P − P_·m W P_m· and B' = B − P_·m W B_m for a removed unit m (W = P_mm⁻¹), the
+    restrictions to the block rows K follow from block quantities alone:
+    P'_KK = P_KK − P_Km W P_mK, B'_K = B_K − P_Km W B_m,
+    (P'B')_K = (PB)_K − P_Km W (PB)_m − (PP)_Km W B_m + P_Km W (PP)_mm W B_m,
+    (P'P')_KK = (PP)_KK − P_Km W (PP)_mK − (PP)_Km W P_mK + P_Km W (PP)_mm W P_mK.
+    """
+
+    def __init__(
+        self, units: dict[int, slice], rows: Tensor, p: Tensor, bm: Tensor, pb: Tensor, pp: Tensor
+    ) -> None:
+        self.units, self.rows = units, rows
+        self.p, self.bm, self.pb, self.pp = p, bm, pb, pp
+        self.removed: list[int] = []
+
+    def remove(self, i: int) -> None:
+        r = self.units[i]
+        p_km = self.p[:, r].clone()  # (Kb, b)
+        pp_km = self.pp[:, r].clone()
+        w = _solve(p_km[r], torch.eye(p_km.shape[1], dtype=p_km.dtype))  # P_mm⁻¹
+        pp_mm = pp_km[r]
+        a = p_km @ w  # P_Km W
+        b_m, pb_m = self.bm[r].clone(), self.pb[r].clone()
+        t = a @ (pp_mm @ w)  # P_Km W (PP)_mm W
+        self.pb -= a @ pb_m + pp_km @ (w @ b_m) - t @ b_m
+        self.pp -= a @ pp_km.T + pp_km @ a.T - t @ p_km.T
+        self.p -= a @ p_km.T
+        self.bm -= a @ b_m
+        for m in (self.p, self.pp):
+            m[r] = 0.0
+            m[:, r] = 0.0
+        self.bm[r] = 0.0
+        self.pb[r] = 0.0
+        self.removed.append(i)
 
 
 LinearEstimator.state_class = LinearState

@@ -9,6 +9,7 @@ inverse (:func:`downdate`), O(D²) instead of a fresh O(D³) inversion.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ class Moments:
         mean_x: ``(D,)``; mean_y: ``(Q,)``.
         const_x: bool ``(D,)``; const_y: bool ``(Q,)``.
         n: number of samples; n_units: U; unit_size: b.
+        full_target: False when only the diagonal of ``syy`` was accumulated (enough for
+            ``linear``, which needs the target's variances only); ``gaussian`` needs True.
     """
 
     sxx: Tensor
@@ -60,6 +63,7 @@ class Moments:
     n: int
     n_units: int
     unit_size: int
+    full_target: bool = True
 
     @property
     def const_units(self) -> Tensor:
@@ -159,8 +163,9 @@ class MomentAccumulator:
     (True, 2)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, full_target: bool = True) -> None:
         self.n = 0
+        self.full_target = full_target
         self._shape: tuple[int, int, int] | None = None
 
     def update(self, x: Tensor, y: Tensor) -> None:
@@ -194,7 +199,10 @@ class MomentAccumulator:
         w = n_a * m / n
         self._sxx += xc.T @ xc + w * torch.outer(dx, dx)
         self._sxy += xc.T @ yc + w * torch.outer(dx, dy)
-        self._syy += yc.T @ yc + w * torch.outer(dy, dy)
+        if self.full_target:
+            self._syy += yc.T @ yc + w * torch.outer(dy, dy)
+        else:  # the variances only: O(Q) instead of O(Q²) per row
+            self._syy.diagonal().add_((yc**2).sum(0) + w * dy**2)
         self._mean_x += dx * (m / n)
         self._mean_y += dy * (m / n)
         self._min_x = torch.minimum(self._min_x, xb.amin(0))
@@ -210,7 +218,7 @@ class MomentAccumulator:
         n_units, unit_size, _ = self._shape
         const_x = self._max_x == self._min_x
         const_y = self._max_y == self._min_y
-        return _finish(
+        moments = _finish(
             self._sxx.clone(),
             self._sxy.clone(),
             self._syy.clone(),
@@ -222,6 +230,7 @@ class MomentAccumulator:
             n_units,
             unit_size,
         )
+        return dataclasses.replace(moments, full_target=self.full_target)
 
 
 def ridge_scale(sxx: Tensor, const_x: Tensor) -> float:
@@ -312,6 +321,9 @@ class UnitSlots:
     def n_active(self) -> int:
         return int(self._active.sum())
 
+    def is_active(self, i: int) -> bool:
+        return 0 <= i < self.n_units and bool(self._active[i])
+
     def check(self, i: int) -> int:
         i = int(i)
         if not 0 <= i < self.n_units:
@@ -372,6 +384,8 @@ class ClosedFormEstimator:
     #: ``prepare`` needs only second moments, so they can be streamed batch by batch
     #: (:class:`MomentAccumulator`) instead of holding the activations
     streams = True
+    #: whether ``start`` needs the target's full covariance (else its variances suffice)
+    needs_target_covariance = True
     #: the state class :meth:`start` builds (set by each subclass)
     state_class: type[Any] = ClosedFormState
 
@@ -391,4 +405,9 @@ class ClosedFormEstimator:
         """A state with S = all units, for target columns ``columns`` (None = all)."""
         if not isinstance(prepared, Moments):
             raise TypeError(f"prepared must come from prepare(), got {type(prepared).__name__}")
+        if self.needs_target_covariance and not prepared.full_target:
+            raise ValueError(
+                f"the {self.name!r} estimator needs the target's full covariance; these "
+                "moments hold its variances only (MomentAccumulator(full_target=False))"
+            )
         return self.state_class(prepared, columns, ridge=self.ridge)
