@@ -12,6 +12,10 @@ memory stays O(n · channels · k²):
 Linear inputs are kept as they are (n, in_features); per-unit pooling of flattened conv maps
 happens later, when units are mapped to their input indices (see :mod:`mipp.structure`).
 
+:func:`forward_until` runs a model only as far as one layer and returns that layer's input
+or output (a hook raises a private exception that ends the forward early), so a capture
+costs only the part of the network up to the layer.
+
 Hooks exist only inside the ``with`` block and are removed even when the forward raises.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +38,10 @@ __all__ = [
     "Pool",
     "capture_activations",
     "capture_inputs",
+    "forward_until",
     "pool_channels",
     "record_forward_order",
+    "stream_activations",
 ]
 
 Pool = str | int  # "mean" or a positive int k (k×k adaptive average)
@@ -114,7 +121,8 @@ def record_forward_order(modules: Mapping[str, nn.Module]) -> Iterator[list[str]
 @contextlib.contextmanager
 def _recording(
     model: nn.Module, layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
-) -> Iterator[dict[str, list[Tensor]]]:
+) -> Iterator[tuple[dict[str, list[Tensor]], list[Tensor]]]:
+    """Hooks recording into ``(chunks, outputs)``; the caller may empty both between batches."""
     chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
     outputs: list[Tensor] = []
     first_pass = {"on": True, "seen": {}, "keep": []}
@@ -157,12 +165,11 @@ def _recording(
         for name, module in layers.items():
             handles.append(module.register_forward_pre_hook(make(name, module)))
         handles.append(model.register_forward_hook(out_hook))
-        yield chunks
+        yield chunks, outputs
     finally:
         for h in handles:
             h.remove()
         first_pass["keep"].clear()
-    acts.output = torch.cat(outputs) if outputs else None
 
 
 def capture_activations(
@@ -184,20 +191,61 @@ def capture_activations(
         NonFiniteActivationError: a recorded input (or the output) holds NaN / Inf; the
             message names the layer.
     """
+    parts: list[Activations] = []
+    acts = stream_activations(model, batches, layers, pool=pool, on_batch=parts.append)
+    for name in layers:
+        if name not in acts.alias and parts:
+            acts.inputs[name] = torch.cat([p.inputs[name] for p in parts])
+    acts.output = torch.cat([p.output for p in parts]) if parts else None
+    return acts
+
+
+def stream_activations(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    *,
+    pool: Pool = "mean",
+    on_batch: Callable[[Activations], None],
+) -> Activations:
+    """Like :func:`capture_activations`, but hand each batch's record to ``on_batch`` and keep
+    nothing: memory stays that of one batch, whatever the number of batches.
+
+    ``on_batch`` receives an :class:`Activations` holding only that batch (``inputs``,
+    ``output``; ``alias`` and ``order`` are complete from the first batch on). Returns an
+    :class:`Activations` with ``alias`` and ``order`` and no tensors.
+
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> sizes = []
+    >>> meta = stream_activations(net, torch.randn(10, 4).split(4), {"2": net[2]},
+    ...                           on_batch=lambda a: sizes.append(a.n))
+    >>> sizes, meta.order
+    ([4, 4, 2], ['2'])
+    """
     acts = Activations()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _recording(model, layers, pool=pool, acts=acts) as chunks:
+        with torch.no_grad(), _recording(model, layers, pool=pool, acts=acts) as (chunks, outs):
             for x in batches:
                 model(x)
+                batch = Activations(alias=acts.alias, order=acts.order)
+                for name, got in chunks.items():
+                    if name not in acts.alias and got:
+                        batch.inputs[name] = torch.cat(got)
+                        got.clear()
+                batch.output = torch.cat(outs) if outs else None
+                outs.clear()
+                _check_finite(batch)
+                on_batch(batch)
     finally:
         model.train(was_training)
-    for name, parts in chunks.items():
-        if name in acts.alias or not parts:
-            continue
-        acts.inputs[name] = torch.cat(parts)
-        bad = ~torch.isfinite(acts.inputs[name])
+    return acts
+
+
+def _check_finite(acts: Activations) -> None:
+    for name, t in acts.inputs.items():
+        bad = ~torch.isfinite(t)
         if bad.any():
             raise NonFiniteActivationError(
                 f"the input of layer {name!r} holds {int(bad.sum())} NaN/Inf values on the "
@@ -207,7 +255,6 @@ def capture_activations(
         raise NonFiniteActivationError(
             "the model output holds NaN/Inf values on the calibration data"
         )
-    return acts
 
 
 def capture_inputs(
@@ -246,3 +293,73 @@ def capture_inputs(
             h.remove()
         model.train(was_training)
     return {name: torch.cat(p) for name, p in parts.items() if p}
+
+
+class _StopForward(Exception):
+    """Raised by a :func:`forward_until` hook to end a forward pass; caught right here."""
+
+
+@contextlib.contextmanager
+def forward_until(
+    model: nn.Module, layer: nn.Module, *, record: Literal["input", "output"]
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Within the block, ``run(x)`` forwards ``x`` only as far as ``layer``.
+
+    ``run(x)`` returns the (detached) first positional input of ``layer`` (``record="input"``:
+    the forward stops before ``layer`` runs) or its output (``record="output"``: it stops
+    right after), from the first call of ``layer`` in the forward. The model is in eval mode
+    and gradients are off inside the block; its train/eval mode is restored and the hook
+    removed on exit, even when the forward raises (every module's own mode is restored, so
+    mixed train/eval submodules come back as they were).
+
+    Raises:
+        MippError: ``layer`` did not run during the forward of ``x``.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> x = torch.ones(5, 3)
+    >>> with forward_until(net, net[2], record="input") as run:
+    ...     seen = run(x)
+    >>> torch.equal(seen, net[1](net[0](x)).detach()), len(net[2]._forward_pre_hooks)
+    (True, 0)
+    """
+    if record not in ("input", "output"):
+        raise ValueError(f"record must be 'input' or 'output', got {record!r}")
+    box: list[Tensor] = []
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        box.append(args[0].detach())
+        raise _StopForward
+
+    def post_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        if not isinstance(out, Tensor):
+            raise MippError(f"{type(mod).__name__} returned {type(out).__name__}, not a tensor")
+        box.append(out.detach())
+        raise _StopForward
+
+    def run(x: Tensor) -> Tensor:
+        box.clear()
+        try:
+            with torch.no_grad():
+                model(x)
+        except _StopForward:
+            return box.pop()
+        raise MippError(
+            f"layer {type(layer).__name__} did not run in the forward pass of "
+            f"{type(model).__name__}; it cannot be captured"
+        )
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        if record == "input":
+            handle = layer.register_forward_pre_hook(pre_hook)
+        else:
+            handle = layer.register_forward_hook(post_hook)
+        try:
+            yield run
+        finally:
+            handle.remove()
+            box.clear()
+    finally:
+        for m, mode in modes:
+            m.training = mode

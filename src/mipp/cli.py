@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimator",
         default=None,
         help="MIPP's conditional-MI estimator: linear (closed form, default), gaussian "
-        "(nats), mlp (the paper's, slow)",
+        "(nats), mlp (the paper's, slow), ksg (k-nearest-neighbour, nats, nonparametric)",
     )
     p.add_argument(
         "--pool",

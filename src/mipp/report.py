@@ -50,8 +50,8 @@ class GroupReport:
     ``scores`` (s_i), ``deltas`` (Δ_i), ``relative_deltas`` and ``pvalues`` are per unit in the
     group's original index order; NaN where a unit was never tested (``min_keep`` reached).
     ``order`` is the test order. ``info_full`` / ``info_kept`` are I(X;Y) and I(X_S;Y) under
-    the estimator (share of target variance for ``linear``/``mlp``, nats for ``gaussian``),
-    and ``retained`` their ratio. For baselines, ``scores`` are the method's unit scores
+    the estimator (share of target variance for ``linear``/``mlp``, nats for ``gaussian`` and
+    ``ksg``), and ``retained`` their ratio. For baselines, ``scores`` are the method's unit scores
     (higher = keep), the MI fields stay empty and ``collapsed`` says whether every unit went.
     """
 

@@ -10,11 +10,12 @@ name          Δ_i                                                   unit of ``D
 ``linear``    rise in ridge-regression loss, closed form (default)  share of target variance
 ``gaussian``  Gaussian conditional MI, log-det closed form          nats
 ``mlp``       rise in held-out loss of a trained MLP (the paper's)  share of target variance
+``ksg``       k-nearest-neighbour conditional MI (Frenzel–Pompe)    nats
 ============  ====================================================  =======================
 
 >>> est = make_estimator("linear")
 >>> est.name, sorted(ESTIMATORS)
-('linear', ['gaussian', 'linear', 'mlp'])
+('linear', ['gaussian', 'ksg', 'linear', 'mlp'])
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import inspect
 
 from mipp.estimators.base import Delta, Estimator, EstimatorState
 from mipp.estimators.gaussian import GaussianEstimator, GaussianState
+from mipp.estimators.ksg import KSGData, KSGEstimator, KSGState
 from mipp.estimators.linear import LinearEstimator, LinearState
 from mipp.estimators.mlp import MLPData, MLPEstimator, MLPState
 from mipp.estimators.moments import Moments, second_moments
@@ -35,6 +37,9 @@ __all__ = [
     "EstimatorState",
     "GaussianEstimator",
     "GaussianState",
+    "KSGData",
+    "KSGEstimator",
+    "KSGState",
     "LinearEstimator",
     "LinearState",
     "MLPData",
@@ -49,20 +54,21 @@ ESTIMATORS: dict[str, type] = {
     "linear": LinearEstimator,
     "gaussian": GaussianEstimator,
     "mlp": MLPEstimator,
+    "ksg": KSGEstimator,
 }
 
 
 def make_estimator(name: str, *, seed: int = 0) -> Estimator:
     """The estimator registered as ``name``, with default options.
 
-    ``seed`` reaches the estimators that use randomness (``mlp``); the closed forms are
-    deterministic and ignore it. An unknown name raises
+    ``seed`` reaches the estimators that use randomness (``mlp``; ``ksg``'s jitter); the
+    closed forms are deterministic and ignore it. An unknown name raises
     :class:`~mipp.errors.UnknownNameError` (a ``ValueError``) listing the valid names.
 
     >>> make_estimator("gaussian")
     GaussianEstimator(ridge=0.001)
-    >>> make_estimator("mlp", seed=1).seed
-    1
+    >>> make_estimator("mlp", seed=1).seed, make_estimator("ksg", seed=2).seed
+    (1, 2)
     """
     cls = lookup(ESTIMATORS, name, kind="estimator")
     if "seed" in inspect.signature(cls).parameters:

@@ -29,9 +29,10 @@ class Delta:
 
     Attributes:
         value: Δ_i in the estimator's own unit: share of the standardised target's variance
-            (``linear``, ``mlp``) or nats (``gaussian``).
+            (``linear``, ``mlp``) or nats (``gaussian``, ``ksg``).
         relative: Δ_i on a scale comparable across layers: ``value`` itself for ``linear`` /
-            ``mlp`` (already a share of variance); ``value / I(X_S; Y)`` for ``gaussian``.
+            ``mlp`` (already a share of variance); ``value / I(X_S; Y)`` for ``gaussian`` and
+            ``ksg``.
         pvalue: one-sided p-value of H0: Δ_i = 0 (unit i adds nothing given the other kept
             units). Small means unit i is needed.
     """

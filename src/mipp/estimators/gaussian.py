@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-import scipy.stats
+import scipy.special
 import torch
 from torch import Tensor
 
@@ -129,7 +129,7 @@ class GaussianState(ClosedFormState):
         r_without = self._e + d_e - self.ridge_x * (self._g + d_g)
         stat = self._n * (logdet_spd((r_without + r_without.T) / 2) - self._logdet_r)
         b_live = int(self._live[i * self._b : (i + 1) * self._b].sum())
-        pvalue = float(scipy.stats.chi2.sf(max(stat, 0.0), b_live * self._q))
+        pvalue = float(scipy.special.chdtrc(b_live * self._q, max(stat, 0.0)))
         return Delta(value=value, relative=relative, pvalue=pvalue)
 
     def remove(self, i: int) -> None:

@@ -19,7 +19,7 @@ done in place on full-size matrices whose removed rows and columns are set to 0.
 
 from __future__ import annotations
 
-import scipy.stats
+import scipy.special
 import torch
 from torch import Tensor
 
@@ -88,6 +88,7 @@ class LinearState(ClosedFormState):
         self._explained = float((self._sxy * self._bm).sum()) / self._q if self._q else 0.0
         self._b_norm = float((self._bm**2).sum())  # ‖B‖²_F
         self._block: _Block | None = None
+        self._d_live = int(self._live.sum())  # non-constant features in S
 
     def information(self) -> float:
         """I(X_S; Y) = 1 − L(S): share of the standardised target's variance explained by S."""
@@ -142,7 +143,7 @@ class LinearState(ClosedFormState):
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        d_live = int(self._live[self._slots.feature_mask()].sum())
+        d_live = self._d_live
         dof_res = self._n - d_live - 1
         if dof_res <= 0:
             raise ValueError(
@@ -172,7 +173,8 @@ class LinearState(ClosedFormState):
             pvalue = 0.0
         else:
             f_stat = (rise / b_live) / (resid / dof_res)
-            pvalue = float(scipy.stats.f.sf(f_stat, b_live * self._q, self._q * dof_res))
+            # F survival function (scipy.special's ufunc: far cheaper than scipy.stats.f.sf)
+            pvalue = float(scipy.special.fdtrc(b_live * self._q, self._q * dof_res, f_stat))
         return Delta(value=value, relative=value, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
@@ -199,6 +201,7 @@ class LinearState(ClosedFormState):
             self._p[:, r] = 0.0
             self._bm[r] = 0.0
         self._slots.remove(i)
+        self._d_live -= int(self._live[i * self._b : (i + 1) * self._b].sum())
 
     def _flush(self) -> None:
         """Apply a block's deferred removals R to P and B at once:
