@@ -303,6 +303,15 @@ def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
         assert abs(report["achieved"]["units"] - ref["achieved"]["units"]) <= 0.01
         sidecar = json.loads((out / "model.json").read_text())
         assert sidecar["params"] == report["params_after"]
+    # one-shot repairs from the command line
+    out = tmp_path / "repaired"
+    argv = ["prune", ckpt, "--sparsity", "0.6", "--compensate", "--recalibrate-bn"]
+    assert main([*argv, "--out", str(out), *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["compensate"] is True and report["options"]["recalibrate_bn"] is True
+    assert {f["layer"] for f in report["compensation"]} >= {"fc3"}
+    # the same units as the plain run at 0.6: only the weights were re-fitted
+    assert [g["kept"] for g in report["groups"]] == [g["kept"] for g in ref["groups"]]
     assert json.loads((tmp_path / "random" / "report.json").read_text())["options"]["rounds"] == 2
     assert "scoring" in capsys.readouterr().out
     for argv, needle in (

@@ -431,3 +431,75 @@ def test_compensation_lowers_one_shot_error_on_vgg():
         err_plain = F.mse_loss(plain(held_out), ref)
         err_fitted = F.mse_loss(fitted(held_out), ref)
     assert err_fitted < 0.25 * err_plain  # measured: 0.0008 vs 0.025 (held-out logits MSE)
+
+
+# ----------------------------------------------------------------------- through mipp.prune
+
+
+@pytest.mark.parametrize("method", ["mipp", "l1", "snip"])
+def test_prune_compensate_lowers_logit_error_and_is_reported(method, tmp_path):
+    import mipp
+    from mipp.report import PruneReport
+
+    net, _ = make_model("vgg11-narrow", n=2)
+    x = torch.randn(400, 3, 32, 32, generator=_gen(3))
+    data = (x, torch.randint(0, 10, (400,), generator=_gen(4)))
+    plain = mipp.prune(net, data, method=method, sparsity=0.5, calib_samples=400)
+    fixed = mipp.prune(net, data, method=method, sparsity=0.5, calib_samples=400, compensate=True)
+    # same units removed; only the weights differ
+    assert plain.report.removed == fixed.report.removed
+    held_out = torch.randn(200, 3, 32, 32, generator=_gen(5))
+    with torch.no_grad():
+        ref = net(held_out)
+        err_plain = float(((plain.model(held_out) - ref) ** 2).mean())
+        err_fixed = float(((fixed.model(held_out) - ref) ** 2).mean())
+    assert err_fixed < 0.25 * err_plain
+    fits = fixed.report.compensation
+    assert fits and plain.report.compensation == []
+    assert all(f["error_after"] < f["error_before"] for f in fits if f["skipped"] is None)
+    assert fixed.report.options["compensate"] is True and "compensation" in fixed.report.timings
+    back = PruneReport.load(fixed.report.save(tmp_path / "r.json"))
+    assert back.compensation == fits
+
+
+def test_prune_compensate_keeps_a_collapsed_layer_dead():
+    import mipp
+    from mipp.baselines import L1Norm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[2].weight.mul_(1e-6)
+    net.eval()
+    x = torch.randn(64, 6, generator=_gen(1))
+    res = mipp.prune(
+        net, x, method=L1Norm(normalize="none"), sparsity=0.5, allocation="global", compensate=True
+    )
+    assert res.report.collapsed == ["2"]
+    out = res.model(x)
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6)  # still constant
+    assert res.model[2].weight.abs().sum() == 0
+
+
+def test_prune_recalibrate_bn_uses_the_calibration_statistics():
+    import mipp
+
+    net, _ = make_model("vgg11-narrow", n=2)
+    x = torch.randn(128, 3, 32, 32, generator=_gen(6))
+    res = mipp.prune(net, x, sparsity=0.3, calib_samples=128, batch_size=128, recalibrate_bn=True)
+    conv, bn = res.model.features.conv1, res.model.features.bn1
+    with torch.no_grad():
+        pre = conv(x)
+    assert torch.allclose(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, pre.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert res.model.training == net.training  # modes restored after recalibration
+
+
+@pytest.mark.parametrize("flag", ["compensate", "recalibrate_bn"])
+def test_prune_repair_flags_must_be_booleans(flag):
+    import mipp
+
+    net, x = make_model("lenet5", n=8)
+    with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'yes'"):
+        mipp.prune(net, x, sparsity=0.5, **{flag: "yes"})

@@ -340,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="allowed |achieved - requested| sparsity (default 0.01)",
     )
     p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="after removal, re-fit the consumers of removed units by ridge least squares to "
+        "the unpruned network's pre-activations on the calibration data (one-shot accuracy; "
+        "any method)",
+    )
+    p.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="after removal, re-estimate BatchNorm running statistics on the calibration data",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the calibration subset etc. (default 0)"
     )
     p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")

@@ -420,6 +420,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         min_keep=args.min_keep,
         order=args.order,
         tolerance=args.tolerance,
+        compensate=args.compensate,
+        recalibrate_bn=args.recalibrate_bn,
         seed=args.seed,
         progress=not args.no_progress,
     )

@@ -60,7 +60,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +73,9 @@ from torch import Tensor, nn
 
 from mipp.capture import forward_until, record_forward_order
 from mipp.errors import MippError
+from mipp.structure import ModelStructure
 
-__all__ = ["LayerFit", "compensate", "recalibrate_bn"]
+__all__ = ["LayerFit", "compensate", "finish", "kept_outputs", "recalibrate_bn"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -375,7 +378,7 @@ def compensate(
     *,
     kept_out: Mapping[str, Sequence[int]],
     layers: Sequence[str] | None = None,
-    ridge: float = 1e-4,
+    ridge: float = 1e-2,
     locations: int = 16,
     batch_size: int = 256,
     seed: int = 0,
@@ -506,3 +509,73 @@ def recalibrate_bn(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> int
                     for k, v in bn.named_buffers():
                         v.copy_(buffers[k])
     return len(bns)
+
+
+def kept_outputs(
+    structure: ModelStructure, removed: Mapping[str, Sequence[int]]
+) -> dict[str, list[int]]:
+    """Layer → original output indices it kept, from the units removed per group.
+
+    Every producer of a group with removals keeps its outputs for the group's other units
+    (through the group's ``producer_index``, so concatenations map correctly).
+    """
+    out: dict[str, list[int]] = {}
+    for g in structure.groups:
+        gone = set(int(i) for i in removed.get(g.name, ()))
+        if not gone:
+            continue
+        for p in g.producers:
+            out[p] = sorted(g.producer_index[p][j] for j in range(g.size) if j not in gone)
+    return out
+
+
+def finish(
+    original: nn.Module,
+    pruned: nn.Module,
+    structure: ModelStructure,
+    removed: Mapping[str, Sequence[int]],
+    x: Tensor,
+    *,
+    compensate_layers: bool,
+    recalibrate: bool,
+    collapsed: Sequence[str] = (),
+    ridge: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[list[dict], dict[str, float]]:
+    """The optional one-shot repairs after removal, as :func:`mipp.prune` runs them.
+
+    Compensation (if asked), then BatchNorm recalibration (if asked). Producers of a
+    ``collapsed`` group keep their single placeholder unit dead (zero weights and bias) even
+    when their own inputs were re-fitted. Returns the per-layer fit records (JSON-ready dicts
+    for the prune report) and the seconds each step took.
+    """
+    records: list[dict] = []
+    timings: dict[str, float] = {}
+    if compensate_layers:
+        t = time.perf_counter()
+        fits = compensate(
+            original,
+            pruned,
+            x,
+            kept_out=kept_outputs(structure, removed),
+            ridge=ridge,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        modules = dict(pruned.named_modules())
+        with torch.no_grad():
+            for name in collapsed:
+                for p in structure.group(name).producers:
+                    modules[p].weight.zero_()
+                    if modules[p].bias is not None:
+                        modules[p].bias.zero_()
+        records = [dataclasses.asdict(f) for f in fits]
+        timings["compensation"] = time.perf_counter() - t
+    if recalibrate:
+        t = time.perf_counter()
+        recalibrate_bn(pruned, x, batch_size=batch_size)
+        timings["recalibration"] = time.perf_counter() - t
+    return records, timings

@@ -40,6 +40,7 @@ from mipp.baselines.base import Allocation, Method
 from mipp.baselines.driver import matched_sparsity, prune_with_method
 from mipp.calibration import calibration_inputs
 from mipp.capture import Pool, capture_activations, stream_activations
+from mipp.compensation import finish
 from mipp.costs import CostModel
 from mipp.data import ImageDataset
 from mipp.errors import MippError
@@ -172,6 +173,8 @@ def prune(
     min_keep: int | None = None,
     order: Literal["mi", "index", "random"] | None = None,
     tolerance: float = 0.01,
+    compensate: bool = False,
+    recalibrate_bn: bool = False,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
@@ -207,6 +210,11 @@ def prune(
         order: MIPP only — TERC test order (``"mi"`` ascending as in the paper, default;
             ``"index"``, ``"random"`` for ablations).
         tolerance: allowed |achieved − requested| sparsity in target mode.
+        compensate: after removal, re-fit every consumer of removed units by ridge least
+            squares so its pre-activation outputs on the calibration data match the unpruned
+            network's (:func:`mipp.compensation.compensate`; any method). For one-shot use.
+        recalibrate_bn: after removal (and compensation), re-estimate BatchNorm running
+            statistics on the calibration data (:func:`mipp.compensation.recalibrate_bn`).
         batch_size: calibration samples per forward pass.
         seed: calibration subset, random orders and scores, the mlp estimator.
         progress: log phases, bisection steps / rounds and per-layer results to stderr.
@@ -226,6 +234,9 @@ def prune(
     >>> abs(l1.report.achieved["units"] - result.report.achieved["units"]) <= 0.01
     True
     """
+    for label, flag in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{label} must be True or False, got {flag!r}")
     if match is not None:
         sparsity = matched_sparsity(match, sparsity, target, scope)
     if method != "mipp":
@@ -250,6 +261,8 @@ def prune(
             batch_size=batch_size,
             seed=seed,
             progress=progress,
+            compensate=compensate,
+            recalibrate_bn=recalibrate_bn,
         )
         return PruneResult(model=pruned, report=report)
     if allocation is not None:
@@ -347,6 +360,19 @@ def prune(
     }
     structure.remove(removed)
     timings["removal"] = time.perf_counter() - t
+    fits, repair_times = finish(
+        model,
+        work,
+        structure,
+        removed,
+        x,
+        compensate_layers=compensate,
+        recalibrate=recalibrate_bn,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    timings.update(repair_times)
     timings["total"] = time.perf_counter() - t0
 
     report = PruneReport(
@@ -363,6 +389,8 @@ def prune(
             "confidence": confidence,
             "threshold": threshold,
             "sparsity": sparsity,
+            "compensate": compensate,
+            "recalibrate_bn": recalibrate_bn,
         },
         input_shape=list(x.shape[1:]),
         groups=[_group_report(d, k, r) for d, k, r in zip(gdata, kept, results, strict=True)],
@@ -378,6 +406,7 @@ def prune(
         threshold=chosen_threshold,
         bisection=bisection,
         timings=timings,
+        compensation=fits,
     )
     if sparsity is not None and abs(achieved[target] - sparsity) > tolerance:
         report.notes.append(

@@ -118,6 +118,9 @@ class PruneReport:
     bisection: list[dict[str, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     collapsed: list[str] = field(default_factory=list)
+    #: per re-fitted layer (``compensate=True``): layer, rows, features, outputs,
+    #: error_before / error_after (RSS/TSS of its pre-activations), skipped
+    compensation: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property

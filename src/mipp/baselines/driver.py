@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from mipp.baselines.allocation import allocate
 from mipp.baselines.base import ALLOCATIONS, Method, ScoringContext
 from mipp.calibration import calibration_inputs
+from mipp.compensation import finish
 from mipp.costs import CostModel
 from mipp.errors import MippError
 from mipp.metrics import count_macs, count_params
@@ -77,8 +78,14 @@ def run_method(
     seed: int,
     tolerance: float,
     console: Console,
+    compensate: bool = False,
+    recalibrate_bn: bool = False,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune a copy of ``model`` with ``method``; returns (pruned copy, report)."""
+    """Prune a copy of ``model`` with ``method``; returns (pruned copy, report).
+
+    ``compensate`` / ``recalibrate_bn``: the one-shot repairs of :func:`mipp.compensation.finish`
+    after removal (collapsed groups stay dead).
+    """
     t0 = time.perf_counter()
     timings = {"scoring": 0.0, "allocation": 0.0}
     work, structure, groups, costs = prepare(model, x, scope)
@@ -158,6 +165,20 @@ def run_method(
         physical[g.name] = gone.nonzero().flatten().tolist()
     structure.remove(physical)
     timings["removal"] = time.perf_counter() - t
+    fits, repair_times = finish(
+        model,
+        work,
+        structure,
+        physical,
+        x,
+        compensate_layers=compensate,
+        recalibrate=recalibrate_bn,
+        collapsed=collapsed,
+        batch_size=batch_size,
+        seed=seed,
+        progress=not console.quiet,
+    )
+    timings.update(repair_times)
     timings["total"] = time.perf_counter() - t0
     report = _report(
         method,
@@ -189,6 +210,9 @@ def run_method(
             f"layer collapse: every unit of {', '.join(collapsed)} was removed; the network "
             f"keeps a dead placeholder unit there and its output carries no information"
         )
+    report.compensation = fits
+    report.options["compensate"] = compensate
+    report.options["recalibrate_bn"] = recalibrate_bn
     work.train(model.training)
     return work, report
 
@@ -292,6 +316,8 @@ def prune_with_method(
     batch_size: int,
     seed: int,
     progress: bool,
+    compensate: bool = False,
+    recalibrate_bn: bool = False,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`mipp.prune` for a baseline: resolve and check options, run, return (model, report)."""
     from mipp.baselines import make_method
@@ -333,5 +359,7 @@ def prune_with_method(
         seed=seed,
         tolerance=tolerance,
         console=console,
+        compensate=compensate,
+        recalibrate_bn=recalibrate_bn,
     )
     return work, report
