@@ -125,10 +125,16 @@ def group_data(
     acts: Activations,
     estimator: Estimator,
     pool: Pool,
+    *,
+    device: torch.device | None = None,
 ) -> list[GroupData]:
-    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input)."""
+    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input).
+
+    ``device``: where X and Y go before ``estimator.prepare`` (recorded activations are on
+    the CPU); e.g. the model's GPU for the ``ksg`` estimator, which computes where its data is.
+    """
     return [
-        GroupData(g, estimator.prepare(x, y), owner, unit, x.shape[2])
+        GroupData(g, estimator.prepare(x.to(device), y.to(device)), owner, unit, x.shape[2])
         for g, (x, y, owner, unit) in zip(
             groups, group_columns(structure, groups, acts, pool), strict=True
         )

@@ -315,7 +315,9 @@ def prune(
         timings["capture"] = time.perf_counter() - t
         t = time.perf_counter()
         with console.status("computing statistics"):
-            gdata = group_data(structure, groups, acts, est, pool)
+            # estimators that compute where their data is (ksg) get the model's device
+            device = param.device if getattr(est, "device_aware", False) else None
+            gdata = group_data(structure, groups, acts, est, pool, device=device)
         timings["statistics"] = time.perf_counter() - t
     need, worst = required_samples(gdata, est_name)
     if len(x) < need:

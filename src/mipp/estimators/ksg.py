@@ -183,6 +183,8 @@ class KSGEstimator:
     """
 
     name = "ksg"
+    #: computes on the device of its data (mipp.prune hands it the model's device)
+    device_aware = True
 
     def __init__(
         self,
