@@ -9,7 +9,7 @@ With P = (Σ_SS + λ_x I)⁻¹ and Q = (Cov([X_S, Y]) + diag(λ_x, λ_y))⁻¹,
     I(X_S; Y) = ½ log det(Σ_yy + λ_y I) + ½ log det Q_yy,
 
 Q_ii, P_ii being unit i's b×b diagonal blocks. Removing unit i downdates both P and Q by
-Schur complements.
+Schur complements, in place on full-size matrices whose removed rows and columns are 0.
 
 Test: under H0 (Δ_i = 0) the likelihood-ratio statistic 2·n·Δ_i is asymptotically χ² with
 b·q degrees of freedom. We evaluate it on the plain residual covariances of the ridge fits,
@@ -37,7 +37,6 @@ from mipp.estimators.moments import (
     ClosedFormEstimator,
     ClosedFormState,
     Moments,
-    downdate,
     logdet_spd,
     spd_inverse,
 )
@@ -77,14 +76,15 @@ class GaussianState(ClosedFormState):
         cyy = syy + self.ridge_y * torch.eye(self._q, dtype=torch.float64)
         self._cyy = cyy
         self._half_logdet_cyy = 0.5 * logdet_spd(cyy)
-        p = spd_inverse(a, what="ridged feature covariance")
-        b_mat = p @ sxy
-        self._m = torch.cat([p, b_mat], dim=1)  # [P | B], B = P Σ_Sy the ridge coefficients
+        # full-size matrices; a removed unit's rows and columns are set to exactly 0, so no
+        # test or removal copies a D×D matrix
+        self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
+        self._bm = self._p @ sxy  # B = P Σ_Sy, the ridge coefficients (D, q)
         joint = torch.cat([torch.cat([a, sxy], 1), torch.cat([sxy.T, cyy], 1)], 0)
         self._qinv = spd_inverse(joint, what="ridged joint covariance of (X, Y)")
         # for the test: penalised residual covariance E = C_yy − Σ_yS B and G = BᵀB, (q, q)
-        self._e = cyy - sxy.T @ b_mat
-        self._g = b_mat.T @ b_mat
+        self._e = cyy - sxy.T @ self._bm
+        self._g = self._bm.T @ self._bm
         self._info: float | None = None
         self._logdet_r: float | None = None
 
@@ -110,57 +110,67 @@ class GaussianState(ClosedFormState):
         scores = scores.clamp_min(0.0)
         return torch.where(self._const_units, 0.0, scores)
 
+    def _rows(self, i: int) -> slice:
+        return slice(i * self._b, (i + 1) * self._b)
+
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) in nats and the χ² p-value; i must be in S."""
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        rows = self._slots.rows(i)
-        d_s = self._m.shape[0]
-        p_ii = self._m[rows][:, rows]
-        value = 0.5 * (logdet_spd(self._qinv[rows][:, rows]) - logdet_spd(p_ii))
+        r = self._rows(i)
+        value = 0.5 * (logdet_spd(self._qinv[r, r]) - logdet_spd(self._p[r, r]))
         value = max(value, 0.0)
         info = self.information()
         relative = value / info if info > 0 else 0.0
         # likelihood-ratio statistic on the plain (unpenalised) residual covariances
         if self._logdet_r is None:
             self._logdet_r = logdet_spd(self._e - self.ridge_x * self._g)
-        d_e, d_g = self._removal_terms(rows, d_s)
+        d_e, d_g = self._removal_terms(r)
         r_without = self._e + d_e - self.ridge_x * (self._g + d_g)
         stat = self._n * (logdet_spd((r_without + r_without.T) / 2) - self._logdet_r)
-        b_live = int(self._live[i * self._b : (i + 1) * self._b].sum())
+        b_live = int(self._live[r].sum())
         pvalue = float(scipy.special.chdtrc(b_live * self._q, max(stat, 0.0)))
         return Delta(value=value, relative=relative, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
-        """S ← S ∖ {i} by Schur-complement downdates of P, B and Q, O(D²·b + D·b·q + q²·b)."""
+        """S ← S ∖ {i} by in-place Schur-complement downdates of P, B and Q,
+        O(D²·b + D·b·q + q²·b)."""
         i = self._slots.check(i)
-        rows = self._slots.rows(i)
-        d_e, d_g = self._removal_terms(rows, self._m.shape[0])
+        r = self._rows(i)
+        d_e, d_g = self._removal_terms(r)
         self._e = self._e + d_e
         self._g = self._g + d_g
-        self._m = downdate(self._m, rows, square=False)
-        self._qinv = downdate(self._qinv, rows, square=True)
+        p_ri = self._p[:, r].clone()  # (D, b)
+        p_ii = p_ri[r]
+        self._bm -= p_ri @ torch.linalg.solve(p_ii, self._bm[r])
+        self._p -= p_ri @ torch.linalg.solve(p_ii, p_ri.T)
+        q_ri = self._qinv[:, r].clone()
+        self._qinv -= q_ri @ torch.linalg.solve(q_ri[r], q_ri.T)
+        for m in (self._p, self._qinv):
+            m[r] = 0.0
+            m[:, r] = 0.0
+        self._bm[r] = 0.0
         self._slots.remove(i)
         self._info = None
         self._logdet_r = None
 
-    def _removal_terms(self, rows: Tensor, d_s: int) -> tuple[Tensor, Tensor]:
-        """Changes of E and G = BᵀB when the features ``rows`` leave S, each ``(q, q)``.
+    def _removal_terms(self, r: slice) -> tuple[Tensor, Tensor]:
+        """Changes of E and G = BᵀB when unit rows ``r`` leave S, each ``(q, q)``.
 
         With c = P_ii⁻¹ B_i, B_{S∖i} = B_r − P_ri c, so E rises by B_iᵀ c and
-        G changes by −B_iᵀB_i − H c − cᵀHᵀ + cᵀ P_ir P_ri c with H = B_rᵀ P_ri.
+        G changes by −B_iᵀB_i − H c − cᵀHᵀ + cᵀ P_ir P_ri c with H = B_rᵀ P_ri. Removed rows
+        are 0, so H = Bᵀ P_·i − B_iᵀ P_ii and P_ir P_ri = P_·iᵀ P_·i − P_ii², O(D·q·b).
         """
-        p_mat, b_mat = self._m[:, :d_s], self._m[:, d_s:]
-        rest = torch.ones(d_s, dtype=torch.bool)
-        rest[rows] = False
-        b_i = b_mat[rows]
-        coef = torch.linalg.solve(p_mat[rows][:, rows], b_i)
-        p_ri = p_mat[rest][:, rows]
-        h = b_mat[rest].T @ p_ri
+        p_col = self._p[:, r]  # (D, b)
+        p_ii = p_col[r]
+        b_i = self._bm[r]
+        coef = torch.linalg.solve(p_ii, b_i)
+        h = self._bm.T @ p_col - b_i.T @ p_ii  # (q, b)
+        gram = p_col.T @ p_col - p_ii @ p_ii  # (b, b)
         d_e = b_i.T @ coef
         hc = h @ coef
-        d_g = coef.T @ (p_ri.T @ p_ri) @ coef - b_i.T @ b_i - hc - hc.T
+        d_g = coef.T @ gram @ coef - b_i.T @ b_i - hc - hc.T
         return (d_e + d_e.T) / 2, (d_g + d_g.T) / 2
 
 

@@ -4,7 +4,7 @@
 computed once per layer in float64 (:func:`second_moments`), after which the activations
 are no longer needed. Every later quantity is a function of the ridged covariance of the
 kept features and its inverse; removing a unit is a block Schur-complement downdate of that
-inverse (:func:`downdate`), O(D²) instead of a fresh O(D³) inversion.
+inverse, O(D²) instead of a fresh O(D³) inversion (done in place by each estimator).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ __all__ = [
     "MomentAccumulator",
     "Moments",
     "UnitSlots",
-    "downdate",
     "ridge_scale",
     "second_moments",
     "spd_inverse",
@@ -279,27 +278,6 @@ def logdet_spd(a: Tensor) -> float:
     if sign <= 0:
         raise ValueError("matrix is not positive definite; use a ridge > 0")
     return float(value)
-
-
-def downdate(m: Tensor, idx: Tensor, *, square: bool) -> Tensor:
-    """Remove the index block ``idx`` from an inverse by a Schur complement.
-
-    With ``m`` the inverse of a matrix A (or such an inverse with extra columns appended,
-    ``square=False``), returns ``m_rr - m_ri m_ii⁻¹ m_ir`` over the remaining rows r (and the
-    remaining columns): the inverse of A with the rows and columns ``idx`` deleted (and the
-    extra columns updated the same way, e.g. regression coefficients B = P Σ_xy).
-    """
-    keep_rows = torch.ones(m.shape[0], dtype=torch.bool)
-    keep_rows[idx] = False
-    keep_cols = torch.ones(m.shape[1], dtype=torch.bool)
-    keep_cols[idx] = False
-    m_ii = m[idx][:, idx]
-    m_ic = m[idx][:, keep_cols]
-    m_ri = m[keep_rows][:, idx]
-    out = m[keep_rows][:, keep_cols] - m_ri @ torch.linalg.solve(m_ii, m_ic)
-    if square:
-        out = (out + out.T) / 2
-    return out
 
 
 class UnitSlots:
