@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow test-all lint install data clean
+.PHONY: demo test test-slow test-all lint install data clean results-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: install data
 		--out $(DEMO_OUT)/finetuned
 	$(VENV)/bin/mipp compare $(DEMO_OUT)/trained/model.safetensors \
 		$(DEMO_OUT)/pruned/model.safetensors $(DEMO_OUT)/finetuned/model.safetensors
+
+# The committed quick-profile studies (results/<name>-quick/): about 45 min on 2 CPU cores.
+QUICK_SWEEPS := lenet5_fmnist vgg11_fmnist resnet20_fmnist
+results-quick: install data
+	for c in $(QUICK_SWEEPS); do \
+		$(VENV)/bin/mipp sweep experiments/$$c.toml --profile quick --report || exit 1; done
 
 test: install
 	$(PY) -m pytest

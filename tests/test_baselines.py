@@ -268,3 +268,30 @@ def test_input_model_is_untouched_and_report_round_trips(tmp_path):
         math.isclose(a, b) for g, h in zip(back.groups, res.report.groups, strict=True)
         for a, b in zip(g.scores, h.scores, strict=True)
     )  # fmt: skip
+
+
+def test_widths_allocation_keeps_the_matched_widths_and_the_highest_scores():
+    net, x = _lenet()
+    ref = mipp.prune(net, x, sparsity=0.7).report
+    res = mipp.prune(net, x, method="l1", match=ref, allocation="widths").report
+    assert res.widths == ref.widths and res.options["allocation"] == "widths"
+    for g in res.groups:  # inside each layer, the kept units are those of largest L1 norm
+        top = sorted(range(g.width_before), key=lambda j: (-g.scores[j], j))[: g.width_after]
+        assert sorted(top) == g.kept
+    rnd = mipp.prune(net, x, method="random", match=ref, allocation="widths").report
+    assert rnd.widths == ref.widths and rnd.removed != res.removed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "l1", "sparsity": 0.5, "allocation": "widths"}, "pass it"),
+        ({"method": "synflow", "allocation": "widths"}, "one-shot; 'synflow' scores over 100"),
+    ],
+)
+def test_widths_allocation_errors(kwargs, message):
+    net, x = _lenet()
+    if "sparsity" not in kwargs:
+        kwargs["match"] = mipp.prune(net, x, sparsity=0.5).report
+    with pytest.raises(ValueError, match=message):
+        mipp.prune(net, x, **kwargs)

@@ -434,7 +434,8 @@ def vector_dataset(n: int, *, augment: bool = False) -> ImageDataset:
 
 def test_registry_and_arguments():
     assert data.list_datasets() == [
-        "cifar10", "cifar100", "digits", "fashion-mnist", "mnist", "synthetic",
+        "cifar10", "cifar100", "digits", "fashion-mnist",
+        "fashion-mnist-deformed", "mnist", "synthetic",
     ]  # fmt: skip
     with pytest.raises(UnknownNameError, match="valid datasets: cifar10, cifar100, digits"):
         load_dataset("imagenet")

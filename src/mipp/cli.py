@@ -7,6 +7,8 @@
     mipp prune CHECKPOINT --sparsity S    prune (MIPP or --method NAME): checkpoint + report
     mipp finetune CHECKPOINT              re-train a (pruned) checkpoint
     mipp compare CKPT [CKPT ...]          accuracy, size, latency and widths side by side
+    mipp sweep CONFIG [--profile quick]   run an experiment grid (resumable)
+    mipp report SWEEP_DIR                 tables, plots and REPORT.md of a sweep
 
 Errors a user can cause are printed as one line (``mipp: error: ...``) with exit status 2;
 set ``MIPP_DEBUG=1`` to see the traceback instead.
@@ -23,6 +25,7 @@ from mipp import __version__, commands, data, models
 from mipp.baselines import METHOD_NAMES
 from mipp.config import OPTIMIZERS, SCHEDULES
 from mipp.errors import MippError
+from mipp.experiments import commands as experiments
 
 __all__ = ["build_parser", "main"]
 
@@ -382,6 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     p.set_defaults(func=commands.cmd_compare)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run an experiment grid from a TOML config (resumable: finished runs are kept)",
+    )
+    p.add_argument("config", help="a TOML config, e.g. experiments/lenet5_fmnist.toml")
+    p.add_argument("--profile", default=None, help="a [profiles.NAME] of the config, e.g. quick")
+    p.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/<name>)")
+    p.add_argument("--device", default="cpu", help="torch device for every run (default cpu)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--report", action="store_true", help="write the report (mipp report) when done")
+    p.add_argument("--report-out", default=None, help="report folder (default results/<name>)")
+    p.set_defaults(func=experiments.cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="aggregate a sweep into results/<name>/ (CSV, PNG, REPORT.md)"
+    )
+    p.add_argument("sweep_dir", help="a directory written by mipp sweep")
+    p.add_argument("--out", default=None, help="output folder (default results/<name>)")
+    p.set_defaults(func=experiments.cmd_report)
     return parser
 
 

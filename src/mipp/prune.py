@@ -199,7 +199,9 @@ def prune(
         target: what ``sparsity`` counts: ``"units"`` (the paper's PR), ``"params"`` or
             ``"macs"``.
         allocation: baselines only — ``"global"`` ranking or ``"uniform"`` per-layer ratio
-            (default: the method's own, see :mod:`mipp.baselines`).
+            (default: the method's own, see :mod:`mipp.baselines`), or ``"widths"``: keep
+            exactly as many units per group as the ``match`` report did (e.g. MIPP's
+            per-layer widths with units chosen by L1: allocation vs selection).
         estimator: MIPP only — ``"linear"`` (default), ``"gaussian"``, ``"mlp"``, ``"ksg"``
             or an estimator object.
         pool: MIPP only — per-channel pooling of conv maps, ``"mean"`` (default) or k (k×k).
@@ -238,6 +240,11 @@ def prune(
     for label, flag in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
         if not isinstance(flag, bool):
             raise ValueError(f"{label} must be True or False, got {flag!r}")
+    widths = None
+    if allocation == "widths":
+        if match is None:
+            raise ValueError("allocation='widths' keeps the per-layer widths of match=: pass it")
+        widths = {g.name: g.width_after for g in match.groups}
     if match is not None:
         sparsity = matched_sparsity(match, sparsity, target, scope)
     if method != "mipp":
@@ -264,6 +271,7 @@ def prune(
             progress=progress,
             compensate=compensate,
             recalibrate_bn=recalibrate_bn,
+            widths=widths,
         )
         return PruneResult(model=pruned, report=report)
     if allocation is not None:

@@ -11,6 +11,9 @@ Two allocations, both hitting a requested sparsity of units, parameters or MACs:
   is layer collapse, which the driver records.
 - ``"uniform"``: every group loses the same share ρ of its units (keeping at least one,
   rounding to the nearest unit); ρ is bisected so the overall sparsity lands on the request.
+- ``"widths"``: every group keeps a given number of units (``keep``, e.g. the widths MIPP
+  chose), its highest-scoring ones. This separates *allocation* (how many per layer) from
+  *selection* (which ones): MIPP's widths with units chosen by L1 or at random.
 
 Parameters and MACs move in steps: one conv filter of LeNet-5 carries 3 % of its parameters.
 When the best knob setting misses the request by more than ``tolerance``, the gap is closed
@@ -131,15 +134,35 @@ def allocate(
     measure: Measure,
     normalize: str = "mean",
     tolerance: float = 0.01,
+    keep: list[int] | None = None,
 ) -> tuple[list[Tensor], dict[str, float]]:
     """Choose which units to remove → (removed bool mask per group, achieved sparsity).
 
     ``scores[i]`` / ``alive[i]`` belong to group ``names[i]`` (walk order); units not alive
     are already removed and stay so. ``measure(removed)`` gives the sparsity of units,
-    params and MACs of a candidate removal.
+    params and MACs of a candidate removal. ``keep[i]`` (mode ``"widths"`` only) is the
+    number of units group ``names[i]`` keeps; 0 removes the whole group (layer collapse).
     """
     _check(scores, names, method)
     base = [~a for a in alive]
+    if mode == "widths":
+        if keep is None or len(keep) != len(scores):
+            raise ValueError(
+                f"allocation 'widths' needs one width per group ({len(scores)}), got {keep!r}"
+            )
+        removed = []
+        for s, a, k, name in zip(scores, alive, keep, names, strict=True):
+            if not 0 <= k <= int(a.sum()):
+                raise ValueError(
+                    f"group {name!r} has {int(a.sum())} units left; cannot keep {k} of them"
+                )
+            idx = a.nonzero().flatten()
+            # ascending score, ties by unit index; the lowest len(idx) - k go
+            ranked = idx[torch.sort(s.double()[idx], stable=True).indices]
+            r = ~a.clone()
+            r[ranked[: len(idx) - k]] = True
+            removed.append(r)
+        return removed, measure(removed)
     if mode == "global":
         keys_s, keys_g, keys_u = [], [], []
         for gi, (s, a) in enumerate(zip(scores, alive, strict=True)):
@@ -189,4 +212,4 @@ def allocate(
         ]
         ranked = [(gi, u) for _, gi, u in sorted(flat)]
         return _fill(best, below, ranked, measure, sparsity, target, tolerance)
-    raise ValueError(f"allocation must be 'global' or 'uniform', got {mode!r}")
+    raise ValueError(f"allocation must be 'global', 'uniform' or 'widths', got {mode!r}")

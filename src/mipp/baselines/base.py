@@ -33,8 +33,10 @@ __all__ = [
     "unit_sum",
 ]
 
-Allocation = Literal["global", "uniform"]
-ALLOCATIONS = ("global", "uniform")
+Allocation = Literal["global", "uniform", "widths"]
+#: ``"widths"`` keeps, in every group, as many units as a matched report's group kept
+#: (``match=`` required): the allocation comes from that report, the choice from the method
+ALLOCATIONS = ("global", "uniform", "widths")
 Normalize = Literal["mean", "none"]
 NORMALIZE = ("mean", "none")
 

@@ -80,8 +80,11 @@ def run_method(
     console: Console,
     compensate: bool = False,
     recalibrate_bn: bool = False,
+    widths: dict[str, int] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune a copy of ``model`` with ``method``; returns (pruned copy, report).
+
+    ``widths`` (allocation ``"widths"``): units each group keeps, by group name.
 
     ``compensate`` / ``recalibrate_bn``: the one-shot repairs of :func:`mipp.compensation.finish`
     after removal (collapsed groups stay dead).
@@ -92,6 +95,9 @@ def run_method(
     measure = measure_for(groups, costs)
     names = [g.name for g in groups]
     alive = {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
+    keep = None
+    if allocation == "widths":
+        keep = _widths_for(groups, widths, method)
     ctx = ScoringContext(
         model=work,
         structure=structure,
@@ -133,6 +139,7 @@ def run_method(
             measure=measure,
             normalize=method.normalize,
             tolerance=tolerance,
+            keep=keep,
         )
         timings["allocation"] += time.perf_counter() - t
         trace.append({"round": r, "goal": goal, **achieved})
@@ -215,6 +222,22 @@ def run_method(
     report.options["recalibrate_bn"] = recalibrate_bn
     work.train(model.training)
     return work, report
+
+
+def _widths_for(groups: list[UnitGroup], widths: dict[str, int] | None, method: Method):
+    """Per-group kept widths (walk order) for allocation ``"widths"``, checked."""
+    if widths is None:
+        raise ValueError("allocation 'widths' keeps a matched report's widths: pass match=")
+    if method.rounds != 1:
+        raise ValueError(
+            f"allocation 'widths' is one-shot; {method.name!r} scores over {method.rounds} rounds"
+        )
+    names = [g.name for g in groups]
+    if sorted(widths) != sorted(names):
+        raise ValueError(
+            f"the matched report's groups {sorted(widths)} differ from this model's {sorted(names)}"
+        )
+    return [int(widths[n]) for n in names]
 
 
 def _report(
@@ -318,6 +341,7 @@ def prune_with_method(
     progress: bool,
     compensate: bool = False,
     recalibrate_bn: bool = False,
+    widths: dict[str, int] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`mipp.prune` for a baseline: resolve and check options, run, return (model, report)."""
     from mipp.baselines import make_method
@@ -361,5 +385,6 @@ def prune_with_method(
         console=console,
         compensate=compensate,
         recalibrate_bn=recalibrate_bn,
+        widths=widths,
     )
     return work, report

@@ -29,6 +29,7 @@ from mipp.data.datasets import (
     random_crop_flip,
     train_val_split,
 )
+from mipp.data.deform import deform_images, elastic_displacement, warp_images
 from mipp.data.readers import (
     DEBIAN_DATA_DIRS,
     find_root,
@@ -54,7 +55,9 @@ __all__ = [
     "GaussianPair",
     "ImageDataset",
     "calibration_subset",
+    "deform_images",
     "describe_dataset",
+    "elastic_displacement",
     "find_root",
     "gaussian_mi",
     "gaussian_pair",
@@ -69,4 +72,5 @@ __all__ = [
     "read_idx",
     "sample_gaussian",
     "train_val_split",
+    "warp_images",
 ]

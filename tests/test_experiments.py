@@ -1,0 +1,304 @@
+"""Sweeps: config checking, the tiny synthetic grid through the CLI, resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mipp.cli import main
+from mipp.errors import MippError
+from mipp.experiments import load_spec, resolve
+from mipp.experiments.runner import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name = "tiny"
+description = "two methods, two sparsities on synthetic vectors"
+[grid]
+models = ["mlp"]
+datasets = ["synthetic"]
+regimes = {regimes}
+methods = {methods}
+sparsities = [0.3, 0.6]
+seeds = [0]
+[data]
+train_subset = 6000
+test_subset = 500
+[models.mlp]
+widths = [32, 16]
+[prune]
+calib_samples = 512
+[train]
+epochs = 2
+[finetune]
+fraction = 0.5
+{extra}
+"""
+
+
+def tiny(tmp_path: Path, regimes='["pat", "pai"]', methods='["mipp", "l1"]', extra="") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(regimes=regimes, methods=methods, extra=extra))
+    return path
+
+
+def finished(out: Path) -> dict[str, dict]:
+    return {
+        p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("runs/*/metrics.json"))
+    }
+
+
+def stamps(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny grid (2 regimes × 2 methods × 2 sparsities) run once through the CLI."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    out = tmp / "out"
+    t = time.perf_counter()
+    assert main(["sweep", str(tiny(tmp)), "--out", str(out)]) == 0
+    return tmp, out, time.perf_counter() - t
+
+
+def test_tiny_sweep_runs_every_cell_in_seconds(swept):
+    _, out, seconds = swept
+    runs = finished(out)
+    assert len(runs) == 8 and seconds < 60
+    assert sorted({(m["regime"], m["method"], m["sparsity"]) for m in runs.values()}) == sorted(
+        (r, m, s) for r in ("pai", "pat") for m in ("l1", "mipp") for s in (0.3, 0.6)
+    )
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["name"] == "tiny" and meta["total_runs"] == 8 and meta["protocol"]
+    assert meta["command"].startswith("mipp sweep ")
+    # one trained base for the one seed, shared by both regimes
+    assert len(list(out.glob("bases/*/base.json"))) == 1
+    for m in runs.values():
+        assert 0 <= m["accuracy_one_shot"] <= 1 and 0 <= m["accuracy_final"] <= 1
+        kept = sum(layer["after"] for layer in m["layers"])
+        assert (
+            kept
+            == m["units_after"]
+            == m["units_before"] - round(m["units_removed"] * m["units_before"])
+        )
+        assert [layer["name"] for layer in m["layers"]] == ["fc1", "fc2"]
+        assert (out / "runs" / m["run_id"] / "report.json").is_file()
+        assert m["final_epochs"] == (1 if m["regime"] == "pat" else 2)
+
+
+def test_baselines_match_the_reference_runs_achieved_sparsity(swept):
+    _, out, _ = swept
+    runs = finished(out)
+    for r in ("pat", "pai"):
+        for s in ("0.30", "0.60"):
+            ref = runs[f"mlp-synthetic-{r}-mipp-{s}-seed0"]
+            l1 = runs[f"mlp-synthetic-{r}-l1-{s}-seed0"]
+            assert ref["reference"] is None and l1["reference"] == "mipp"
+            assert l1["units_after"] == ref["units_after"]
+            assert abs(ref["units_removed"] - float(s)) <= 0.01 + 1 / 48
+
+
+def test_pat_starts_from_the_trained_base_and_pai_from_the_initialisation(swept):
+    _, out, _ = swept
+    runs = finished(out)
+    base = json.loads(next(out.glob("bases/*/base.json")).read_text())
+    assert all(m["accuracy_base"] == base["accuracy"] for m in runs.values())
+    # the same seed's MIPP at 30 %: PaT keeps most of the trained accuracy one-shot, the
+    # pruned initialisation is at chance level on 10 classes
+    assert runs["mlp-synthetic-pat-mipp-0.30-seed0"]["accuracy_one_shot"] > 0.5
+    assert runs["mlp-synthetic-pai-mipp-0.30-seed0"]["accuracy_one_shot"] < 0.3
+
+
+def test_rerunning_a_finished_sweep_redoes_nothing(swept, capsys):
+    tmp, out, _ = swept
+    before = stamps(out)
+    assert main(["sweep", str(tmp / "tiny.toml"), "--out", str(out)]) == 0
+    assert "8 already finished, 0 to go" in capsys.readouterr().err
+    assert stamps(out) == before
+
+
+def test_report_of_the_tiny_sweep(swept, tmp_path):
+    _, out, _ = swept
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    rows = (tmp_path / "rep" / "runs.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 8
+    assert (tmp_path / "rep" / "accuracy_mlp_synthetic.png").stat().st_size > 1000
+    assert "mipp sweep" in (tmp_path / "rep" / "REPORT.md").read_text()
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path):
+    cfg = load_spec(tiny(tmp_path, regimes='["pat"]'))
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def stop_after_two(run_id):
+        seen.append(run_id)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, out, on_run_done=stop_after_two)
+    before = stamps(out)
+    assert sorted(before) == sorted(seen)
+    result = run_sweep(cfg, out)
+    assert sorted(result.skipped) == sorted(seen) and len(result.done) == 2
+    assert {k: v for k, v in stamps(out).items() if k in seen} == before
+
+
+def test_a_killed_sweep_loses_at_most_the_run_in_flight(tmp_path):
+    """SIGKILL a sweep process as soon as its first run is written, then resume."""
+    cfg = tiny(tmp_path, methods='["mipp", "l1", "random"]')
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mipp.cli", "sweep", str(cfg), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("runs/*/metrics.json")) and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = stamps(out)
+    assert 1 <= len(before) < 12, "the kill came too late to test anything"
+    # whatever was in flight left a directory without metrics.json, or nothing
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    after = stamps(out)
+    assert len(after) == 12
+    assert {k: after[k] for k in before} == before
+
+
+def test_a_run_made_with_other_settings_is_refused(swept, tmp_path):
+    tmp, out, _ = swept
+    changed = tmp_path / "tiny.toml"
+    changed.write_text((tmp / "tiny.toml").read_text().replace("epochs = 2", "epochs = 3"))
+    with pytest.raises(MippError, match=r"made with different settings \(finetune, train\)"):
+        run_sweep(load_spec(changed), out)
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    path = tiny(
+        tmp_path,
+        regimes='["pat"]',
+        methods='["mipp", "snip-bad"]',
+        extra='[methods.snip-bad]\nmethod = "snip"\noptions = {bogus = 1}',
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out)]) == 1
+    assert len(finished(out)) == 2  # both mipp runs
+    err = (out / "runs/mlp-synthetic-pat-snip-bad-0.30-seed0/error.txt").read_text()
+    assert "has no option(s) bogus" in err
+    assert "2 run(s) failed" in capsys.readouterr().err
+
+
+def test_mipp_widths_with_l1_selection_keeps_mipps_per_layer_widths(tmp_path):
+    path = tiny(
+        tmp_path,
+        regimes='["pat"]',
+        methods='["mipp", "l1-widths"]',
+        extra='[methods.l1-widths]\nmethod = "l1"\nallocation = "widths"',
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    runs = finished(out)
+    for s in ("0.30", "0.60"):
+        ref = runs[f"mlp-synthetic-pat-mipp-{s}-seed0"]["layers"]
+        ours = runs[f"mlp-synthetic-pat-l1-widths-{s}-seed0"]["layers"]
+        assert ours == ref
+
+
+BASE = {
+    "name": "x",
+    "grid": {
+        "models": ["mlp"],
+        "datasets": ["synthetic"],
+        "methods": ["mipp", "l1"],
+        "sparsities": [0.5],
+    },
+}
+
+
+def _with(**changes):
+    raw = json.loads(json.dumps(BASE))
+    for dotted, value in changes.items():
+        table, _, key = dotted.rpartition("__")
+        target = raw
+        for part in filter(None, table.split("__")):
+            target = target.setdefault(part, {})
+        target[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"grid__sparsities": [1.2]}, r"1.2 is not a share strictly between 0 and 1"),
+        ({"grid__sparsities": []}, r"grid.sparsities must be a non-empty list"),
+        ({"grid__seeds": [-1]}, r"grid.seeds: -1 is not an integer >= 0"),
+        ({"grid__models": ["lenet7"]}, r"unknown model 'lenet7'; valid: \[.*'lenet5'"),
+        ({"grid__datasets": ["imagenet"]}, r"unknown dataset 'imagenet'"),
+        ({"grid__regimes": ["pbt"]}, r"unknown regime 'pbt'; valid: \['pat', 'pai'\]"),
+        ({"grid__methods": ["mipp", "l2"]}, r"'l2' is neither a method .* \[methods.l2\]"),
+        ({"grid__methods": ["l1"]}, r"prune.reference 'mipp' is not in grid.methods"),
+        ({"grid__method": ["l1"]}, r"unknown key\(s\) \['method'\] in \[grid\]"),
+        ({"prune__target": "flops"}, r"prune.target must be units, params or macs"),
+        ({"train__epochs": 0}, r"\[train\]: epochs must be an integer >= 1"),
+        ({"finetune__epochs": 2}, r"finetune.epochs is set by finetune.fraction"),
+        ({"data__channels": 2}, r"data.channels must be 1 or 3, got 2"),
+        ({"methods__v__method": "mipp", "methods__v__allocation": "widths"}, r"apply to baselines"),
+        ({"methods__v__method": "l1", "methods__v__order": "index"}, r"apply to mipp only"),
+        ({"methods__v__method": "mipp", "methods__v__estimator": "knn"}, r"'knn'; valid"),
+        ({"colour": "red"}, r"unknown key\(s\) \['colour'\] in the config \(top level\)"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_reason(changes, message):
+    with pytest.raises(MippError, match=message):
+        resolve(_with(**changes))
+
+
+def test_profiles_are_deep_merged_and_a_missing_profile_is_named(tmp_path):
+    raw = _with(train__epochs=5, profiles__quick__train={"lr": 0.1}, profiles__quick__grid={})
+    raw["profiles"]["quick"]["grid"]["seeds"] = [3]
+    spec = resolve(raw, profile="quick")
+    assert spec.name == "x-quick" and spec.grid["seeds"] == [3]
+    assert spec.config["train"] == {"epochs": 5, "lr": 0.1}
+    assert spec.grid["methods"] == ["mipp", "l1"]  # untouched by the profile
+    with pytest.raises(MippError, match=r"profile 'full' is not in the config; .*\['quick'\]"):
+        resolve(raw, profile="full")
+
+
+def test_the_reference_runs_before_the_methods_that_match_it():
+    spec = resolve(_with(grid__methods=["l1", "random", "mipp"], grid__sparsities=[0.5, 0.7]))
+    labels = [r.method for r in spec.runs()]
+    assert labels == ["mipp", "l1", "random"] * 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=str)
+def test_every_shipped_config_resolves_in_every_profile(path):
+    from mipp.experiments.spec import tomllib
+
+    profiles = tomllib.loads(path.read_text()).get("profiles", {})
+    assert {"quick", "full"} <= set(profiles), f"{path.name} needs quick and full profiles"
+    quick, full = load_spec(path, profile="quick"), load_spec(path, profile="full")
+    assert len(full.grid["seeds"]) >= 3 and 1 <= len(quick.grid["seeds"]) <= 2
+    assert quick.runs() and len(quick.runs()) <= len(full.runs())
+
+
+def test_a_missing_dataset_stops_the_sweep_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIPP_DATA", str(tmp_path / "nowhere"))
+    cfg = tmp_path / "c.toml"
+    text = (ROOT / "experiments" / "cifar10.toml").read_text()
+    cfg.write_text(text.replace('name = "cifar10"', 'name = "c"'))
+    with pytest.raises(MippError, match=r"cifar10.*not found") as info:
+        run_sweep(load_spec(cfg, profile="quick"), tmp_path / "out")
+    assert "nowhere" in str(info.value)
+    assert not list((tmp_path / "out").glob("runs/*"))
