@@ -85,15 +85,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _recipe(cfg: dict[str, Any]) -> str:
+def _recipe(cfg: dict[str, Any], *, epochs: bool = True) -> str:
     t = TrainConfig.from_dict(cfg)
     sched = t.schedule
     if sched == "step":
         marks = ", ".join(f"{m:.2g}" for m in t.milestones)
         sched = f"step ×{t.gamma:g} at {marks} of the run"
     return (
-        f"{t.epochs} epoch(s), {t.optimizer.upper()} lr {t.lr:g} ({sched}), "
-        f"momentum {t.momentum:g}, weight decay {t.weight_decay:g}, batch {t.batch_size}"
+        (f"{t.epochs} epoch(s), " if epochs else "")
+        + f"{t.optimizer.upper()} lr {t.lr:g} ({sched}), momentum {t.momentum:g}, "
+        f"weight decay {t.weight_decay:g}, batch {t.batch_size}"
     )
 
 
@@ -136,7 +137,8 @@ def protocol(spec: SweepSpec) -> list[str]:
         "that is a pruned random initialisation, so about chance).",
         f"PaT (pruning after training): the pruned network is fine-tuned for {ft_epochs} "
         f"epoch(s) ({cfg['finetune']['fraction']:g} × the base epochs) with "
-        f"{_recipe({**ft, 'epochs': ft_epochs})}; the same budget for every method.",
+        f"{_recipe({**ft, 'epochs': ft_epochs}, epochs=False)}; the same budget for every "
+        f"method.",
         f"PaI (pruning at initialisation): the seeded initialisation is pruned and the pruned "
         f"network trained from scratch with the base recipe ({_recipe(cfg['train'])}); the "
         f"same for every method.",
