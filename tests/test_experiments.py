@@ -302,3 +302,23 @@ def test_a_missing_dataset_stops_the_sweep_before_any_run(tmp_path, monkeypatch)
         run_sweep(load_spec(cfg, profile="quick"), tmp_path / "out")
     assert "nowhere" in str(info.value)
     assert not list((tmp_path / "out").glob("runs/*"))
+
+
+def test_a_macs_matched_sweep_matches_and_reports_macs(tmp_path):
+    path = tiny(tmp_path, regimes='["pat"]')
+    path.write_text(
+        path.read_text().replace("calib_samples = 512", 'calib_samples = 512\ntarget = "macs"')
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["sweep", str(path), "--out", str(out), "--report", "--report-out", str(tmp_path / "r")]
+        )
+        == 0
+    )
+    runs = finished(out)
+    for s in ("0.30", "0.60"):
+        ref, l1 = (runs[f"mlp-synthetic-pat-{m}-{s}-seed0"] for m in ("mipp", "l1"))
+        assert ref["target"] == l1["target"] == "macs"
+        assert abs(l1["macs_removed"] - ref["macs_removed"]) <= 0.01
+    assert "| requested | MACs removed: mipp" in (tmp_path / "r" / "REPORT.md").read_text()

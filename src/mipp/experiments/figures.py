@@ -30,7 +30,10 @@ from mipp.experiments.report import (
     safe_name,
 )
 
-__all__ = ["write_figures"]
+__all__ = ["TARGETS", "write_figures"]
+
+#: axis wording of what a sweep's sparsity counts
+TARGETS = {"units": "units", "params": "parameters", "macs": "MACs"}
 
 _DPI = 110
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
@@ -154,6 +157,7 @@ def _accuracy_figure(
     styles: Mapping[str, Any],
     base: float,
     title: str,
+    target: str = "units",
 ) -> bool:
     stages = [
         stage
@@ -168,9 +172,9 @@ def _accuracy_figure(
             pts = [
                 s for s in _pick(part, regime=regime, method=method) if _finite(s[f"{value}_mean"])
             ]
-            _series(ax, pts, method, styles[method], "units_removed", value, x_scale=100.0)
+            _series(ax, pts, method, styles[method], f"{target}_removed", value, x_scale=100.0)
         _base_line(ax, base)
-        ax.set(title=label, xlabel="units removed (%)", ylabel="top-1 accuracy")
+        ax.set(title=label, xlabel=f"{TARGETS[target]} removed (%)", ylabel="top-1 accuracy")
     _finish(fig, axes, title, path)
     return True
 
@@ -218,7 +222,11 @@ def _efficiency_figure(
 
 
 def _collapse_figure(
-    path: Path, summary: Sequence[Row], methods: Sequence[str], styles: Mapping[str, Any]
+    path: Path,
+    summary: Sequence[Row],
+    methods: Sequence[str],
+    styles: Mapping[str, Any],
+    target: str = "units",
 ) -> bool:
     panels = _panels(summary, "model", "dataset", "regime")
     fig, axes = _grid(len(panels), 4.2, 3.6, max_cols=3)
@@ -230,7 +238,7 @@ def _collapse_figure(
                 pts,
                 method,
                 styles[method],
-                "units_removed",
+                f"{target}_removed",
                 "collapse",
                 x_scale=100.0,
                 errors=False,
@@ -238,7 +246,7 @@ def _collapse_figure(
         short = _REGIMES.get(regime, (regime,))[0]
         ax.set(
             title=f"{model} / {dataset} / {short}",
-            xlabel="units removed (%)",
+            xlabel=f"{TARGETS[target]} removed (%)",
             ylabel="share of runs with a collapsed layer",
             ylim=(-0.05, 1.05),
         )
@@ -305,8 +313,12 @@ def write_figures(
     summary: Sequence[Row],
     methods: Sequence[str],
     reference: str | None,
+    target: str = "units",
 ) -> list[tuple[str, str]]:
-    """Write every figure into ``out``; return (caption, file name) pairs in report order."""
+    """Write every figure into ``out``; return (caption, file name) pairs in report order.
+
+    ``target`` (units, params or macs: what the sweep's sparsity counts) is the x axis of the
+    accuracy and collapse figures."""
     styles = _styles(methods, reference)
     figures: list[tuple[str, str]] = []
 
@@ -319,13 +331,13 @@ def write_figures(
         base = _base_accuracy(rows, model, dataset)[0]
         title = f"{model} on {dataset}"
         file = safe_name(f"accuracy_{model}_{dataset}.png")
-        ok = _accuracy_figure(out / file, part, methods, styles, base, title)
-        add(ok, f"Accuracy vs units removed, {title}", file)
+        ok = _accuracy_figure(out / file, part, methods, styles, base, title, target)
+        add(ok, f"Accuracy vs {TARGETS[target]} removed, {title}", file)
         file = safe_name(f"efficiency_{model}_{dataset}.png")
         ok = _efficiency_figure(out / file, part, methods, styles, base, title)
         add(ok, f"Final accuracy vs remaining MACs and parameters, {title}", file)
     add(
-        _collapse_figure(out / "collapse.png", summary, methods, styles),
+        _collapse_figure(out / "collapse.png", summary, methods, styles, target),
         "Layer-collapse frequency",
         "collapse.png",
     )

@@ -342,7 +342,8 @@ def write_report(
     summary = summarise(rows, values=_FIG_VALUES, methods=methods)
     from mipp.experiments.figures import write_figures
 
-    figures = write_figures(out, rows, summary, methods, _reference(meta))
+    target = meta.get("config", {}).get("prune", {}).get("target", "units")
+    figures = write_figures(out, rows, summary, methods, _reference(meta), target)
     text = _markdown(meta, rows, methods, figures, sweep_dir)
     (out / "REPORT.md").write_text(text, encoding="utf-8")
     return out
@@ -456,26 +457,32 @@ def _seeds_line(summary: Sequence[Row]) -> str:
     return f"Each point is the mean over {ns[0]} to {ns[-1]} seeds (n per point in summary.csv)."
 
 
+def _target(rows: Sequence[Row]) -> str:
+    """What the sweep's sparsity counts (units unless its runs say otherwise)."""
+    return str(rows[0].get("target", "units")) if rows else "units"
+
+
 def _accuracy_table(
     cells: Mapping[tuple[str, Any], Row],
     present: Sequence[str],
     sparsities: Sequence[Any],
     value: str,
     reference: str | None,
+    target: str = "units",
 ) -> list[str]:
     ref = _primary_mipp(present, reference)
-    units = (
-        f"units removed: {ref} (min–max over methods)" if ref else "units removed: mean (min–max)"
-    )
+    what = {"units": "units", "params": "parameters", "macs": "MACs"}.get(target, target)
+    units = f"{what} removed: {ref} (min–max over methods)" if ref else f"{what} removed: mean"
+    key = f"{target}_removed_mean"
     lines = [
         f"| requested | {units} | " + " | ".join(present) + " |",
         "| " + " | ".join(["---:"] * (2 + len(present))) + " |",
     ]
     for sparsity in sparsities:
         here = [cells[m, sparsity] for m in present if (m, sparsity) in cells]
-        achieved = [s["units_removed_mean"] for s in here if _finite(s["units_removed_mean"])]
+        achieved = [s[key] for s in here if _finite(s.get(key))]
         if ref is not None:
-            got = cells.get((ref, sparsity), {}).get("units_removed_mean")
+            got = cells.get((ref, sparsity), {}).get(key)
         else:
             got = float(np.mean(achieved)) if achieved else None
         text = _pct(got)
@@ -516,7 +523,8 @@ def _regime_section(
     ):
         if any(_finite(s[f"{value}_mean"]) for s in part):
             lines += [f"**{what}**", ""]
-            lines += [*_accuracy_table(cells, present, sparsities, value, reference), ""]
+            table = _accuracy_table(cells, present, sparsities, value, reference, _target(rows))
+            lines += [*table, ""]
     duels = [
         b
         for b in best

@@ -336,6 +336,7 @@ def _execute(spec, run, rdir, bases, data, device, ref) -> dict[str, Any]:
         "sparsity": run.sparsity,
         "seed": run.seed,
         "reference": _reference(spec, run),
+        "target": report.target,
         "units_removed": report.achieved.get("units"),
         "params_removed": report.achieved.get("params"),
         "macs_removed": report.achieved.get("macs"),
