@@ -35,7 +35,8 @@ demo: install data
 	$(VENV)/bin/mipp compare $(DEMO_OUT)/trained/model.safetensors \
 		$(DEMO_OUT)/pruned/model.safetensors $(DEMO_OUT)/finetuned/model.safetensors
 
-# The committed quick-profile studies (results/<name>-quick/): about 45 min on 2 CPU cores.
+# The committed quick-profile studies (results/<name>-quick/): measured 15 + 7 + 30 min on
+# 2 CPU cores (the LeNet-5 sweep partly beside a test run).
 QUICK_SWEEPS := lenet5_fmnist vgg11_fmnist resnet20_fmnist
 results-quick: install data
 	for c in $(QUICK_SWEEPS); do \

@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 from mipp import data, models
 from mipp.baselines import METHODS, make_method
 from mipp.config import TrainConfig
+from mipp.experiments.runner import scoring_time
 from mipp.prune import prune
 from mipp.train import evaluate, seeded, train
 
@@ -56,13 +57,6 @@ def _runs(both: bool) -> list[tuple[str, str | None]]:
             allocations = ("uniform", "global")
         runs += [(name, a) for a in allocations]
     return runs
-
-
-def _scoring_time(report) -> float:
-    t = report.timings
-    if report.method == "mipp":
-        return t["capture"] + t["statistics"] + t["selection"]
-    return t["scoring"] + t["allocation"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     "accuracy_unpruned": round(base_acc, 4),
                     "accuracy_one_shot": round(one_shot, 4),
                     "accuracy_finetuned": round(tuned, 4),
-                    "scoring_s": round(_scoring_time(report), 4),
+                    "scoring_s": round(scoring_time(report), 4),
                     "retraining_s": round(report.timings.get("between_rounds", 0.0), 3),
                     "total_prune_s": round(report.timings["total"], 3),
                     "extra_training_epochs": 2 if name == "imp" else 0,

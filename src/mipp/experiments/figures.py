@@ -17,6 +17,7 @@ import numpy as np
 from mipp.experiments.report import (
     _REGIMES,
     STAGES,
+    TARGETS,
     Row,
     _base_accuracy,
     _cost_stats,
@@ -30,10 +31,7 @@ from mipp.experiments.report import (
     safe_name,
 )
 
-__all__ = ["TARGETS", "write_figures"]
-
-#: axis wording of what a sweep's sparsity counts
-TARGETS = {"units": "units", "params": "parameters", "macs": "MACs"}
+__all__ = ["write_figures"]
 
 _DPI = 110
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")

@@ -43,6 +43,7 @@ from mipp.errors import MippError
 
 __all__ = [
     "KEYS",
+    "TARGETS",
     "VALUES",
     "best_method_summary",
     "grid_methods",
@@ -82,6 +83,8 @@ _REQUIRED = ("model", "dataset", "regime", "method", "sparsity", "seed")
 _FIG_VALUES = (*VALUES, "macs_kept", "params_kept")
 
 Row = dict[str, Any]
+#: axis and table wording of what a sweep's sparsity counts
+TARGETS = {"units": "units", "params": "parameters", "macs": "MACs"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -471,7 +474,7 @@ def _accuracy_table(
     target: str = "units",
 ) -> list[str]:
     ref = _primary_mipp(present, reference)
-    what = {"units": "units", "params": "parameters", "macs": "MACs"}.get(target, target)
+    what = TARGETS.get(target, target)
     units = f"{what} removed: {ref} (min–max over methods)" if ref else f"{what} removed: mean"
     key = f"{target}_removed_mean"
     lines = [

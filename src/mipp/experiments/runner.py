@@ -40,7 +40,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from mipp.report import PruneReport
 from mipp.train import evaluate, seeded, train
 from mipp.types import ModelSpec
 
-__all__ = ["SweepResult", "protocol", "run_sweep"]
+__all__ = ["SweepResult", "protocol", "run_sweep", "scoring_time"]
 
 
 @dataclass
@@ -249,18 +249,17 @@ class _Bases:
         return meta
 
 
+def _identity(run: Run) -> dict[str, Any]:
+    """run_id, model, dataset, regime, method (label), sparsity and seed of a run."""
+    return {"run_id": run.run_id, **asdict(run)}
+
+
 def run_config(spec: SweepSpec, run: Run) -> dict[str, Any]:
     """The settings a run depends on (stored as its ``config.json``, checked on resume)."""
     cfg = spec.config
     return {
-        "run_id": run.run_id,
-        "model": run.model,
-        "dataset": run.dataset,
-        "regime": run.regime,
-        "method": run.method,
+        **_identity(run),
         "method_options": spec.method(run.method),
-        "sparsity": run.sparsity,
-        "seed": run.seed,
         "reference": _reference(spec, run),
         "data": cfg["data"],
         "model_options": cfg["models"].get(run.model, {}),
@@ -277,7 +276,9 @@ def _reference(spec: SweepSpec, run: Run) -> str | None:
     return spec.reference
 
 
-def _scoring_time(report: PruneReport) -> float:
+def scoring_time(report: PruneReport) -> float:
+    """The method's own work in a report: MIPP capture + statistics + selection, a baseline's
+    scoring + allocation (IMP's re-training and the removal excluded)."""
     t = report.timings
     if report.method == "mipp":
         return t.get("capture", 0.0) + t.get("statistics", 0.0) + t.get("selection", 0.0)
@@ -327,14 +328,8 @@ def _execute(spec, run, rdir, bases, data, device, ref) -> dict[str, Any]:
     final = evaluate(pruned, test_ds, device=device)
     groups = list(reversed(report.groups))  # reports walk output → input
     return {
-        "run_id": run.run_id,
-        "model": run.model,
-        "dataset": run.dataset,
-        "regime": run.regime,
-        "method": run.method,
+        **_identity(run),
         "method_name": report.method,
-        "sparsity": run.sparsity,
-        "seed": run.seed,
         "reference": _reference(spec, run),
         "target": report.target,
         "units_removed": report.achieved.get("units"),
@@ -354,7 +349,7 @@ def _execute(spec, run, rdir, bases, data, device, ref) -> dict[str, Any]:
         "layers": [
             {"name": g.name, "before": g.width_before, "after": g.width_after} for g in groups
         ],
-        "prune_s": _scoring_time(report),
+        "prune_s": scoring_time(report),
         "prune_total_s": report.timings.get("total", 0.0),
         "retrain_s": retrain_s,
         "final_epochs": tcfg.epochs,
