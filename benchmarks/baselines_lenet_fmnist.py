@@ -13,9 +13,13 @@ ranking; the full profile runs every baseline with both allocations.
 
 Scoring time is the method's own work (MIPP: capture + statistics + selection with its
 bisection; baselines: the scoring rounds, IMP's re-training excluded and reported apart),
-measured in the same run, so ratios between methods are meaningful; ``total_prune_s`` is the
-whole :func:`mipp.prune` call. IMP re-trains between its 3 rounds (1 epoch each, lr 0.01):
-two extra epochs no other method gets, listed in ``extra_training_epochs``.
+measured in the same run, so ratios between methods are meaningful (the report's
+``work_seconds``); ``total_prune_s`` is the whole :func:`mipp.prune` call. IMP re-trains
+between its 3 rounds (1 epoch each, lr 0.01): two extra epochs no other method gets, listed
+in ``extra_training_epochs`` (the method's own count).
+
+Every pruning is one :func:`mipp.experiments.cell.run_cell` (prune → one-shot accuracy →
+fine-tune → accuracy), the same cell the sweeps run.
 
 Writes ``benchmarks/results/baselines_lenet_fmnist_<profile>.{csv,json,png}``.
 """
@@ -33,12 +37,11 @@ from _results import write_results
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mipp import data, models
-from mipp.baselines import METHODS, make_method
-from mipp.config import TrainConfig
-from mipp.experiments.runner import scoring_time
-from mipp.prune import prune
-from mipp.train import evaluate, seeded, train
+from mipp.experiments.cell import run_cell
+from mipp.methods import BASELINE_NAMES, METHODS, MIPP, make_method
+from mipp.zoo import data, models
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.training import evaluate, seeded, train
 
 PROFILES = {
     "quick": {"seeds": [0], "calib": 2048, "sparsities": [0.7, 0.9], "both": False},
@@ -51,8 +54,8 @@ OUT = Path(__file__).parent / "results"
 
 def _runs(both: bool) -> list[tuple[str, str | None]]:
     runs: list[tuple[str, str | None]] = [("mipp", None)]
-    for name, cls in METHODS.items():
-        allocations = ("global", "uniform") if both else (cls.default_allocation,)
+    for name in BASELINE_NAMES:
+        allocations = ("global", "uniform") if both else (METHODS[name].default_allocation,)
         if not both and name == "l1":
             allocations = ("uniform", "global")
         runs += [(name, a) for a in allocations]
@@ -79,31 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     for seed in prof["seeds"]:
         with seeded(seed):
             base = models.create("lenet5", in_channels=1, input_size=28)
-        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}), progress=False)
+        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}))
         base_acc = evaluate(base, test).top1
         print(f"seed {seed}: LeNet-5 trained, test accuracy {base_acc:.4f}", flush=True)
         for s in prof["sparsities"]:
             reference = None
             for name, allocation in runs:
-                common = {"calib_samples": prof["calib"], "seed": seed}
-                if name == "mipp":
-                    result = prune(base, train_ds, sparsity=s, **common)
-                    reference = result.report
-                else:
-                    method = make_method(name)
-                    result = prune(
-                        base,
-                        train_ds,
-                        method=method,
-                        match=reference,
-                        allocation=allocation,
-                        **common,
-                    )
-                report = result.report
-                one_shot = evaluate(result.model, test).top1
                 tune = TrainConfig(**{**FINETUNE.to_dict(), "seed": seed})
-                train(result.model, train_ds, tune, progress=False)
-                tuned = evaluate(result.model, test).top1
+                cell = run_cell(
+                    base,
+                    train_ds,
+                    test,
+                    method=MIPP() if name == "mipp" else make_method(name, allocation=allocation),
+                    retrain=tune,
+                    sparsity=s if name == "mipp" else None,
+                    match=None if name == "mipp" else reference,
+                    calib_samples=prof["calib"],
+                    seed=seed,
+                )
+                report = cell.report
+                if name == "mipp":
+                    reference = report
+                one_shot, tuned = cell.one_shot, cell.final.top1
                 row = {
                     "seed": seed,
                     "requested": s,
@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                     "accuracy_unpruned": round(base_acc, 4),
                     "accuracy_one_shot": round(one_shot, 4),
                     "accuracy_finetuned": round(tuned, 4),
-                    "scoring_s": round(scoring_time(report), 4),
+                    "scoring_s": round(report.work_seconds, 4),
                     "retraining_s": round(report.timings.get("between_rounds", 0.0), 3),
                     "total_prune_s": round(report.timings["total"], 3),
-                    "extra_training_epochs": 2 if name == "imp" else 0,
+                    "extra_training_epochs": cell.extra_training_epochs,
                 }
                 rows.append(row)
                 print(

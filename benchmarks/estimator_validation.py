@@ -3,7 +3,7 @@
     python benchmarks/estimator_validation.py --profile quick   # a few minutes on 2 CPU cores
     python benchmarks/estimator_validation.py --profile full    # more n, 5 seeds
 
-Cases come from :mod:`mipp.estimators.validation` (the tests use the same generators):
+Cases come from :mod:`mipp.testing.estimators` (the tests use the same generators):
 Gaussian MI and conditional MI with closed forms, independence, monotone transforms of x
 (MI unchanged), a dependence only through x² (the closed forms cannot see it), and the
 planted-structure layer (which units TERC keeps). For each estimator, case, n and seed we
@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mipp.estimators import make_estimator
-from mipp.estimators.validation import evaluate, planted_layer, suite
-from mipp.selection import terc
+from mipp.methods.selection import terc
+from mipp.testing.estimators import evaluate, planted_layer, suite
 
 OUT = Path(__file__).parent / "results"
 PROFILES = {

@@ -14,6 +14,9 @@ at the relative threshold the linear estimator chose for 70 %; in the same run t
 estimator makes the same single pass, and the ratio of the two selection times is reported
 (plus the ratio to linear's whole target-mode run, bisection included).
 
+Every pruning is one :func:`mipp.experiments.cell.run_cell` (prune → one-shot accuracy →
+fine-tune → accuracy), the same cell the sweeps run.
+
 Writes ``benchmarks/results/lenet_fmnist_<profile>.{csv,json,png}``.
 """
 
@@ -29,10 +32,12 @@ from _results import write_results
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mipp import data, models
-from mipp.config import TrainConfig
-from mipp.prune import prune
-from mipp.train import evaluate, seeded, train
+from mipp.experiments.cell import Cell, run_cell
+from mipp.methods import MIPP
+from mipp.progress import ProgressEvent
+from mipp.zoo import data, models
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.training import evaluate, seeded, train
 
 PROFILES = {
     "quick": {"seeds": [0], "calib": 2048, "sparsities": [0.5, 0.7, 0.9]},
@@ -44,11 +49,16 @@ FINETUNE = TrainConfig(epochs=1, lr=0.05)
 OUT = Path(__file__).parent / "results"
 
 
-def _row(seed, estimator, mode, sparsity, result, base_acc, test, train_ds, t_select):
-    report = result.report
-    one_shot = evaluate(result.model, test).top1
-    train(result.model, train_ds, FINETUNE, progress=False)
-    tuned = evaluate(result.model, test).top1
+def _say(event: ProgressEvent) -> None:
+    """Print the lasting progress lines of a slow pass (the mlp estimator's)."""
+    if not event.transient:
+        print(f"    {event.message}", flush=True)
+
+
+def _row(seed, estimator, mode, sparsity, cell: Cell, base_acc, t_select):
+    report = cell.report
+    one_shot = cell.one_shot
+    tuned = cell.final.top1
     widths = [g.width_after for g in reversed(report.groups)]  # input -> output
     return {
         "seed": seed,
@@ -83,31 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     for seed in prof["seeds"]:
         with seeded(seed):
             base = models.create("lenet5", in_channels=1, input_size=28)
-        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}), progress=False)
+        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}))
         base_acc = evaluate(base, test).top1
         print(f"seed {seed}: LeNet-5 trained, test accuracy {base_acc:.4f}", flush=True)
         tau70 = None
         linear70_total = None
         for estimator in ESTIMATORS:
             for s in prof["sparsities"]:
-                result = prune(
+                cell = run_cell(
                     base,
                     train_ds,
+                    test,
+                    method=MIPP(estimator=estimator),
+                    retrain=FINETUNE,
                     sparsity=s,
-                    estimator=estimator,
                     calib_samples=prof["calib"],
                     seed=seed,
                 )
                 row = _row(
-                    seed,
-                    estimator,
-                    "target",
-                    s,
-                    result,
-                    base_acc,
-                    test,
-                    train_ds,
-                    result.report.timings["selection"],
+                    seed, estimator, "target", s, cell, base_acc, cell.report.timings["selection"]
                 )
                 rows.append(row)
                 print(
@@ -117,42 +121,29 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 if estimator == "linear" and s == 0.7:
-                    tau70 = result.report.threshold
-                    linear70_total = result.report.timings["selection"]
+                    tau70 = cell.report.threshold
+                    linear70_total = cell.report.timings["selection"]
         if args.skip_mlp or tau70 is None:
             continue
         # the paper's estimator vs the closed form: one selection pass each, same threshold
         passes = {}
         for estimator in ("linear", "mlp"):
-            result = prune(
+            cell = run_cell(
                 base,
                 train_ds,
-                threshold=tau70,
-                estimator=estimator,
+                test,
+                method=MIPP(estimator=estimator, threshold=tau70),
+                retrain=FINETUNE,
                 calib_samples=prof["calib"],
                 seed=seed,
-                progress=estimator == "mlp",
+                progress=_say if estimator == "mlp" else None,
             )
-            passes[estimator] = (
-                result.report.timings["selection"] + result.report.timings["statistics"]
-            )
-            rows.append(
-                _row(
-                    seed,
-                    estimator,
-                    "threshold",
-                    None,
-                    result,
-                    base_acc,
-                    test,
-                    train_ds,
-                    passes[estimator],
-                )
-            )
+            passes[estimator] = cell.report.timings["selection"] + cell.report.timings["statistics"]
+            rows.append(_row(seed, estimator, "threshold", None, cell, base_acc, passes[estimator]))
             print(
                 f"  {estimator} single pass at threshold {tau70:.3e}: "
                 f"{passes[estimator]:.2f} s, units removed "
-                f"{result.report.achieved['units']:.3f}",
+                f"{cell.report.achieved['units']:.3f}",
                 flush=True,
             )
         speed.append(

@@ -50,12 +50,14 @@ from _results import write_results
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mipp import data, models
-from mipp.config import TrainConfig
+from mipp import prune
 from mipp.estimators import make_estimator
-from mipp.prune import prune
-from mipp.selection import terc
-from mipp.train import evaluate, seeded, train
+from mipp.methods import MIPP
+from mipp.methods.selection import terc
+from mipp.progress import ProgressEvent
+from mipp.zoo import data, models
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.training import evaluate, seeded, train
 
 OUT = Path(__file__).parent / "results"
 PARTS = ("scaling", "ratio", "lenet", "oneshot")
@@ -111,6 +113,12 @@ THRESHOLD = {"linear": 1e-3, "gaussian": 1e-2, "ksg": 1e-2, "mlp": 1e-3}
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def say(event: ProgressEvent) -> None:
+    """Print the lasting progress lines of a slow pass (the mlp estimator's)."""
+    if not event.transient:
+        log(f"      {event.message}")
 
 
 # ------------------------------------------------------------------------------- scaling
@@ -227,7 +235,7 @@ def part_lenet(prof: dict, train_ds, test_ds) -> tuple[list[dict], dict]:
     for seed in prof["seeds"]:
         with seeded(seed):
             base = models.create("lenet5", in_channels=1, input_size=28)
-        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}), progress=False)
+        train(base, train_ds, TrainConfig(**{**TRAIN.to_dict(), "seed": seed}))
         base_acc = evaluate(base, test_ds).top1
         cache[seed] = (base, base_acc)
         log(f"  lenet seed {seed}: trained, test accuracy {base_acc:.4f}")
@@ -235,12 +243,12 @@ def part_lenet(prof: dict, train_ds, test_ds) -> tuple[list[dict], dict]:
             out = {}
             for est in ("linear", "mlp"):
                 t = time.perf_counter()
-                res = prune(base, train_ds, sparsity=s, estimator=est, seed=seed,
+                res = prune(base, train_ds, method=MIPP(estimator=est), sparsity=s, seed=seed,
                             calib_samples=prof["lenet_calib"], tolerance=0.01,
-                            progress=est == "mlp")  # fmt: skip
+                            progress=say if est == "mlp" else None)  # fmt: skip
                 elapsed = time.perf_counter() - t
                 one_shot = evaluate(res.model, test_ds).top1
-                train(res.model, train_ds, FINETUNE, progress=False)
+                train(res.model, train_ds, FINETUNE)
                 out[est] = (res.report, elapsed, one_shot, evaluate(res.model, test_ds).top1)
                 log(f"    {est} {s:.0%}: {elapsed:.2f} s, widths {_widths(res.report)}, "
                     f"fine-tuned {out[est][3]:.4f}")  # fmt: skip
@@ -292,12 +300,12 @@ def part_oneshot(prof: dict, lenet_cache: dict, train_ds, test_ds) -> list[dict]
     with seeded(0):
         vgg = models.create("vgg11", in_channels=1, input_size=32, widths=prof["vgg_widths"])
     t = time.perf_counter()
-    train(vgg, train32, TrainConfig(epochs=prof["vgg_epochs"], lr=0.05), progress=False)
+    train(vgg, train32, TrainConfig(epochs=prof["vgg_epochs"], lr=0.05))
     log(f"  oneshot: VGG-11 trained in {time.perf_counter() - t:.0f} s")
     if 0 not in lenet_cache:
         with seeded(0):
             base = models.create("lenet5", in_channels=1, input_size=28)
-        train(base, train_ds, TRAIN, progress=False)
+        train(base, train_ds, TRAIN)
         lenet_cache[0] = (base, evaluate(base, test_ds).top1)
     cases = [("lenet5", lenet_cache[0][0], train_ds, test_ds),
              ("vgg11", vgg, train32, test32)]  # fmt: skip

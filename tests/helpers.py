@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from mipp import models
-from mipp.train import seeded
+from mipp.methods.base import PruneContext
+from mipp.surgery.costs import CostModel
+from mipp.surgery.structure import build_structure
+from mipp.zoo import models
+from mipp.zoo.training import seeded
 
 
 class TinyResNet(nn.Module):
@@ -83,19 +88,17 @@ def zero_consumers(model: nn.Module, structure, removed: dict[str, list[int]]) -
 
 def make_ctx(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 4
-):
-    """A baseline's scoring context on a working copy of ``model``, as the driver builds it."""
-    from mipp.baselines.base import ScoringContext
-    from mipp.baselines.driver import prepare
-
-    work, structure, groups, _ = prepare(model, x, "internal")
-    return ScoringContext(
+) -> PruneContext:
+    """A method's context on a working copy of ``model``, as :func:`mipp.prune` builds it."""
+    work = copy.deepcopy(model).eval()
+    structure = build_structure(work, x[:2])
+    return PruneContext(
         model=work,
         structure=structure,
-        groups=groups,
+        groups=structure.in_scope("internal"),
+        costs=CostModel(structure, x[:2]),
         inputs=x,
         labels=y,
-        alive={g.name: torch.ones(g.size, dtype=torch.bool) for g in groups},
         batch_size=batch_size,
         seed=0,
     )

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 import mipp
-from mipp.baselines import IMP, METHOD_NAMES, METHODS, L1Norm, RandomScores, make_method
-from mipp.baselines.allocation import allocate
-from mipp.data import ImageDataset, make_separable
 from mipp.errors import MippError, UnknownNameError
-from mipp.report import PruneReport, apply_report
-from mipp.structure import build_structure
-from mipp.train import seeded
+from mipp.methods import METHOD_NAMES, METHODS, make_method, method_options
+from mipp.methods.allocation import allocate
+from mipp.methods.baselines import IMP, L1Norm, RandomScores
+from mipp.report import PruneReport
+from mipp.surgery.replay import apply_report
+from mipp.surgery.structure import build_structure
+from mipp.zoo.data import ImageDataset, make_separable
+from mipp.zoo.training import seeded
 
 
 def _lenet(seed: int = 0):
@@ -38,8 +40,17 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, chip"):
         make_method("obd")
-    with pytest.raises(ValueError, match=r"no option.*banana.*valid options: rounds, normalize"):
+    with pytest.raises(
+        ValueError, match=r"no option.*banana.*valid options: allocation, rounds, normalize"
+    ):
         make_method("l1", banana=1)
+    with pytest.raises(ValueError, match=r"'l1' has no option\(s\) estimator"):
+        make_method("l1", estimator="gaussian")
+    with pytest.raises(ValueError, match=r"'mipp' has no option\(s\) allocation"):
+        make_method("mipp", allocation="global")
+    assert method_options("mipp") == (
+        "estimator", "pool", "order", "min_keep", "confidence", "threshold"
+    )  # fmt: skip
     with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
         make_method("random", rounds=0)
 
@@ -55,7 +66,7 @@ def test_l1_removes_the_smallest_norm_filters():
         for i, scale in enumerate([1.0, 0.2, 5.0, 0.3]):
             net[2].weight[i] = scale
     x = torch.randn(8, 1, 6, 6)
-    res = mipp.prune(net, x, method="l1", sparsity=0.5, allocation="uniform")
+    res = mipp.prune(net, x, method=make_method("l1", allocation="uniform"), sparsity=0.5)
     removed = res.report.removed
     assert removed["0"] == [1, 3]  # the two smallest conv filters
     assert removed["2"] == [1, 3]
@@ -103,7 +114,7 @@ def test_global_normalisation_makes_layer_scales_irrelevant():
 
 def test_uniform_allocation_removes_the_same_share_of_every_layer():
     net, x = _lenet()
-    res = mipp.prune(net, x, method="random", sparsity=0.5, allocation="uniform")
+    res = mipp.prune(net, x, method=make_method("random", allocation="uniform"), sparsity=0.5)
     widths = res.report.widths
     assert widths == {"fc2": (84, 42), "fc1": (120, 60), "conv2": (16, 8), "conv1": (6, 3)}
 
@@ -119,7 +130,7 @@ def _collapsing_net():
 def test_layer_collapse_is_recorded_and_the_model_is_the_collapsed_network(tmp_path):
     net = _collapsing_net()
     x = torch.randn(64, 6)
-    res = mipp.prune(net, x, method=L1Norm(normalize="none"), sparsity=0.5, allocation="global")
+    res = mipp.prune(net, x, method=L1Norm(normalize="none", allocation="global"), sparsity=0.5)
     rep = res.report
     assert rep.collapsed == ["2"]
     g = {gr.name: gr for gr in rep.groups}["2"]
@@ -147,14 +158,16 @@ def test_layer_collapse_is_recorded_and_the_model_is_the_collapsed_network(tmp_p
 
 
 def test_mean_normalisation_avoids_that_collapse():
-    res = mipp.prune(_collapsing_net(), torch.randn(64, 6), method="l1", sparsity=0.5,
-                     allocation="global")  # fmt: skip
+    res = mipp.prune(_collapsing_net(), torch.randn(64, 6),
+                     method=make_method("l1", allocation="global"), sparsity=0.5)  # fmt: skip
     assert res.report.collapsed == []
 
 
 def test_pruned_model_equals_the_masked_original():
     net, x = _lenet()
-    res = mipp.prune(net, x, method="random", sparsity=0.7, allocation="global", seed=3)
+    res = mipp.prune(
+        net, x, method=make_method("random", allocation="global"), sparsity=0.7, seed=3
+    )
     masked = __import__("copy").deepcopy(net)
     structure = build_structure(masked, x[:2])
     assert res.report.collapsed == ["conv1"]  # this seed collapses conv1: masked entirely
@@ -168,7 +181,9 @@ def test_pruned_model_equals_the_masked_original():
 def test_matching_a_mipp_report_lands_within_one_point(target, allocation):
     net, x = _lenet()
     ref = mipp.prune(net, x, sparsity=0.7, target=target).report
-    res = mipp.prune(net, x, method="l1", match=ref, target=target, allocation=allocation)
+    res = mipp.prune(
+        net, x, method=make_method("l1", allocation=allocation), match=ref, target=target
+    )
     assert res.report.requested == ref.achieved[target]
     assert abs(res.report.achieved[target] - ref.achieved[target]) <= 0.01
     assert res.report.achieved[target] == pytest.approx(
@@ -184,6 +199,22 @@ def test_random_is_seeded():
     b = mipp.prune(net, x, method="random", sparsity=0.5, seed=1).report.removed
     c = mipp.prune(net, x, method="random", sparsity=0.5, seed=2).report.removed
     assert a == b and a != c
+
+
+def test_one_random_instance_gives_the_same_masks_in_every_run():
+    """The round counter belongs to the run, not the instance (it used to carry over)."""
+    net, x = _lenet()
+    method = RandomScores(rounds=3)
+    first = mipp.prune(net, x, method=method, sparsity=0.5, seed=1).report.removed
+    second = mipp.prune(net, x, method=method, sparsity=0.5, seed=1).report.removed
+    assert first == second
+
+
+def test_extra_training_epochs_count_imps_retraining():
+    assert IMP().extra_training_epochs() == 2  # 3 rounds, 1 epoch after each but the last
+    assert IMP(rounds=4, epochs=2).extra_training_epochs() == 6
+    assert IMP(retrain=lambda model: None).extra_training_epochs() == 0  # unknown budget
+    assert all(make_method(n).extra_training_epochs() == 0 for n in METHOD_NAMES if n != "imp")
 
 
 def test_rounds_follow_the_exponential_schedule():
@@ -231,12 +262,8 @@ def test_imp_default_retraining_uses_the_labelled_data():
 @pytest.mark.parametrize(
     ("options", "needle"),
     [
-        ({"method": "l1", "confidence": 0.9}, "confidence apply to method 'mipp' only"),
-        ({"method": "l1", "estimator": "gaussian", "sparsity": 0.5}, "estimator apply to"),
         ({"method": "l1"}, "needs sparsity= \\(or match=\\)"),
         ({"method": "l1", "sparsity": 1.0}, "sparsity must be in \\[0, 1\\), got 1.0"),
-        ({"method": "l1", "sparsity": 0.5, "allocation": "local"}, "allocation must be one of"),
-        ({"method": "mipp", "sparsity": 0.5, "allocation": "global"}, "baselines only"),
         ({"method": "nope", "sparsity": 0.5}, "unknown method 'nope'"),
         ({"method": 3, "sparsity": 0.5}, "method must be a name"),
     ],
@@ -245,6 +272,13 @@ def test_bad_baseline_options_are_named(options, needle):
     net, x = _lenet()
     with pytest.raises((ValueError, TypeError, MippError), match=needle):
         mipp.prune(net, x[:32], **options)
+
+
+def test_bad_allocation_fails_when_the_method_is_built():
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        make_method("l1", allocation="local")
+    with pytest.raises(ValueError, match="one-shot; 'synflow' was given rounds=100"):
+        make_method("synflow", allocation="widths")
 
 
 def test_match_errors_are_named():
@@ -259,7 +293,7 @@ def test_match_errors_are_named():
 def test_input_model_is_untouched_and_report_round_trips(tmp_path):
     net, x = _lenet()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    res = mipp.prune(net, x, method="l1", sparsity=0.6, allocation="global")
+    res = mipp.prune(net, x, method=make_method("l1", allocation="global"), sparsity=0.6)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     back = PruneReport.load(res.report.save(tmp_path / "r.json"))
     assert back.method == "l1" and back.options["allocation"] == "global"
@@ -273,25 +307,16 @@ def test_input_model_is_untouched_and_report_round_trips(tmp_path):
 def test_widths_allocation_keeps_the_matched_widths_and_the_highest_scores():
     net, x = _lenet()
     ref = mipp.prune(net, x, sparsity=0.7).report
-    res = mipp.prune(net, x, method="l1", match=ref, allocation="widths").report
+    res = mipp.prune(net, x, method=make_method("l1", allocation="widths"), match=ref).report
     assert res.widths == ref.widths and res.options["allocation"] == "widths"
     for g in res.groups:  # inside each layer, the kept units are those of largest L1 norm
         top = sorted(range(g.width_before), key=lambda j: (-g.scores[j], j))[: g.width_after]
         assert sorted(top) == g.kept
-    rnd = mipp.prune(net, x, method="random", match=ref, allocation="widths").report
+    rnd = mipp.prune(net, x, method=make_method("random", allocation="widths"), match=ref).report
     assert rnd.widths == ref.widths and rnd.removed != res.removed
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"method": "l1", "sparsity": 0.5, "allocation": "widths"}, "pass it"),
-        ({"method": "synflow", "allocation": "widths"}, "one-shot; 'synflow' scores over 100"),
-    ],
-)
-def test_widths_allocation_errors(kwargs, message):
+def test_widths_allocation_needs_a_matched_report():
     net, x = _lenet()
-    if "sparsity" not in kwargs:
-        kwargs["match"] = mipp.prune(net, x, sparsity=0.5).report
-    with pytest.raises(ValueError, match=message):
-        mipp.prune(net, x, **kwargs)
+    with pytest.raises(ValueError, match="pass it"):
+        mipp.prune(net, x, method=make_method("l1", allocation="widths"), sparsity=0.5)

@@ -10,8 +10,14 @@ from torch import nn
 
 import mipp
 from helpers import make_ctx
-from mipp.baselines.activation import CHIP, APoZ, HRank, MeanActivation, channel_independence
-from mipp.baselines.thinet import ThiNet
+from mipp.methods.baselines.activation import (
+    CHIP,
+    APoZ,
+    HRank,
+    MeanActivation,
+    channel_independence,
+)
+from mipp.methods.baselines.thinet import ThiNet
 
 
 def identity_net(channels: int, *, relu: bool = False) -> nn.Sequential:
@@ -169,7 +175,9 @@ def lenet():
 @pytest.mark.parametrize("method", ["hrank", "chip", "mean-activation", "apoz", "thinet"])
 def test_lenet_end_to_end(lenet, method, allocation):
     model, x = lenet
-    result = mipp.prune(model, x, method=method, sparsity=0.5, allocation=allocation)
+    result = mipp.prune(
+        model, x, method=mipp.make_method(method, allocation=allocation), sparsity=0.5
+    )
     report = result.report
     assert report.method == method and report.options["allocation"] == allocation
     assert abs(report.achieved["units"] - 0.5) <= 0.01

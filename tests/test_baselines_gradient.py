@@ -14,8 +14,9 @@ from torch.func import functional_call
 
 import mipp
 from helpers import make_ctx
-from mipp.baselines import make_method
-from mipp.baselines.gradient import (
+from mipp.errors import MippError
+from mipp.methods import make_method
+from mipp.methods.baselines.gradient import (
     SNIP,
     SOSPH,
     GraSP,
@@ -27,8 +28,7 @@ from mipp.baselines.gradient import (
     layer_parameters,
     loss_gradient,
 )
-from mipp.errors import MippError
-from mipp.train import seeded
+from mipp.zoo.training import seeded
 
 # torch compiles its forward-mode decompositions with torch.jit.script on first use (SOSP-H's
 # Gauss–Newton product): a torch-internal deprecation notice, not ours
@@ -266,6 +266,7 @@ def test_defaults_names_and_options():
     assert [c.needs_labels for c in ALL] == [True, True, False, True, True, True]
     assert [c.l1_aggregated for c in ALL] == [True, True, True, True, True, False]
     assert make_method("iterative-grasp", temperature=50).options() == {
+        "allocation": "global",
         "rounds": 10,
         "normalize": "mean",
         "temperature": 50.0,

@@ -1,4 +1,4 @@
-"""Every registered method prunes every zoo model at 50 % and 95 % into a valid report."""
+"""Every registered baseline prunes every zoo model at 50 % and 95 % into a valid report."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 
 import mipp
 from helpers import make_model
-from mipp.baselines import METHODS, make_method
-from mipp.report import PruneReport, apply_report
+from mipp.methods import BASELINE_NAMES, make_method
+from mipp.report import PruneReport
+from mipp.surgery.replay import apply_report
 
 SMALL = ["mlp", "lenet5", "vgg11-narrow", "tiny-resnet", "resnet20"]
 REST = ["vgg11", "vgg13", "vgg16", "vgg19", "resnet32", "resnet56", "resnet18", "resnet34",
@@ -52,7 +53,7 @@ def _check(name: str, method: str, sparsity: float, rounds_cap: int | None, n: i
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.95])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(BASELINE_NAMES))
 @pytest.mark.parametrize("name", ["lenet5", "tiny-resnet"])
 def test_every_method_prunes_small_models(name, method, sparsity):
     _check(name, method, sparsity, rounds_cap=None, n=24)
@@ -60,7 +61,7 @@ def test_every_method_prunes_small_models(name, method, sparsity):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sparsity", [0.5, 0.95])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(BASELINE_NAMES))
 @pytest.mark.parametrize("name", [n for n in SMALL if n not in ("lenet5", "tiny-resnet")] + REST)
 def test_every_method_prunes_every_zoo_model(name, method, sparsity):
     _check(name, method, sparsity, rounds_cap=2, n=12)

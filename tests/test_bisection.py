@@ -1,13 +1,10 @@
-"""Target mode's threshold search (mipp.bisection) on selection passes with known answers."""
+"""Target mode's threshold search (mipp.methods.bisection) on passes with known answers."""
 
 from types import SimpleNamespace
 
 import torch
-from rich.console import Console
 
-from mipp.bisection import bisect_threshold
-
-QUIET = Console(quiet=True)
+from mipp.methods.bisection import bisect_threshold
 
 
 def _fake_run(deltas: torch.Tensor, *, rise: float = 0.0, step: float = 0.0):
@@ -39,7 +36,7 @@ def test_non_interacting_deltas_are_hit_by_the_first_guess():
     deltas = 10.0 ** torch.linspace(-6, -1, 200, dtype=torch.float64)
     run, calls = _fake_run(deltas)
     trace = []
-    kept, _, ach, _tau = bisect_threshold(run, 0.37, "units", 0.005, trace, QUIET)
+    kept, _, ach, _tau = bisect_threshold(run, 0.37, "units", 0.005, trace)
     assert abs(ach["units"] - 0.37) <= 0.005
     assert len(calls) == 2  # τ = 0, then the quantile guess is already right
     assert len(trace) == 2 and trace[0]["threshold"] == 0.0
@@ -51,7 +48,7 @@ def test_interacting_deltas_converge_in_a_few_passes():
     deltas = torch.rand(500, generator=g, dtype=torch.float64) ** 4
     for target in (0.1, 0.5, 0.9):
         run, calls = _fake_run(deltas, rise=3.0)
-        _, _, ach, _ = bisect_threshold(run, target, "units", 0.01, [], QUIET)
+        _, _, ach, _ = bisect_threshold(run, target, "units", 0.01, [])
         assert abs(ach["units"] - target) <= 0.01
         assert len(calls) <= 10
 
@@ -59,9 +56,9 @@ def test_interacting_deltas_converge_in_a_few_passes():
 def test_zero_threshold_enough_and_unreachable_precision_terminate():
     deltas = torch.cat([torch.zeros(50), torch.linspace(0.01, 1, 50)]).double()
     run, calls = _fake_run(deltas)
-    _, _, ach, tau = bisect_threshold(run, 0.45, "units", 0.01, [], QUIET)
+    _, _, ach, tau = bisect_threshold(run, 0.45, "units", 0.01, [])
     assert tau == 0.0 and ach["units"] == 0.5 and len(calls) == 1
     run, calls = _fake_run(torch.linspace(0.001, 1, 100).double(), step=0.1)
-    _, _, ach, _ = bisect_threshold(run, 0.45, "units", 0.01, [], QUIET)
+    _, _, ach, _ = bisect_threshold(run, 0.45, "units", 0.01, [])
     assert abs(abs(ach["units"] - 0.45) - 0.05) < 1e-9  # the best a 10 % granularity allows
     assert len(calls) < 40

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mipp.capture import NonFiniteActivationError, capture_activations, pool_channels
+from mipp.surgery.capture import NonFiniteActivationError, capture_activations, pool_channels
 
 
 def _hooks(model: nn.Module) -> int:

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from mipp import checkpoint as ckpt_mod
-from mipp.checkpoint import (
+from mipp.types import ModelSpec
+from mipp.zoo import checkpoint as ckpt_mod
+from mipp.zoo.checkpoint import (
     CheckpointError,
     build_model,
     load_checkpoint,
@@ -17,8 +18,7 @@ from mipp.checkpoint import (
     sidecar_path,
     state_dicts_equal,
 )
-from mipp.train import seeded
-from mipp.types import ModelSpec
+from mipp.zoo.training import seeded
 
 
 def _perturbed(spec: ModelSpec, seed: int) -> torch.nn.Module:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import struct
 
 import numpy as np
 import pytest
+from rich.console import Console
 
-from mipp.baselines import METHOD_NAMES
-from mipp.cli import main
+from mipp.cli import build_parser, main
+from mipp.cli._common import ProgressRenderer
+from mipp.estimators import ESTIMATOR_NAMES
+from mipp.methods import ALLOCATIONS, METHOD_NAMES, TARGETS
+from mipp.methods.selection import ORDERS
+from mipp.progress import ProgressEvent
+from mipp.surgery.structure import SCOPES
+from mipp.zoo.config import OPTIMIZERS, SCHEDULES
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -43,8 +51,12 @@ def test_list_names_models_and_datasets(capsys):
         assert name in out
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
-    for name in METHOD_NAMES:
-        assert name in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
+    assert set(METHOD_NAMES) <= set(rows)  # every registered method has a row
+    # allocation column: the method's default, or "its own" for MIPP (no allocation)
+    assert "its own" in rows["mipp"] and "uniform" in rows["l1"] and "global" in rows["snip"]
+    # labels column: the loss-based methods need labels, data-free ones do not
+    assert "yes" in rows["snip"].split("│")[3] and "no" in rows["synflow"].split("│")[3]
     assert "lenet5" not in out
 
 
@@ -189,6 +201,18 @@ def test_prune_finetune_compare_round(tmp_path, fake_fmnist, capsys):
     )
     report = json.loads((pruned / "report.json").read_text())
     assert abs(report["achieved"]["units"] - 0.5) <= 0.01
+    # config.json: the resolved method with the options the report records, the pipeline
+    # options as given, the checkpoint and the versions
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["command"] == "prune"
+    assert config["checkpoint"] == str(base / "model.safetensors")
+    assert config["method"]["name"] == report["method"] == "mipp"
+    options = config["method"]["options"]
+    assert options == {k: report["options"][k] for k in options}
+    assert options["estimator"] == "linear" and options["pool"] == "mean"
+    assert config["prune"]["sparsity"] == 0.5 and config["prune"]["calib_samples"] == 200
+    assert config["prune"]["scope"] == "internal" and config["prune"]["match"] is None
+    assert {"mipp_version", "torch_version"} <= set(config)
     sidecar = json.loads((pruned / "model.json").read_text())
     assert sidecar["pruning"][0]["removed"] == {
         g["name"]: g["removed"] for g in report["groups"] if g["removed"]
@@ -303,6 +327,16 @@ def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
         assert abs(report["achieved"]["units"] - ref["achieved"]["units"]) <= 0.01
         sidecar = json.loads((out / "model.json").read_text())
         assert sidecar["params"] == report["params_after"]
+        config = json.loads((out / "config.json").read_text())
+        assert config["method"]["name"] == method and config["prune"]["match"] == match
+        assert config["method"]["options"] == {
+            k: report["options"][k] for k in config["method"]["options"]
+        }
+    assert json.loads((tmp_path / "l1" / "config.json").read_text())["method"]["options"] == {
+        "rounds": 1,
+        "normalize": "mean",
+        "allocation": "global",  # --allocation reached the method
+    }
     # one-shot repairs from the command line
     out = tmp_path / "repaired"
     argv = ["prune", ckpt, "--sparsity", "0.6", "--compensate", "--recalibrate-bn"]
@@ -313,14 +347,180 @@ def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
     # the same units as the plain run at 0.6: only the weights were re-fitted
     assert [g["kept"] for g in report["groups"]] == [g["kept"] for g in ref["groups"]]
     assert json.loads((tmp_path / "random" / "report.json").read_text())["options"]["rounds"] == 2
-    assert "scoring" in capsys.readouterr().out
+    assert "method time" in capsys.readouterr().out
     for argv, needle in (
         (["--method", "l1", "--sparsity", "0.5", "--option", "banana=1"], "no option(s) banana"),
         (["--method", "l1", "--sparsity", "0.5", "--option", "rounds"], "KEY=VALUE"),
-        (["--method", "l1", "--confidence", "0.9"], "apply to method 'mipp' only"),
-        (["--method", "obd", "--sparsity", "0.5"], "unknown method 'obd'"),
-        (["--sparsity", "0.5", "--option", "rounds=2"], "MIPP's are its own flags"),
+        (["--method", "l1", "--confidence", "0.9"], "'l1' has no option(s) confidence"),
+        (
+            ["--sparsity", "0.5", "--option", "rounds=2"],
+            "'mipp' has no option(s) rounds; valid options: estimator, pool, order, min_keep",
+        ),
+        (["--sparsity", "0.5", "--min-keep", "2", "--option", "min_keep=3"], "give it once"),
     ):
         assert main(["prune", ckpt, *argv, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_method_option_the_method_lacks_is_one_line_from_the_registry(capsys):
+    """make_method polices the options: the error comes before anything is loaded."""
+    argv = ["prune", "/nonexistent/m.safetensors", "--sparsity", "0.5"]
+    assert main([*argv, "--method", "l1", "--estimator", "gaussian"]) == 2
+    assert capsys.readouterr().err == (
+        "mipp: error: method 'l1' has no option(s) estimator; "
+        "valid options: allocation, rounds, normalize\n"
+    )
+    assert main([*argv, "--allocation", "uniform"]) == 2  # MIPP allocates on its own
+    err = capsys.readouterr().err
+    assert err.startswith("mipp: error: method 'mipp' has no option(s) allocation;")
+    # a value of the wrong kind is one line too (not a traceback)
+    assert main([*argv, "--option", "estimator=3"]) == 2
+    assert capsys.readouterr().err.startswith("mipp: error: estimator must be a name")
+
+
+def _choices(command: str) -> dict[str, tuple]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: tuple(a.choices) for a in sub._actions if a.choices is not None}
+
+
+def test_flag_choices_are_the_library_constants():
+    assert _choices("prune") == {
+        "target": TARGETS,
+        "method": METHOD_NAMES,
+        "allocation": ALLOCATIONS,
+        "estimator": ESTIMATOR_NAMES,
+        "scope": SCOPES,
+        "order": ORDERS,
+    }
+    assert "widths" in ALLOCATIONS  # keeps a matched report's widths (needs --match)
+    for command in ("train", "finetune"):
+        choices = _choices(command)
+        assert choices["optimizer"] == OPTIMIZERS and choices["schedule"] == SCHEDULES
+    assert _choices("eval")["split"] == ("train", "test")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "names"),
+    [("--estimator", "nope", ESTIMATOR_NAMES), ("--method", "obd", METHOD_NAMES)],
+)
+def test_an_unknown_choice_fails_listing_the_library_names(flag, value, names, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "m.safetensors", "--sparsity", "0.5", flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{value}'" in err
+    assert all(f"'{name}'" in err for name in names)
+
+
+def test_renderer_logs_results_and_keeps_status_and_bars_off_a_log_file():
+    """On a non-terminal console (a log file, CI) only the non-transient events are written,
+    one line each, in order; spinners and training bars leave nothing behind."""
+    buf = io.StringIO()
+    renderer = ProgressRenderer(Console(file=buf, width=200, log_path=False, log_time=False))
+    events = [
+        ProgressEvent("statistics", "computing statistics", transient=True),
+        ProgressEvent("bisection", "threshold 1.000e-02 -> units sparsity 0.4000"),
+        ProgressEvent(
+            "train",
+            "epoch 1/2: loss 2.3",
+            done=1,
+            total=3,
+            transient=True,
+            fields={"epoch": 1, "epochs": 2},
+        ),
+        ProgressEvent(
+            "train",
+            "epoch 1/2: loss 2.1",
+            done=2,
+            total=3,
+            transient=True,
+            fields={"epoch": 1, "epochs": 2},
+        ),
+        ProgressEvent("epoch", "epoch 1/2: loss 2.0  acc 0.3000", done=1, total=2),
+        ProgressEvent(
+            "train",
+            "epoch 2/2: loss 1.9",
+            done=1,
+            total=3,
+            transient=True,
+            fields={"epoch": 2, "epochs": 2},
+        ),
+        ProgressEvent("scoring", "scoring round 1", transient=True),
+        ProgressEvent("done", "mipp: 226 -> 113 units"),
+        ProgressEvent("sweep", "[2/8] run FAILED: no unit [fc1] [bold]x[/bold] [/i]"),
+    ]
+    for event in events:
+        renderer(event)
+    renderer.close()
+    assert [line.rstrip() for line in buf.getvalue().splitlines()] == [
+        "threshold 1.000e-02 -> units sparsity 0.4000",
+        "epoch 1/2: loss 2.0  acc 0.3000",
+        "mipp: 226 -> 113 units",
+        "[2/8] run FAILED: no unit [fc1] [bold]x[/bold] [/i]",  # text, not markup
+    ]
+    assert renderer._bar is None and renderer._status is None  # nothing left running
+
+
+def test_train_with_progress_renders_the_epoch_lines(tmp_path, fake_fmnist, capsys):
+    argv = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "2"]
+    argv += ["--data-root", str(fake_fmnist), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--batch-size", "50", "--latency-repeats", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2: loss" in out and "epoch 2/2: loss" in out
+
+
+SWEEP = """
+name = "cli-tiny"
+description = "MIPP and L1 at one sparsity on synthetic vectors"
+[grid]
+models = ["mlp"]
+datasets = ["synthetic"]
+regimes = ["pat"]
+methods = ["mipp", "l1"]
+sparsities = [0.5]
+seeds = [0]
+[data]
+train_subset = 2000
+test_subset = 200
+[models.mlp]
+widths = [16, 8]
+[prune]
+calib_samples = 256
+[train]
+epochs = 1
+[finetune]
+fraction = 1.0
+"""
+
+
+def test_sweep_and_report_commands(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(SWEEP)
+    out, rep = tmp_path / "sweep", tmp_path / "rep"
+    ids = ["mlp-synthetic-pat-mipp-0.50-seed0", "mlp-synthetic-pat-l1-0.50-seed0"]
+
+    assert main(["sweep", str(cfg), "--out", str(out), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"sweep cli-tiny: 2 runs → {out}" in err
+    assert sorted(line.strip() for line in err.splitlines()[1:]) == sorted(ids)
+    assert not out.exists()  # a dry run writes nothing
+
+    argv = ["sweep", str(cfg), "--out", str(out)]
+    assert main([*argv, "--report", "--report-out", str(rep)]) == 0
+    err = capsys.readouterr().err
+    assert "sweep cli-tiny: 2 runs, 0 already finished, 2 to go" in err  # a rendered event
+    assert f"2 of 2 runs finished (2 now); summarise with: mipp report {out}" in err
+    assert f"report written to {rep}" in err
+    assert sorted(p.parent.name for p in out.glob("runs/*/metrics.json")) == sorted(ids)
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["command"] == f"mipp sweep {cfg} --out {out}"
+    assert len((rep / "runs.csv").read_text().strip().splitlines()) == 1 + 2
+    assert f"mipp sweep {cfg} --out {out}\nmipp report {out}\n" in (rep / "REPORT.md").read_text()
+
+    assert main(argv) == 0  # resumable: nothing left to do
+    assert "2 of 2 runs finished (0 now)" in capsys.readouterr().err
+    assert main(["report", str(out), "--out", str(tmp_path / "rep2")]) == 0
+    assert f"report written to {tmp_path / 'rep2'}/REPORT.md" in capsys.readouterr().err
+    assert (tmp_path / "rep2" / "runs.csv").read_text() == (rep / "runs.csv").read_text()

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import make_model
-from mipp.capture import forward_until
-from mipp.compensation import LayerFit, compensate, recalibrate_bn
 from mipp.errors import MippError
-from mipp.structure import build_structure
+from mipp.surgery.capture import forward_until
+from mipp.surgery.repair import LayerFit, compensate, recalibrate_bn
+from mipp.surgery.structure import build_structure
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -433,7 +433,7 @@ def test_compensation_lowers_one_shot_error_on_vgg():
     assert err_fitted < 0.25 * err_plain  # measured: 0.0008 vs 0.025 (held-out logits MSE)
 
 
-# ----------------------------------------------------------------------- through mipp.prune
+# ----------------------------------------------------------------------- through mipp.pipeline
 
 
 @pytest.mark.parametrize("method", ["mipp", "l1", "snip"])
@@ -464,7 +464,7 @@ def test_prune_compensate_lowers_logit_error_and_is_reported(method, tmp_path):
 
 def test_prune_compensate_keeps_a_collapsed_layer_dead():
     import mipp
-    from mipp.baselines import L1Norm
+    from mipp.methods.baselines import L1Norm
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -473,9 +473,8 @@ def test_prune_compensate_keeps_a_collapsed_layer_dead():
         net[2].weight.mul_(1e-6)
     net.eval()
     x = torch.randn(64, 6, generator=_gen(1))
-    res = mipp.prune(
-        net, x, method=L1Norm(normalize="none"), sparsity=0.5, allocation="global", compensate=True
-    )
+    l1 = L1Norm(normalize="none", allocation="global")
+    res = mipp.prune(net, x, method=l1, sparsity=0.5, compensate=True)
     assert res.report.collapsed == ["2"]
     out = res.model(x)
     assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6)  # still constant

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mipp.config import TrainConfig
-from mipp.data import ImageDataset, make_separable
-from mipp.train import _lr_factor, evaluate, seeded, train
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.data import ImageDataset, make_separable
+from mipp.zoo.training import _lr_factor, evaluate, seeded, train
 
 
 def _mlp(dim: int, classes: int, seed: int) -> nn.Module:
@@ -23,15 +23,22 @@ def _toy(n: int, seed: int) -> ImageDataset:
     return ImageDataset(x, y, num_classes=10, name="synthetic")
 
 
-def test_synthetic_task_reaches_95_percent_in_seconds():
+def test_synthetic_task_reaches_95_percent():
     train_ds, test_ds = _toy(3000, seed=0), _toy(1000, seed=1)
     model = _mlp(32, 10, seed=0)
     config = TrainConfig(epochs=5, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0)
-    history = train(model, train_ds, config, progress=False)
+    events = []
+    history = train(model, train_ds, config, progress=events.append)
     result = evaluate(model, test_ds)
     assert result.top1 > 0.95
     assert result.n == 1000
-    assert history.seconds < 30
+    # progress: one transient step event per batch (47 of 64 per epoch), one per epoch
+    steps = [e for e in events if e.stage == "train"]
+    epochs = [e for e in events if e.stage == "epoch"]
+    assert len(steps) == 5 * 47 and all(e.transient and e.total == 47 for e in steps)
+    assert [e.done for e in steps[:3]] == [1, 2, 3] and steps[46].done == 47
+    assert [e.fields["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    assert [e.fields["train_loss"] for e in epochs] == [s.train_loss for s in history.epochs]
     assert [e.epoch for e in history.epochs] == [1, 2, 3, 4, 5]
     # training loss goes down
     assert history.epochs[-1].train_loss < history.epochs[0].train_loss
@@ -41,12 +48,12 @@ def test_training_is_bit_deterministic_for_a_seed_and_differs_across_seeds():
     ds = _toy(512, seed=0)
     config = TrainConfig(epochs=2, batch_size=32, lr=0.05)
     a, b = _mlp(32, 10, seed=0), _mlp(32, 10, seed=0)
-    train(a, ds, config, progress=False)
-    train(b, ds, config, progress=False)
+    train(a, ds, config)
+    train(b, ds, config)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     c = _mlp(32, 10, seed=0)
-    train(c, ds, TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=1), progress=False)
+    train(c, ds, TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=1))
     assert not torch.equal(a[0].weight, c[0].weight)
 
 
@@ -63,7 +70,7 @@ def test_training_accepts_a_plain_dataloader_and_evaluate_matches_by_hand():
     ds = _toy(256, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False)
     model = _mlp(32, 10, seed=0)
-    train(model, loader, TrainConfig(epochs=1, batch_size=32), progress=False)
+    train(model, loader, TrainConfig(epochs=1, batch_size=32))
     result = evaluate(model, loader)
     with torch.no_grad():
         logits = model(ds.x)
@@ -96,7 +103,7 @@ def test_cosine_and_step_schedules():
 def test_epoch_stats_report_the_scheduled_learning_rate():
     ds = _toy(96, seed=0)
     config = TrainConfig(epochs=3, batch_size=32, lr=0.1, schedule="step")
-    history = train(_mlp(32, 10, seed=0), ds, config, progress=False)
+    history = train(_mlp(32, 10, seed=0), ds, config)
     # 3 steps per epoch, 9 in all: last step of epochs 1, 2, 3 is 2, 5, 8 -> x1, x0.1, x0.01
     assert [e.lr for e in history.epochs] == pytest.approx([0.1, 0.01, 0.001])
 
@@ -129,6 +136,4 @@ def test_config_json_round_trip_and_unknown_field():
 def test_diverging_training_stops_with_a_clear_error():
     ds = _toy(64, seed=0)
     with pytest.raises(FloatingPointError, match="lr="):
-        train(
-            _mlp(32, 10, seed=0), ds, TrainConfig(epochs=3, lr=1e12, momentum=0.0), progress=False
-        )
+        train(_mlp(32, 10, seed=0), ds, TrainConfig(epochs=3, lr=1e12, momentum=0.0))

@@ -1,4 +1,4 @@
-"""Tests for mipp.data: readers on tiny files written here in the standard formats."""
+"""Tests for mipp.zoo.data: readers on tiny files written here in the standard formats."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from mipp import data
-from mipp.data import (
+from mipp.errors import CorruptDatasetError, DatasetNotFoundError, UnknownNameError
+from mipp.zoo import data
+from mipp.zoo.data import (
     BatchLoader,
     ImageDataset,
     calibration_subset,
@@ -32,7 +33,6 @@ from mipp.data import (
     sample_gaussian,
     train_val_split,
 )
-from mipp.errors import CorruptDatasetError, DatasetNotFoundError, UnknownNameError
 
 # --- writers for the standard formats ---------------------------------------------------------
 

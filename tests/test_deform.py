@@ -1,4 +1,4 @@
-"""Tests for mipp.data.deform and the "fashion-mnist-deformed" dataset.
+"""Tests for mipp.zoo.data.deform and the "fashion-mnist-deformed" dataset.
 
 Known answers: whole-pixel translations, shears and 90-degree turns land exactly on pixel
 centres; an elastic field of constant displacement is a translation; the smoothing matches
@@ -16,9 +16,9 @@ import pytest
 import scipy.ndimage
 import torch
 
-from mipp import data
-from mipp.data import deform_images, elastic_displacement, load_dataset, warp_images
 from mipp.errors import DatasetNotFoundError
+from mipp.zoo import data
+from mipp.zoo.data import deform_images, elastic_displacement, load_dataset, warp_images
 
 IDENTITY = dict(rotation=0.0, scale=(1.0, 1.0), shear=0.0, translate=0.0, elastic_alpha=0.0)
 

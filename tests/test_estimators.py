@@ -10,7 +10,6 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from mipp.data import gaussian_pair
 from mipp.errors import UnknownNameError
 from mipp.estimators import (
     ESTIMATORS,
@@ -24,6 +23,7 @@ from mipp.estimators import (
     second_moments,
 )
 from mipp.estimators.base import check_pair
+from mipp.zoo.data import gaussian_pair
 
 F64 = torch.float64
 
@@ -420,6 +420,7 @@ def test_mlp_detects_informative_and_noise_units() -> None:
     assert state.delta(0).value > 0.3
 
 
+@pytest.mark.slow
 def test_mlp_is_deterministic_for_a_seed() -> None:
     x, y = mlp_problem()
 
@@ -433,8 +434,9 @@ def test_mlp_is_deterministic_for_a_seed() -> None:
     assert run(1) != first
 
 
-class _NoPrefetch:
-    """A linear state seen without its ``prefetch``: TERC then takes the per-unit path."""
+class _NoPrefetch(EstimatorState):
+    """A linear state seen without its ``prefetch`` (the contract's no-op): TERC then takes
+    the per-unit path."""
 
     def __init__(self, state):
         self._s = state
@@ -461,7 +463,7 @@ class _NoPrefetch:
 def test_linear_prefetched_blocks_equal_the_per_unit_path(unit_size):
     """Deferred block removals (prefetch) give the same Δs, p-values and support as removing
     one unit at a time, over more units than one block holds."""
-    from mipp.selection import terc
+    from mipp.methods.selection import terc
 
     g = torch.Generator().manual_seed(5)
     n, units = 3000, 150

@@ -1,4 +1,9 @@
-"""Sweeps: config checking, the tiny synthetic grid through the CLI, resuming after a kill."""
+"""Sweeps: config checking, the tiny synthetic grid end to end, resuming after a kill.
+
+The grid is run through :func:`mipp.experiments.runner.run_sweep` and reported through
+:func:`mipp.experiments.report.write_report`, the two calls ``mipp sweep`` and ``mipp report``
+make; two tests run those commands end to end.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ import pytest
 from mipp.cli import main
 from mipp.errors import MippError
 from mipp.experiments import load_spec, resolve
+from mipp.experiments.report import write_report
 from mipp.experiments.runner import run_sweep
+from mipp.methods.baselines.magnitude import L1Norm
+from mipp.progress import ProgressEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +35,7 @@ models = ["mlp"]
 datasets = ["synthetic"]
 regimes = {regimes}
 methods = {methods}
-sparsities = [0.3, 0.6]
+sparsities = {sparsities}
 seeds = [0]
 [data]
 train_subset = 6000
@@ -44,10 +52,29 @@ fraction = 0.5
 """
 
 
-def tiny(tmp_path: Path, regimes='["pat", "pai"]', methods='["mipp", "l1"]', extra="") -> Path:
+def tiny(
+    tmp_path: Path,
+    regimes='["pat", "pai"]',
+    methods='["mipp", "l1"]',
+    extra="",
+    sparsities="[0.3, 0.6]",
+) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(regimes=regimes, methods=methods, extra=extra))
+    text = TINY.format(regimes=regimes, methods=methods, extra=extra, sparsities=sparsities)
+    path.write_text(text)
     return path
+
+
+def sweep(path: Path, out: Path, **options) -> tuple[object, list[ProgressEvent]]:
+    """Run the sweep at ``path`` into ``out`` as ``mipp sweep`` does: (result, its events)."""
+    events: list[ProgressEvent] = []
+    command = f"mipp sweep {path} --out {out}"
+    result = run_sweep(load_spec(path), out, command=command, progress=events.append, **options)
+    return result, events
+
+
+def messages(events: list[ProgressEvent], stage: str = "sweep") -> str:
+    return "\n".join(e.message for e in events if e.stage == stage)
 
 
 def finished(out: Path) -> dict[str, dict]:
@@ -62,18 +89,18 @@ def stamps(out: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """The tiny grid (2 regimes × 2 methods × 2 sparsities) run once through the CLI."""
+    """The tiny grid (2 regimes × 2 methods × 2 sparsities) run once."""
     tmp = tmp_path_factory.mktemp("sweep")
     out = tmp / "out"
-    t = time.perf_counter()
-    assert main(["sweep", str(tiny(tmp)), "--out", str(out)]) == 0
-    return tmp, out, time.perf_counter() - t
+    result, events = sweep(tiny(tmp), out)
+    assert not result.failed and len(result.done) == 8
+    return tmp, out, events
 
 
-def test_tiny_sweep_runs_every_cell_in_seconds(swept):
-    _, out, seconds = swept
+def test_tiny_sweep_runs_every_cell(swept):
+    _, out, _ = swept
     runs = finished(out)
-    assert len(runs) == 8 and seconds < 60
+    assert len(runs) == 8
     assert sorted({(m["regime"], m["method"], m["sparsity"]) for m in runs.values()}) == sorted(
         (r, m, s) for r in ("pai", "pat") for m in ("l1", "mipp") for s in (0.3, 0.6)
     )
@@ -93,6 +120,22 @@ def test_tiny_sweep_runs_every_cell_in_seconds(swept):
         assert [layer["name"] for layer in m["layers"]] == ["fc1", "fc2"]
         assert (out / "runs" / m["run_id"] / "report.json").is_file()
         assert m["final_epochs"] == (1 if m["regime"] == "pat" else 2)
+        assert m["method_name"] == m["method"] and m["extra_training_epochs"] == 0
+        # prune_s is the method's own work: a part of the whole prune() call
+        assert 0 < m["prune_s"] <= m["prune_total_s"]
+
+
+def test_the_sweep_reports_its_progress(swept):
+    _, _, events = swept
+    done = [e for e in events if e.stage == "sweep" and not e.transient and "run_id" in e.fields]
+    assert [e.done for e in done] == list(range(1, 9)) and {e.total for e in done} == {8}
+    assert all("ETA" in e.message and e.fields["eta_s"] >= 0 for e in done)
+    assert done[-1].fields["eta_s"] == 0
+    assert "sweep tiny: 8 runs, 0 already finished, 8 to go" in messages(events)
+    base = messages(events, "base")
+    assert "training the base mlp on synthetic (seed 0, 2 epochs, 6,000 images)" in base
+    # the base training's own epochs come through as they are
+    assert [e.done for e in events if e.stage == "epoch"] == [1, 2]
 
 
 def test_baselines_match_the_reference_runs_achieved_sparsity(swept):
@@ -118,21 +161,25 @@ def test_pat_starts_from_the_trained_base_and_pai_from_the_initialisation(swept)
     assert runs["mlp-synthetic-pai-mipp-0.30-seed0"]["accuracy_one_shot"] < 0.3
 
 
-def test_rerunning_a_finished_sweep_redoes_nothing(swept, capsys):
+def test_rerunning_a_finished_sweep_redoes_nothing(swept):
     tmp, out, _ = swept
     before = stamps(out)
-    assert main(["sweep", str(tmp / "tiny.toml"), "--out", str(out)]) == 0
-    assert "8 already finished, 0 to go" in capsys.readouterr().err
+    result, events = sweep(tmp / "tiny.toml", out)
+    assert len(result.skipped) == 8 and not result.done and not result.failed
+    assert "8 already finished, 0 to go" in messages(events)
     assert stamps(out) == before
 
 
 def test_report_of_the_tiny_sweep(swept, tmp_path):
     _, out, _ = swept
-    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert write_report(out, tmp_path / "rep") == tmp_path / "rep"
     rows = (tmp_path / "rep" / "runs.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 8
     assert (tmp_path / "rep" / "accuracy_mlp_synthetic.png").stat().st_size > 1000
-    assert "mipp sweep" in (tmp_path / "rep" / "REPORT.md").read_text()
+    assert (
+        f"mipp sweep {out.parent / 'tiny.toml'} --out {out}\n"
+        in (tmp_path / "rep" / "REPORT.md").read_text()
+    )
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path):
@@ -154,11 +201,17 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert {k: v for k, v in stamps(out).items() if k in seen} == before
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_loses_at_most_the_run_in_flight(tmp_path):
     """SIGKILL a sweep process as soon as its first run is written, then resume."""
     cfg = tiny(tmp_path, methods='["mipp", "l1", "random"]')
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mipp.cli", "sweep", str(cfg), "--out", str(out)]
+    script = (
+        "import sys; from mipp.experiments import load_spec; "
+        "from mipp.experiments.runner import run_sweep; "
+        "sys.exit(1 if run_sweep(load_spec(sys.argv[1]), sys.argv[2]).failed else 0)"
+    )
+    cmd = [sys.executable, "-c", script, str(cfg), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
@@ -185,19 +238,44 @@ def test_a_run_made_with_other_settings_is_refused(swept, tmp_path):
         run_sweep(load_spec(changed), out)
 
 
-def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
-    path = tiny(
-        tmp_path,
-        regimes='["pat"]',
-        methods='["mipp", "snip-bad"]',
-        extra='[methods.snip-bad]\nmethod = "snip"\noptions = {bogus = 1}',
-    )
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def broken(self, ctx):
+        raise RuntimeError("scores went missing")
+
+    monkeypatch.setattr(L1Norm, "scores", broken)
+    path = tiny(tmp_path, regimes='["pat"]')
     out = tmp_path / "out"
-    assert main(["sweep", str(path), "--out", str(out)]) == 1
-    assert len(finished(out)) == 2  # both mipp runs
-    err = (out / "runs/mlp-synthetic-pat-snip-bad-0.30-seed0/error.txt").read_text()
-    assert "has no option(s) bogus" in err
-    assert "2 run(s) failed" in capsys.readouterr().err
+    result, events = sweep(path, out)
+    assert sorted(result.failed) == [f"mlp-synthetic-pat-l1-{s}-seed0" for s in ("0.30", "0.60")]
+    assert set(result.failed.values()) == {"RuntimeError: scores went missing"}
+    assert sorted(finished(out)) == sorted(result.done) and len(result.done) == 2  # mipp
+    err = (out / "runs/mlp-synthetic-pat-l1-0.30-seed0/error.txt").read_text()
+    assert "Traceback" in err and "RuntimeError: scores went missing" in err
+    assert "2 run(s) failed (see runs/<id>/error.txt)" in messages(events)
+
+
+def test_the_command_line_exits_1_when_a_run_failed(tmp_path, monkeypatch):
+    def broken(self, ctx):
+        raise RuntimeError("scores went missing")
+
+    monkeypatch.setattr(L1Norm, "scores", broken)
+    path = tiny(tmp_path, regimes='["pat"]', sparsities="[0.5]")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert list(finished(tmp_path / "out")) == ["mlp-synthetic-pat-mipp-0.50-seed0"]
+
+
+def test_imp_records_the_epochs_it_trains_inside_its_decision(tmp_path):
+    """IMP re-trains 1 epoch after each of its 3 rounds but the last: 2 extra epochs."""
+    path = tiny(tmp_path, regimes='["pat"]', methods='["mipp", "imp"]', sparsities="[0.5]")
+    out = tmp_path / "out"
+    result, _ = sweep(path, out)
+    assert not result.failed
+    runs = finished(out)
+    imp = runs["mlp-synthetic-pat-imp-0.50-seed0"]
+    assert imp["method_name"] == "imp" and imp["extra_training_epochs"] == 2
+    assert runs["mlp-synthetic-pat-mipp-0.50-seed0"]["extra_training_epochs"] == 0
+    report = json.loads((out / "runs" / imp["run_id"] / "report.json").read_text())
+    assert report["timings"]["between_rounds"] > 0  # the re-training did happen
 
 
 def test_mipp_widths_with_l1_selection_keeps_mipps_per_layer_widths(tmp_path):
@@ -208,7 +286,7 @@ def test_mipp_widths_with_l1_selection_keeps_mipps_per_layer_widths(tmp_path):
         extra='[methods.l1-widths]\nmethod = "l1"\nallocation = "widths"',
     )
     out = tmp_path / "out"
-    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert not sweep(path, out)[0].failed
     runs = finished(out)
     for s in ("0.30", "0.60"):
         ref = runs[f"mlp-synthetic-pat-mipp-{s}-seed0"]["layers"]
@@ -254,15 +332,121 @@ def _with(**changes):
         ({"train__epochs": 0}, r"\[train\]: epochs must be an integer >= 1"),
         ({"finetune__epochs": 2}, r"finetune.epochs is set by finetune.fraction"),
         ({"data__channels": 2}, r"data.channels must be 1 or 3, got 2"),
-        ({"methods__v__method": "mipp", "methods__v__allocation": "widths"}, r"apply to baselines"),
-        ({"methods__v__method": "l1", "methods__v__order": "index"}, r"apply to mipp only"),
-        ({"methods__v__method": "mipp", "methods__v__estimator": "knn"}, r"'knn'; valid"),
+        (
+            {"methods__v__method": "mipp", "methods__v__allocation": "widths"},
+            r"\[methods.v\]: method 'mipp' has no option\(s\) allocation; valid options: "
+            r"estimator, pool, order, min_keep, confidence, threshold",
+        ),
+        (
+            {"methods__v__method": "l1", "methods__v__order": "index"},
+            r"\[methods.v\]: method 'l1' has no option\(s\) order",
+        ),
+        (
+            {"methods__v__method": "snip", "methods__v__options": {"bogus": 1}},
+            r"\[methods.v\]: method 'snip' has no option\(s\) bogus",
+        ),
+        (
+            {"methods__v__method": "mipp", "methods__v__estimator": "knn"},
+            r"\[methods.v\]: unknown estimator 'knn'; valid",
+        ),
+        ({"methods__v__method": "l2"}, r"\[methods.v\].method must be one of \['mipp', "),
+        (
+            {"methods__v__method": "l1", "methods__v__tolerance": 0.1},
+            r"\[methods.v\]: \['tolerance'\] set\(s\) how every method .* set it in \[prune\]",
+        ),
+        (
+            {"methods__v__method": "l1", "methods__v__compensate": "yes"},
+            r"\[methods.v\].compensate must be true or false, got 'yes'",
+        ),
+        (
+            {
+                "methods__v__method": "l1",
+                "methods__v__rounds": 2,
+                "methods__v__options": {"rounds": 3},
+            },
+            r"\[methods.v\]: \['rounds'\] given both as key\(s\) and in options",
+        ),
         ({"colour": "red"}, r"unknown key\(s\) \['colour'\] in the config \(top level\)"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(changes, message):
     with pytest.raises(MippError, match=message):
         resolve(_with(**changes))
+
+
+def test_a_variant_option_the_method_does_not_take_is_refused_naming_the_valid_ones():
+    raw = _with(grid__methods=["mipp", "x"], methods__x__method="l1")
+    raw["methods"]["x"]["estimator"] = "gaussian"
+    with pytest.raises(MippError) as info:
+        resolve(raw)
+    assert str(info.value) == (
+        "[methods.x]: method 'l1' has no option(s) estimator; valid options: allocation, "
+        "rounds, normalize"
+    )
+
+
+def test_a_variant_that_cannot_prune_the_grids_budget_is_refused_at_load_time():
+    raw = _with(grid__methods=["mipp", "v"], methods__v__method="mipp")
+    raw["methods"]["v"]["confidence"] = 0.9  # its own stopping rule: no sparsity
+    with pytest.raises(MippError, match=r"\[methods.v\] cannot prune units sparsity 0.5 .*"
+                       r"MIPP\(confidence=...\) is its own stopping rule"):  # fmt: skip
+        resolve(raw)
+    raw = _with(
+        grid__methods=["mipp", "w"],
+        prune__reference="",
+        methods__w__method="l1",
+        methods__w__allocation="widths",
+    )
+    with pytest.raises(MippError, match=r"\[methods.w\] .*widths.*prune.reference is unset"):
+        resolve(raw)
+
+
+def test_a_variant_resolves_to_its_method_and_pipeline_options():
+    raw = _with(
+        grid__methods=["mipp", "v", "m", "l1"],
+        prune__calib_samples=1024,
+        methods__v__method="l1",
+        methods__v__allocation="global",
+        methods__v__calib_samples=128,
+        methods__v__options={"rounds": 2},
+        methods__m__method="mipp",
+        methods__m__estimator="gaussian",
+        methods__m__compensate=True,
+    )
+    spec = resolve(raw)
+    method, pipeline = spec.method("v")
+    assert (method.name, method.allocation, method.rounds) == ("l1", "global", 2)
+    assert pipeline == {
+        "target": "units",
+        "calib_samples": 128,
+        "tolerance": 0.01,
+        "batch_size": 256,
+        "scope": "internal",
+        "compensate": False,
+        "recalibrate_bn": False,
+    }
+    method, pipeline = spec.method("m")
+    assert (method.name, method.estimator) == ("mipp", "gaussian")
+    assert pipeline["calib_samples"] == 1024 and pipeline["compensate"] is True
+    assert spec.method("v")[0] is not spec.method("v")[0]  # a fresh object per call
+    # the variant table as written is what a run's config.json records
+    assert spec.variant("v") == raw["methods"]["v"] and spec.variant("l1") == {"method": "l1"}
+    assert [spec.reference_for(label) for label in ("mipp", "v", "m", "l1")] == [
+        None,
+        "mipp",
+        None,  # a MIPP variant prunes to the request itself
+        "mipp",
+    ]
+
+
+def test_the_reference_must_be_a_mipp_run_by_its_method_not_its_name():
+    raw = _with(grid__methods=["mipp-like", "l1"], prune__reference="mipp-like")
+    raw["methods"] = {"mipp-like": {"method": "l1"}}
+    with pytest.raises(MippError, match=r"prune.reference 'mipp-like' must be a mipp run"):
+        resolve(raw)
+    raw = _with(grid__methods=["ours", "l1"], prune__reference="ours")
+    raw["methods"] = {"ours": {"method": "mipp", "order": "index"}}
+    assert resolve(raw).reference_for("l1") == "ours"
 
 
 def test_profiles_are_deep_merged_and_a_missing_profile_is_named(tmp_path):
@@ -310,12 +494,8 @@ def test_a_macs_matched_sweep_matches_and_reports_macs(tmp_path):
         path.read_text().replace("calib_samples = 512", 'calib_samples = 512\ntarget = "macs"')
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            ["sweep", str(path), "--out", str(out), "--report", "--report-out", str(tmp_path / "r")]
-        )
-        == 0
-    )
+    assert not sweep(path, out)[0].failed
+    write_report(out, tmp_path / "r")
     runs = finished(out)
     for s in ("0.30", "0.60"):
         ref, l1 = (runs[f"mlp-synthetic-pat-{m}-{s}-seed0"] for m in ("mipp", "l1"))

@@ -1,4 +1,4 @@
-"""mipp.experiments.report: a finished sweep directory -> CSVs, figures and REPORT.md."""
+"""mipp.experiments.report and results: a finished sweep directory -> CSVs, figures, REPORT.md."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 
 from mipp.errors import MippError
-from mipp.experiments.report import (
+from mipp.experiments.figures import method_styles
+from mipp.experiments.report import write_report
+from mipp.experiments.results import (
     best_method_summary,
     grid_methods,
     load_sweep,
     mean_std,
+    mipp_labels,
     order_methods,
+    primary_mipp,
     summarise,
-    write_report,
 )
 
 PROTOCOL = ["LeNet-5 trained 3 epochs per seed", "fine-tune 1 epoch after pruning"]
@@ -344,8 +347,12 @@ def test_single_seed_cells_and_default_out_dir(tmp_path, monkeypatch):
 
 def test_reference_label_from_the_config_leads_the_comparison(tmp_path):
     runs = [
-        _metrics("pat", m, 0.5, seed, accuracy_final=acc + OFFSET[seed])
-        for m, acc in (("mipp", 0.95), ("mipp-linear", 0.90), ("l1", 0.85))
+        _metrics("pat", m, 0.5, seed, accuracy_final=acc + OFFSET[seed], method_name=name)
+        for m, name, acc in (
+            ("mipp", "mipp", 0.95),
+            ("mipp-linear", "mipp", 0.90),
+            ("l1", "l1", 0.85),
+        )
         for seed in (0, 1, 2)
     ]
     best = best_method_summary(runs, mipp="mipp-linear")
@@ -365,3 +372,44 @@ def test_reference_label_from_the_config_leads_the_comparison(tmp_path):
         "best overall mipp 0.950\n"
     ) in text
     assert "| method | prune_s (s) | runs | × mipp-linear |" in text
+
+
+# --------------------------------------------------------------------------- the MIPP family
+
+
+def test_the_mipp_family_is_decided_by_the_runs_method_not_the_label(tmp_path):
+    runs = [
+        _metrics("pat", m, 0.5, seed, accuracy_final=acc + OFFSET[seed], method_name=name)
+        for m, name, acc in (("ours", "mipp", 0.80), ("mipp-like", "l1", 0.85), ("l1", "l1", 0.70))
+        for seed in (0, 1, 2)
+    ]
+    assert mipp_labels(runs) == {"ours"}
+    assert primary_mipp(["mipp-like", "ours", "l1"], mipp_labels(runs)) == "ours"
+    # rows of an older sweep without method_name: only the label "mipp" is MIPP
+    assert mipp_labels([{"method": "mipp"}, {"method": "mipp-gaussian"}]) == {"mipp"}
+    best = best_method_summary(runs, methods=["mipp-like", "ours", "l1"])
+    assert (best[0]["mipp"], best[0]["baseline"], best[0]["best"]) == (
+        "ours",
+        "mipp-like",
+        "mipp-like",
+    )
+    assert best[0]["margin"] == pytest.approx(-0.05)
+    meta = {"config": {"grid": {"methods": ["mipp-like", "ours", "l1"]}, "prune": {}}}
+    sweep = _make_sweep(tmp_path / "sweep", runs, meta=meta)
+    text = (write_report(sweep, tmp_path / "out") / "REPORT.md").read_text()
+    assert (
+        "| requested | units removed: ours (min–max over methods) | mipp-like | ours | l1 |" in text
+    )
+    assert "- PaT 50.0 %: ours 0.800 vs best baseline mipp-like 0.850 (-5.0 pt)\n" in text
+    assert "| method | prune_s (s) | runs | × ours |" in text
+    # figures: "ours" is the thick black line, "mipp-like" a baseline's solid colour line
+    styles = method_styles(
+        ["mipp-like", "ours", "mipp-gaussian", "l1"], {"ours", "mipp-gaussian"}, None
+    )
+    assert (styles["ours"]["color"], styles["ours"]["linewidth"]) == ("black", 2.6)
+    assert (styles["mipp-gaussian"]["color"], styles["mipp-gaussian"]["linestyle"]) == (
+        "#404040",
+        "--",
+    )
+    assert (styles["mipp-like"]["color"], styles["mipp-like"]["linestyle"]) == ("#1f77b4", "-")
+    assert styles["l1"]["color"] == "#ff7f0e"

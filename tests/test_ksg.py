@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 import mipp
-from mipp.data import gaussian_mi, gaussian_pair, sample_gaussian
 from mipp.estimators import KSGData, KSGEstimator, LinearEstimator, make_estimator
-from mipp.train import seeded
+from mipp.zoo.data import gaussian_mi, gaussian_pair, sample_gaussian
+from mipp.zoo.training import seeded
 
 F64 = torch.float64
 
@@ -386,7 +386,7 @@ def lenet_and_inputs() -> tuple[torch.nn.Module, Tensor]:
 
 def test_pipeline_threshold_mode_removes_exactly_the_non_positive_units() -> None:
     net, x = lenet_and_inputs()
-    result = mipp.prune(net, x, threshold=0.0, estimator="ksg", calib_samples=256)
+    result = mipp.prune(net, x, method=mipp.MIPP(threshold=0.0, estimator="ksg"), calib_samples=256)
     report = result.report
     assert report.options["estimator"] == "ksg"
     for g in report.groups:
@@ -401,6 +401,20 @@ def test_pipeline_threshold_mode_removes_exactly_the_non_positive_units() -> Non
 @pytest.mark.slow
 def test_pipeline_reaches_the_requested_sparsity() -> None:
     net, x = lenet_and_inputs()
-    result = mipp.prune(net, x, sparsity=0.5, estimator="ksg", calib_samples=256)
+    result = mipp.prune(net, x, method=mipp.MIPP(estimator="ksg"), sparsity=0.5, calib_samples=256)
     assert abs(result.report.achieved["units"] - 0.5) <= 0.01
     assert result.report.options["estimator"] == "ksg"
+
+
+def test_a_positive_delta_over_a_clamped_zero_information_is_not_zero() -> None:
+    """I(X_S; Y) is clamped at 0; a unit with Δ > 0 must then count as informative (relative
+    +inf), not as adding nothing (relative 0), or threshold 0 would cut the layer to min_keep."""
+    pair = gaussian_pair(600, dim_x=2, dim_y=1, rho=0.8, seed=0)
+    est = KSGEstimator()
+    state = est.start(est.prepare(pair.x, pair.y))
+    state._info = 0.0  # what a clamped estimate of I(X_S; Y) leaves in the state
+    d = state.delta(0)
+    assert d.value > 0.1 and d.relative == math.inf
+    state._info = 0.0
+    kept = mipp.methods.selection.terc(state, threshold=0.0).support
+    assert bool(kept[0])  # the informative unit survives a zero threshold

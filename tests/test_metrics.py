@@ -17,7 +17,7 @@ from mipp.metrics import (
     measure_latency,
     model_summary,
 )
-from mipp.models import LeNet5, create
+from mipp.zoo.models import LeNet5, create
 
 LENET_PER_LAYER = {
     "conv1": 6 * 28 * 28 * (1 * 5 * 5),  # 117,600

@@ -1,4 +1,4 @@
-"""Tests for mipp.models: shapes, parameter counts, registry, widths, prunability."""
+"""Tests for mipp.zoo.models: shapes, parameter counts, registry, widths, prunability."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from mipp.errors import UnknownNameError
 from mipp.metrics import layer_widths
-from mipp.models import (
+from mipp.zoo.models import (
     MODELS,
     CifarResNet,
     LeNet5,
@@ -20,7 +20,7 @@ from mipp.models import (
     list_models,
     output_layer,
 )
-from mipp.models.vgg import VGG_STAGES, vgg_default_widths
+from mipp.zoo.models.vgg import VGG_STAGES, vgg_default_widths
 
 ALL_MODELS = [
     "mlp",
@@ -174,7 +174,14 @@ def test_unknown_name_lists_valid_names() -> None:
 # --- shapes --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+#: the deep ResNets take seconds each: their shapes are checked in the slow tier
+_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n for n in ALL_MODELS],
+)
 def test_output_shapes(name: str) -> None:
     """(2, c, s, s) → (2, num_classes) for 1/3 channels, 28/32 px, 10/100 classes.
 

@@ -10,17 +10,20 @@ import torch
 from torch import nn
 
 from helpers import make_model, zero_consumers
-from mipp import models
-from mipp.capture import NonFiniteActivationError
-from mipp.checkpoint import load_checkpoint, save_checkpoint
-from mipp.config import TrainConfig
-from mipp.data import ImageDataset, make_separable
+from mipp.errors import MippError
+from mipp.methods import MIPP
 from mipp.metrics import count_macs, count_params
-from mipp.prune import prune
-from mipp.report import PruneReport, apply_report
-from mipp.structure import UnsupportedModuleError, build_structure
-from mipp.train import evaluate, seeded, train
+from mipp.pipeline import prune
+from mipp.report import PruneReport
+from mipp.surgery.capture import NonFiniteActivationError
+from mipp.surgery.replay import apply_report
+from mipp.surgery.structure import UnsupportedModuleError, build_structure
 from mipp.types import ModelSpec
+from mipp.zoo import models
+from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.data import ImageDataset, make_separable
+from mipp.zoo.training import evaluate, seeded, train
 
 
 def _check_equivalent(model: nn.Module, result, x: torch.Tensor) -> None:
@@ -120,7 +123,7 @@ def test_planted_duplicate_hidden_units_are_dropped_once():
         net.fc1.weight[4:] = net.fc1.weight[:4]
         net.fc1.bias[4:] = net.fc1.bias[:4]
     x = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    result = prune(net, x, confidence=0.99)
+    result = prune(net, x, method=MIPP(confidence=0.99))
     group = {g.name: g for g in result.report.groups}["fc1"]
     kept = set(group.kept)
     assert all(len(kept & {j, j + 4}) == 1 for j in range(4))
@@ -175,9 +178,7 @@ def test_pruning_after_training_keeps_a_trained_mlp_accurate():
     data = ImageDataset(xs.reshape(-1, 1, 4, 8), ys, num_classes=10, name="toy")
     with seeded(0):
         net = nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-    train(
-        net, data, TrainConfig(epochs=3, optimizer="adam", lr=3e-3, weight_decay=0), progress=False
-    )
+    train(net, data, TrainConfig(epochs=3, optimizer="adam", lr=3e-3, weight_decay=0))
     result = prune(net, data, sparsity=0.5, calib_samples=1000)
     assert result.report.groups[0].width_after == 32
     assert evaluate(result.model, data).top1 > 0.95
@@ -191,22 +192,51 @@ def test_pruning_after_training_keeps_a_trained_mlp_accurate():
     [
         ({"sparsity": 1.0}, "sparsity must be in [0, 1), got 1.0"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1), got -0.1"),
-        ({"confidence": 0.0}, "confidence must be in (0, 1), got 0.0"),
-        ({"confidence": 1.0}, "confidence must be in (0, 1), got 1.0"),
-        ({"sparsity": 0.5, "confidence": 0.9}, "exactly one of"),
-        ({}, "exactly one of"),
+        ({"sparsity": 0.5, "method": MIPP(confidence=0.9)}, "give one of them, not both"),
+        ({"sparsity": 0.5, "method": MIPP(threshold=0.1)}, "give one of them, not both"),
+        ({"method": "l1"}, "method 'l1' needs sparsity= (or match=)"),
+        ({"method": "nope", "sparsity": 0.5}, "unknown method 'nope'; valid methods:"),
+        ({"method": 3, "sparsity": 0.5}, "method must be a name"),
         ({"sparsity": 0.5, "target": "flops"}, "target must be one of"),
         ({"sparsity": 0.5, "scope": "stream"}, "scope must be one of"),
-        ({"sparsity": 0.5, "estimator": "ksg2"}, "unknown estimator 'ksg2'"),
-        ({"sparsity": 0.5, "pool": 0}, "pool must be 'mean' or a positive integer"),
         ({"sparsity": 0.5, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"sparsity": 0.5, "tolerance": 0}, "tolerance must be in (0, 1), got 0"),
     ],
 )
 def test_bad_options_are_named(options, needle):
     model, x = make_model("lenet5", n=300)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises((ValueError, TypeError)) as info:
         prune(model, x, **options)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"confidence": 0.0}, "confidence must be in (0, 1), got 0.0"),
+        ({"confidence": 1.0}, "confidence must be in (0, 1), got 1.0"),
+        ({"confidence": 0.9, "threshold": 0.1}, "confidence= or threshold=, not both"),
+        ({"threshold": -1.0}, "threshold must be a finite number >= 0, got -1.0"),
+        ({"estimator": "ksg2"}, "unknown estimator 'ksg2'"),
+        ({"pool": 0}, "pool must be 'mean' or a positive integer"),
+        ({"order": "up"}, "order must be one of mi, index, random; got 'up'"),
+        ({"min_keep": 0}, "min_keep must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_mipp_options_fail_when_the_method_is_built(options, needle):
+    with pytest.raises(ValueError) as info:
+        MIPP(**options)
+    assert needle in str(info.value)
+
+
+def test_without_a_budget_mipp_applies_the_papers_test_at_095():
+    """No sparsity, no match: MIPP's own rule — the selector's default confidence 0.95."""
+    model, x = make_model("lenet5", n=600)
+    plain = prune(model, x).report
+    explicit = prune(model, x, method=MIPP(confidence=0.95)).report
+    assert plain.options["confidence"] == explicit.options["confidence"] == 0.95
+    assert [g.kept for g in plain.groups] == [g.kept for g in explicit.groups]
+    assert plain.requested is None and not plain.bisection
 
 
 def test_too_small_calibration_set_says_how_many_are_needed():
@@ -241,3 +271,8 @@ def test_unsupported_module_is_refused_by_prune():
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     with pytest.raises(UnsupportedModuleError, match=r"'2' \(LayerNorm\)"):
         prune(net, torch.randn(64, 16), sparsity=0.5)
+
+
+def test_a_model_without_parameters_is_refused_by_name():
+    with pytest.raises(MippError, match="Sequential has no parameters"):
+        prune(nn.Sequential(nn.Flatten(), nn.ReLU()), torch.randn(8, 4), sparsity=0.5)

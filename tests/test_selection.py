@@ -1,4 +1,4 @@
-"""Tests for mipp.selection: TERC recovers a planted layer structure with every estimator;
+"""Tests for mipp.methods.selection: TERC recovers a planted layer structure with every estimator;
 min_keep, ordering, threshold monotonicity, validation and the scikit-learn-style selector."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from mipp.estimators import GaussianEstimator, LinearEstimator, MLPEstimator, make_estimator
-from mipp.estimators.validation import Planted, planted_layer
-from mipp.selection import MIPPSelector, SelectionResult, terc
+from mipp.methods.selection import MIPPSelector, SelectionResult, terc
+from mipp.testing.estimators import Planted, planted_layer
 
 F64 = torch.float64
 
@@ -51,6 +51,7 @@ def test_planted_structure_closed_forms(name: str, nonlinear: bool) -> None:
         assert_recovers(layer, terc(est.start(prepared), **mode))
 
 
+@pytest.mark.slow
 def test_planted_structure_mlp() -> None:
     layer = planted_layer(n=2000)
     est = make_estimator("mlp", seed=0)

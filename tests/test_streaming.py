@@ -9,13 +9,13 @@ from torch import nn
 
 import mipp
 from helpers import make_model
-from mipp.capture import capture_activations, stream_activations
 from mipp.estimators import GaussianEstimator, LinearEstimator, second_moments
 from mipp.estimators.moments import MomentAccumulator
-from mipp.features import StreamedMoments, group_data
-from mipp.prune import _select
-from mipp.structure import build_structure
-from mipp.train import seeded
+from mipp.methods import MIPP
+from mipp.methods.targets import StreamedMoments, group_data
+from mipp.surgery.capture import capture_activations, stream_activations
+from mipp.surgery.structure import build_structure
+from mipp.zoo.training import seeded
 
 
 def _stream(x, y, sizes):
@@ -125,9 +125,9 @@ def test_selection_from_streamed_statistics_is_identical(model, est, pool):
         diag_a, diag_b = a.prepared.syy.diagonal(), b.prepared.syy.diagonal()
         assert (diag_a - diag_b).abs().max() <= 1e-10
     tau = 1e-3 if isinstance(est, LinearEstimator) else 1e-2
-    options = dict(confidence=None, threshold=tau, min_keep=1, order="mi", seed=0, estimator=est)
-    kept_a, res_a = _select(memory, **options)
-    kept_b, res_b = _select(streamed, **options)
+    mipp_method = MIPP(min_keep=1, order="mi")
+    kept_a, res_a = mipp_method._select(memory, est, None, tau, 0, None)
+    kept_b, res_b = mipp_method._select(streamed, est, None, tau, 0, None)
     assert sum(int((~k).sum()) for k in kept_a) > 0  # the threshold does prune something
     for ka, kb, ra, rb in zip(kept_a, kept_b, res_a, res_b, strict=True):
         assert torch.equal(ka, kb)
@@ -138,8 +138,8 @@ def test_prune_with_a_closed_form_never_holds_activations(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("capture_activations must not run for a streaming estimator")
 
-    prune_module = importlib.import_module("mipp.prune")  # the module, not mipp.prune()
-    monkeypatch.setattr(prune_module, "capture_activations", refuse)
+    method_module = importlib.import_module("mipp.methods.mipp")  # where MIPP captures
+    monkeypatch.setattr(method_module, "capture_activations", refuse)
     with seeded(0):
         net = mipp.create_model("lenet5", in_channels=1, input_size=28)
     x = torch.randn(600, 1, 28, 28, generator=torch.Generator().manual_seed(0))

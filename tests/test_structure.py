@@ -11,14 +11,18 @@ from torch import nn
 
 from helpers import make_model as _model
 from helpers import zero_consumers as _zero_consumers
-from mipp.costs import CostModel
 from mipp.metrics import count_macs, count_params
-from mipp.structure import UnsupportedModuleError, build_structure
+from mipp.surgery.costs import CostModel
+from mipp.surgery.structure import UnsupportedModuleError, build_structure
 
 ZOO = ["mlp", "lenet5", "vgg11", "vgg16", "resnet20", "resnet56", "resnet18", "resnet50"]
 
 
-@pytest.mark.parametrize("name", [*ZOO, "tiny-resnet"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n == "resnet50" else n for n in ZOO]
+    + ["tiny-resnet"],
+)
 def test_pruned_equals_masked_original(name):
     model, x = _model(name)
     pruned = copy.deepcopy(model)

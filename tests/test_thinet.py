@@ -8,7 +8,7 @@ from torch import nn
 
 import mipp
 from helpers import make_ctx
-from mipp.baselines.thinet import (
+from mipp.methods.baselines.thinet import (
     ThiNet,
     conv_contributions,
     conv_output_shape,
@@ -17,7 +17,7 @@ from mipp.baselines.thinet import (
     linear_contributions,
     scale_inputs,
 )
-from mipp.structure import Consumer
+from mipp.surgery.structure import Consumer
 
 PAIRS = Consumer("c", ((0, 1), (2, 3), (4, 5)))  # units of two input channels / features each
 SINGLE = Consumer("c", tuple((i,) for i in range(6)))
@@ -237,6 +237,8 @@ def test_uniform_allocation_follows_greedy_order_at_every_count():
     rows = method.contributions(ctx, ctx.groups)
     order, _ = greedy_order(torch.cat([r for _, r in rows["0"]]), ctx.alive["0"])
     for k in (1, 2, 3):
-        result = mipp.prune(model, x, method="thinet", sparsity=k / 4, allocation="uniform")
+        result = mipp.prune(
+            model, x, method=mipp.make_method("thinet", allocation="uniform"), sparsity=k / 4
+        )
         removed = {g.name: g.removed for g in result.report.groups}["0"]
         assert removed == sorted(order[:k].tolist())

@@ -1,4 +1,4 @@
-"""The estimator validation suite (mipp.estimators.validation): its closed forms are right,
+"""The estimator validation suite (mipp.testing.estimators): its closed forms are right,
 and the closed-form estimators meet them where they should and miss what they cannot see."""
 
 import math
@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from mipp.estimators import GaussianEstimator, LinearEstimator, make_estimator
-from mipp.estimators.validation import (
+from mipp.estimators.base import Delta
+from mipp.estimators.linear import LinearState
+from mipp.methods.selection import terc
+from mipp.testing.estimators import (
+    check_estimator,
     evaluate,
     gaussian_cmi_case,
     gaussian_mi_case,
@@ -16,7 +20,6 @@ from mipp.estimators.validation import (
     square_case,
     suite,
 )
-from mipp.selection import terc
 
 
 def test_case_truths_match_independent_formulas():
@@ -100,3 +103,38 @@ def test_ksg_on_the_suite(case):
         assert out.value < 0.04 and out.pvalue > 0.01
     if case.family == "square":
         assert out.value > 0.3 and out.pvalue < 1e-6  # the closed forms give < 0.01 here
+
+
+# ----------------------------------------------------------------------------- conformance
+
+
+@pytest.mark.parametrize(
+    ("est", "scale"), [(LinearEstimator(), "share"), (GaussianEstimator(), "nats")]
+)
+def test_the_closed_forms_conform(est, scale):
+    assert check_estimator(est, scale=scale) == []
+
+
+class _Doubled(LinearEstimator):
+    """A broken estimator: every Δ twice the truth."""
+
+    name = "doubled"
+
+    def start(self, prepared, columns=None):
+        return _DoubledState(prepared, columns, ridge=self.ridge)
+
+
+class _DoubledState(LinearState):
+    def delta(self, i: int) -> Delta:
+        d = super().delta(i)
+        return Delta(value=2 * d.value, relative=2 * d.relative, pvalue=d.pvalue)
+
+
+def test_check_estimator_names_what_a_broken_estimator_gets_wrong():
+    failures = check_estimator(_Doubled(), scale="share")
+    assert failures and all(f.startswith("doubled: ") for f in failures)
+    assert any("gaussian-mi n=4000 d=1 rho=0.6: Δ = 0.72" in f for f in failures)
+    assert check_estimator(LinearEstimator(), scale="nats")  # the wrong scale fails too
+    assert check_estimator(object(), scale="nats") == [
+        "object: not a mipp.estimators.Estimator (subclass it)"
+    ]

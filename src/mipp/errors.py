@@ -7,6 +7,7 @@ print it as one clear line instead of a traceback.
 from __future__ import annotations
 
 __all__ = [
+    "CalibrationError",
     "CorruptDatasetError",
     "DatasetNotFoundError",
     "MippError",
@@ -20,6 +21,11 @@ class MippError(Exception):
 
 class UnknownNameError(MippError, ValueError):
     """A name (model, dataset, method, ...) is not in its registry."""
+
+
+class CalibrationError(MippError, ValueError):
+    """The calibration data cannot support the request (too few samples for the estimator,
+    an empty set); the message says what is needed."""
 
 
 class DatasetNotFoundError(MippError, FileNotFoundError):

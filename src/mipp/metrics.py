@@ -21,11 +21,13 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from mipp.modules import eval_mode
 
 __all__ = [
     "LatencyResult",
@@ -94,18 +96,6 @@ def _layer_macs(module: nn.Module, output: Tensor) -> int:
     return output.numel()  # BatchNorm
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag on exit, even on error."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags.items():
-            m.training = training
-
-
 def _example(model: nn.Module, shape: Sequence[int], batch_size: int) -> Tensor:
     """Zeros of shape ``(batch_size, *shape)`` on the model's device and floating dtype."""
     param = next(iter(model.parameters()), None)
@@ -160,7 +150,7 @@ def count_macs(model: nn.Module, example: Tensor | Sequence[int]) -> MacCount:
     try:
         for m in names:
             handles.append(m.register_forward_hook(hook))
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
@@ -226,7 +216,7 @@ def measure_latency(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for b in sizes:
                 x = torch.randn((b, *shape), generator=generator, dtype=template.dtype)
                 x = x.to(template.device)
@@ -269,7 +259,7 @@ def compare_latency(
     results: list[dict[int, LatencyResult]] = [{} for _ in models]
     with contextlib.ExitStack() as stack, torch.inference_mode():
         for m in models:
-            stack.enter_context(_eval_mode(m))
+            stack.enter_context(eval_mode(m))
         for b in batch_sizes:
             x = torch.randn((b, *shape), generator=generator, dtype=template.dtype)
             x = x.to(template.device)

@@ -1,11 +1,11 @@
-"""The record of a pruning run, and replaying it onto a fresh model.
+"""The record of a pruning run: data and JSON only.
 
 A :class:`PruneReport` is data, not a pickled module: per-group widths before/after, the
 removed and kept unit indices, the MI traces of the selection (single scores s_i and the
 conditional Δ_i at the moment each unit was tested), the information each layer kept,
-parameters / MACs before and after, and wall time per phase. It round-trips through JSON,
-and :func:`apply_report` rebuilds the pruned architecture on a freshly constructed model so
-that a pruned checkpoint's weights load into it.
+parameters / MACs before and after, and wall time per phase. It round-trips through JSON;
+:func:`mipp.surgery.replay.apply_report` rebuilds the pruned architecture from it on a
+freshly constructed model so that a pruned checkpoint's weights load into it.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
+from mipp._io import atomic_write_bytes
 from mipp.errors import MippError
 
-__all__ = ["GroupReport", "PruneReport", "apply_report"]
+__all__ = ["WORK_PHASES", "GroupReport", "PruneReport"]
 
 FORMAT = "mipp-prune-report"
 VERSION = 1
+#: the ``timings`` phases that are a method's own work (what a cost comparison counts):
+#: MIPP's activation capture, statistics and selection (bisection included), a scored
+#: method's scoring rounds and allocation. Structure, removal, repairs and IMP's
+#: re-training between rounds are not counted.
+WORK_PHASES = ("capture", "statistics", "selection", "scoring", "allocation")
 
 
 def _clean(value: Any) -> Any:
@@ -45,7 +48,7 @@ def _floats(values: list[Any]) -> list[float]:
 
 @dataclass
 class GroupReport:
-    """What happened to one unit group (see :mod:`mipp.structure`).
+    """What happened to one unit group (see :mod:`mipp.surgery.structure`).
 
     ``scores`` (s_i), ``deltas`` (Δ_i), ``relative_deltas`` and ``pvalues`` are per unit in the
     group's original index order; NaN where a unit was never tested (``min_keep`` reached).
@@ -129,6 +132,11 @@ class PruneReport:
         return {g.name: (g.width_before, g.width_after) for g in self.groups}
 
     @property
+    def work_seconds(self) -> float:
+        """Seconds of the method's own work: the sum of the :data:`WORK_PHASES` timings."""
+        return float(sum(self.timings.get(phase, 0.0) for phase in WORK_PHASES))
+
+    @property
     def removed(self) -> dict[str, list[int]]:
         """Group name → removed unit indices (what :func:`apply_report` replays)."""
         return {g.name: list(g.removed) for g in self.groups if g.removed}
@@ -154,7 +162,8 @@ class PruneReport:
         return cls(**kwargs)
 
     def replay_record(self) -> dict[str, Any]:
-        """The minimal record :func:`apply_report` needs (stored in checkpoint sidecars)."""
+        """The minimal record :func:`~mipp.surgery.replay.apply_report` needs (stored in
+        checkpoint sidecars)."""
         return {
             "input_shape": list(self.input_shape),
             "widths": {g.name: g.width_before for g in self.groups if g.removed},
@@ -166,8 +175,6 @@ class PruneReport:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON (atomically)."""
-        from mipp.checkpoint import atomic_write_bytes
-
         path = Path(path)
         atomic_write_bytes(path, self.to_json().encode())
         return path
@@ -178,36 +185,3 @@ class PruneReport:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise MippError(f"cannot read prune report {path}: {e}") from None
-
-
-def apply_report(model: nn.Module, report: PruneReport | dict[str, Any]) -> nn.Module:
-    """Remove, in place, the units ``report`` removed, so ``model`` gets the pruned shapes.
-
-    ``model`` must be the same architecture the report was made on (e.g. freshly built from
-    the checkpoint's :class:`~mipp.types.ModelSpec`); its weights are irrelevant — load the
-    pruned checkpoint's weights afterwards. ``report`` is a :class:`PruneReport`, its dict,
-    or its :meth:`~PruneReport.replay_record`. Returns ``model``.
-
-    Raises:
-        MippError: the model's unit groups do not match the report's.
-    """
-    from mipp.structure import build_structure
-
-    if isinstance(report, PruneReport):
-        record = report.replay_record()
-    elif "format" in report:
-        record = PruneReport.from_dict(report).replay_record()
-    else:
-        record = report
-    param = next(model.parameters())
-    example = torch.zeros((2, *record["input_shape"]), dtype=param.dtype, device=param.device)
-    structure = build_structure(model, example)
-    sizes = {g.name: g.size for g in structure.groups}
-    for name, width in record["widths"].items():
-        if sizes.get(name) != width:
-            raise MippError(
-                f"cannot apply the prune report: group {name!r} has "
-                f"{sizes.get(name, 'no')} units in this model, the report expects {width}"
-            )
-    structure.remove(record["removed"])
-    return model

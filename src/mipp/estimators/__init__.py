@@ -1,4 +1,4 @@
-"""Estimators of I(X_i; Y) and of the conditional MI Δ_i = I(X_i; Y | X_{S∖i}) (METHOD.md §3).
+"""Estimators of I(X_i; Y) and of the conditional MI Δ_i = I(X_i; Y | X_{S∖i}) (docs/METHOD.md §3).
 
 All take tensors — activations ``x`` ``(n, U, b)`` of U units with b features each (or
 ``(n, U)``) and a target ``y`` ``(n, Q)`` — and follow the :class:`Estimator` /
@@ -32,6 +32,7 @@ from mipp.registry import lookup
 
 __all__ = [
     "ESTIMATORS",
+    "ESTIMATOR_NAMES",
     "Delta",
     "Estimator",
     "EstimatorState",
@@ -50,12 +51,15 @@ __all__ = [
     "second_moments",
 ]
 
-ESTIMATORS: dict[str, type] = {
+ESTIMATORS: dict[str, type[Estimator]] = {
     "linear": LinearEstimator,
     "gaussian": GaussianEstimator,
     "mlp": MLPEstimator,
     "ksg": KSGEstimator,
 }
+
+#: the registered estimator names, in the order shown to users (the default first)
+ESTIMATOR_NAMES: tuple[str, ...] = tuple(ESTIMATORS)
 
 
 def make_estimator(name: str, *, seed: int = 0) -> Estimator:

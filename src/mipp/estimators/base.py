@@ -2,7 +2,7 @@
 
 An :class:`Estimator` turns a layer's activations ``x`` and its target ``y`` into an
 :class:`EstimatorState` for one target (a subset of ``y``'s columns). The state holds the kept
-set S (all units at the start) and answers the three questions TERC asks (METHOD.md §2.3):
+set S (all units at the start) and answers the three questions TERC asks (docs/METHOD.md §2.3):
 
 - ``single_scores()``: s_i = I(X_i; Y), each unit alone (the MI ordering);
 - ``delta(i)``: Δ_i = I(X_i; Y | X_{S∖i}), with a one-sided p-value for H0: Δ_i = 0;
@@ -14,8 +14,9 @@ globally pooled channel, ``b = k*k`` for k×k pooling); a 2-D ``(n, U)`` ``x`` m
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -42,37 +43,46 @@ class Delta:
     pvalue: float
 
 
-@runtime_checkable
-class EstimatorState(Protocol):
-    """The kept set S of one layer for one target, and the statistics TERC queries."""
+class EstimatorState(ABC):
+    """The kept set S of one layer for one target, and the statistics TERC queries.
+
+    Subclasses set ``n_units`` (U) and implement the five abstract members; ``prefetch`` is
+    optional (a no-op here).
+    """
 
     n_units: int
 
     @property
+    @abstractmethod
     def active(self) -> Tensor:
         """bool ``(U,)``: True for the units still in S."""
-        ...
 
+    @abstractmethod
     def single_scores(self) -> Tensor:
         """float64 ``(U,)``: s_i = I(X_i; Y) of each unit alone (unit of ``Delta.value``);
         exactly 0 for a constant unit."""
-        ...
 
+    @abstractmethod
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) for a unit i in S."""
-        ...
 
+    @abstractmethod
     def remove(self, i: int) -> None:
         """S ← S ∖ {i}."""
-        ...
 
+    @abstractmethod
     def information(self) -> float:
         """I(X_S; Y) under the estimator, for the current S."""
-        ...
+
+    def prefetch(self, units: list[int]) -> None:  # noqa: B027 - optional, a no-op by default
+        """Announce the next units TERC will test, in order (some may be kept, some removed).
+
+        States that can batch their work (``linear`` serves the announced units from small
+        block caches) override this; the answers of :meth:`delta` must not depend on it.
+        """
 
 
-@runtime_checkable
-class Estimator(Protocol):
+class Estimator(ABC):
     """Builds :class:`EstimatorState` objects; ``prepare`` once per layer, ``start`` per target.
 
     ``prepare(x, y)`` takes ``x`` ``(n, U, b)`` or ``(n, U)`` and every candidate target
@@ -80,13 +90,44 @@ class Estimator(Protocol):
     ``start(prepared, columns)`` starts a state with S = all units for the target columns
     ``columns`` (LongTensor; ``None`` = all). Target columns with zero variance carry no
     information and are dropped.
+
+    What a pipeline needs to know before it runs any data is declared here:
+
+    - ``streams``: ``prepare`` needs only the centred second moments of (X, Y), so they may
+      be accumulated batch by batch (:class:`~mipp.estimators.moments.MomentAccumulator`)
+      and ``start`` given :class:`~mipp.estimators.moments.Moments` instead;
+    - ``needs_target_covariance``: with ``streams``, whether ``start`` needs the target's
+      full covariance (else its variances suffice, O(Q) instead of O(Q²) memory);
+    - :meth:`min_samples`: the calibration samples a layer of a given size needs;
+    - :meth:`data_device`: where ``prepare``'s inputs should live.
+
+    Subclass it (the defaults suit an estimator that holds its samples on the CPU) and check
+    the result against the known answers of :mod:`mipp.testing.estimators`.
     """
 
-    name: str
+    name: ClassVar[str] = "estimator"
+    streams: ClassVar[bool] = False
+    needs_target_covariance: ClassVar[bool] = True
 
-    def prepare(self, x: Tensor, y: Tensor) -> Any: ...
+    @abstractmethod
+    def prepare(self, x: Tensor, y: Tensor) -> Any:
+        """Reusable statistics of ``x`` ``(n, U, b)`` / ``(n, U)`` and ``y`` ``(n, Q)``."""
 
-    def start(self, prepared: Any, columns: Tensor | None = None) -> EstimatorState: ...
+    @abstractmethod
+    def start(self, prepared: Any, columns: Tensor | None = None) -> EstimatorState:
+        """A state with S = all units, for target columns ``columns`` (None = all)."""
+
+    def min_samples(self, features: int, target_columns: int) -> int:
+        """Samples needed for a layer with ``features`` = U·b features in all and a target of
+        ``target_columns`` columns: by default ``features + 2`` (a regression on every
+        feature plus an intercept must be determined)."""
+        return features + 2
+
+    def data_device(self, model_device: torch.device) -> torch.device | None:
+        """Where ``prepare`` wants its inputs: None (default) leaves them on the CPU, where
+        activations are recorded; an estimator that computes on an accelerator returns
+        ``model_device``."""
+        return None
 
 
 def check_pair(x: Tensor, y: Tensor, *, min_samples: int = 2) -> tuple[Tensor, Tensor]:

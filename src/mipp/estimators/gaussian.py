@@ -1,6 +1,6 @@
 """``gaussian``: conditional mutual information of jointly Gaussian activations, in nats.
 
-METHOD.md §3, "Gaussian conditional MI". The same second moments as ``linear``; the target
+docs/METHOD.md §3, "Gaussian conditional MI". The same second moments as ``linear``; the target
 columns are standardised and a ridge is added to the whole joint covariance: λ_x = ``ridge`` ×
 (mean feature variance) on the X block and λ_y = ``ridge`` on the (unit-variance) Y block.
 With P = (Σ_SS + λ_x I)⁻¹ and Q = (Cov([X_S, Y]) + diag(λ_x, λ_y))⁻¹,
@@ -51,7 +51,7 @@ class GaussianEstimator(ClosedFormEstimator):
         ridge: Relative ridge: ``ridge × mean feature variance`` on the X block of the joint
             covariance and ``ridge`` on the standardised Y block. Must be >= 0.
 
-    >>> from mipp.data import gaussian_pair
+    >>> from mipp.zoo.data import gaussian_pair
     >>> pair = gaussian_pair(20000, dim_x=2, dim_y=2, rho=0.8, seed=0)
     >>> est = GaussianEstimator(ridge=1e-6)
     >>> state = est.start(est.prepare(pair.x, pair.y))
@@ -60,6 +60,11 @@ class GaussianEstimator(ClosedFormEstimator):
     """
 
     name = "gaussian"
+
+    def min_samples(self, features: int, target_columns: int) -> int:
+        """``features + target_columns + 2``: the joint covariance of (X_S, Y) must be
+        determined, not only X_S's."""
+        return features + target_columns + 2
 
 
 class GaussianState(ClosedFormState):

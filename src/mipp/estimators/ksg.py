@@ -1,6 +1,6 @@
 """``ksg``: nonparametric (conditional) mutual information from k nearest neighbours, in nats.
 
-METHOD.md §3, "Nonparametric". For a candidate unit i of the kept set S there are three
+docs/METHOD.md §3, "Nonparametric". For a candidate unit i of the kept set S there are three
 blocks of coordinates: X_i (unit i's b features), Z = X_{S∖i} (every feature of the other kept
 units) and Y (the target columns). The distance between samples j and m is the maximum over
 the blocks of a Euclidean distance inside each block,
@@ -31,7 +31,7 @@ stays consistent. On Gaussian tests the two agree for 1-D blocks and ``"rms"`` i
 for 2-D ones (CMI 0.37 nats, n = 2000: errors −0.07 … −0.04 against −0.14 … −0.12). The
 price: a unit that is a function of the other kept units has no joint density with them, and
 under ``"rms"`` its Δ can come out small but "significant" in wide layers (an exact duplicate
-in the 13-unit planted layer of :mod:`mipp.estimators.validation`: 0.04–0.11 nats, n =
+in the 13-unit planted layer of :mod:`mipp.testing.estimators`: 0.04–0.11 nats, n =
 1000–4000; 0 in a 4-unit layer), while ``"euclidean"`` gives a one-feature copy exactly 0.
 
 The cache. Squared Euclidean distances add over features, so the kept set's squared distance
@@ -82,7 +82,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from mipp.estimators.base import Delta, check_columns, check_pair
+from mipp.estimators.base import Delta, Estimator, EstimatorState, check_columns, check_pair
 from mipp.estimators.moments import UnitSlots
 
 __all__ = ["DEFAULT_K", "KSGData", "KSGEstimator", "KSGState"]
@@ -157,7 +157,7 @@ class KSGData:
         return entry
 
 
-class KSGEstimator:
+class KSGEstimator(Estimator):
     """Conditional KSG (Frenzel–Pompe) estimator of Δ_i in nats, with a t-test on its terms.
 
     Args:
@@ -171,7 +171,7 @@ class KSGEstimator:
             5 × chunk_rows × n values); integer >= 1. Results do not depend on it.
         seed: Seeds the jitter (a ``torch.Generator``; the global RNG is never used).
 
-    >>> from mipp.data import gaussian_pair
+    >>> from mipp.zoo.data import gaussian_pair
     >>> pair = gaussian_pair(1000, dim_x=2, dim_y=1, rho=0.8, seed=0)  # x[:, 1] is noise
     >>> est = KSGEstimator()
     >>> state = est.start(est.prepare(pair.x, pair.y))
@@ -183,8 +183,6 @@ class KSGEstimator:
     """
 
     name = "ksg"
-    #: computes on the device of its data (mipp.prune hands it the model's device)
-    device_aware = True
 
     def __init__(
         self,
@@ -220,6 +218,14 @@ class KSGEstimator:
             f"chunk_rows={self.chunk_rows}, seed={self.seed})"
         )
 
+    def min_samples(self, features: int, target_columns: int) -> int:
+        """``k + 2`` whatever the layer's size: every sample needs k neighbours."""
+        return self.k + 2
+
+    def data_device(self, model_device: torch.device) -> torch.device | None:
+        """The model's device: distances are computed where the data is."""
+        return model_device
+
     def prepare(self, x: Tensor, y: Tensor) -> KSGData:
         """Standardise and jitter ``x`` ``(n, U, b)`` / ``(n, U)`` and ``y`` ``(n, Q)``."""
         x, y = check_pair(x, y)
@@ -252,7 +258,7 @@ class KSGEstimator:
             )
 
 
-class KSGState:
+class KSGState(EstimatorState):
     """Kept set S with its squared distance matrix D²_S (see :class:`KSGEstimator`).
 
     Attributes:
@@ -321,7 +327,8 @@ class KSGState:
 
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) in nats (clamped at 0) and the approximate t-test
-        p-value; i must be in S. ``relative`` is Δ_i / I(X_S; Y) (0 if that is 0)."""
+        p-value; i must be in S. ``relative`` is Δ_i / I(X_S; Y); when I(X_S; Y) is clamped
+        to 0 it is +inf for Δ_i > 0 (the unit adds information) and 0 otherwise."""
         i = self._slots.check(i)
         if self._q == 0 or self._dims[i] == 0:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
@@ -330,7 +337,8 @@ class KSGState:
         phi = self._terms(i, conditional=conditional).cpu().numpy()
         value = max(float(phi.mean()), 0.0)
         info = self.information()
-        relative = value / info if info > 0 else 0.0
+        # a positive Δ over I(X_S; Y) clamped to 0 is not "nothing": keep it at any threshold
+        relative = value / info if info > 0 else (math.inf if value > 0 else 0.0)
         if np.ptp(phi) == 0:
             pvalue = 0.0 if phi[0] > 0 else 1.0
         else:

@@ -1,6 +1,6 @@
 """``linear``: the paper's loss-difference MI with a ridge-regression predictor, in closed form.
 
-METHOD.md §3, "Fast closed form". The target columns are standardised (centred, unit
+docs/METHOD.md §3, "Fast closed form". The target columns are standardised (centred, unit
 variance; q columns, total variance q) and the predictor of Y from the kept features X_S is
 ridge regression with ridge λ = ``ridge`` × (mean variance of the features). The loss is the
 minimised ridge-penalised mean squared error as a share of the target's variance,

@@ -1,6 +1,6 @@
 """``mlp``: the paper's estimator — MI as the drop in held-out loss of a small trained MLP.
 
-METHOD.md §3, "Paper-faithful". The target columns are standardised, so the best constant
+docs/METHOD.md §3, "Paper-faithful". The target columns are standardised, so the best constant
 predictor has a held-out mean squared error of about 1 and every quantity is a share of the
 target's variance, comparable with ``linear``:
 
@@ -34,7 +34,7 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from mipp.estimators.base import Delta, check_columns, check_pair
+from mipp.estimators.base import Delta, Estimator, EstimatorState, check_columns, check_pair
 from mipp.estimators.moments import UnitSlots
 
 __all__ = ["MLPData", "MLPEstimator", "MLPState"]
@@ -69,7 +69,7 @@ class _Fit:
     loss: Tensor  # (G, R) best held-out MSE
 
 
-class MLPEstimator:
+class MLPEstimator(Estimator):
     """Trained-MLP estimator (the paper's); values are shares of the target's variance.
 
     Args:
@@ -163,7 +163,7 @@ class MLPEstimator:
         return MLPState(prepared, columns, self)
 
 
-class MLPState:
+class MLPState(EstimatorState):
     """Kept set S with the current reference fit (see :class:`MLPEstimator`).
 
     The reference fit is trained on first use. ``delta(i)`` caches its masked fit, so

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mipp.estimators.base import check_columns, check_pair
+from mipp.estimators.base import Estimator, EstimatorState, check_columns, check_pair
 
 __all__ = [
     "ClosedFormEstimator",
@@ -323,7 +323,7 @@ class UnitSlots:
         self._active[i] = False
 
 
-class ClosedFormState:
+class ClosedFormState(EstimatorState):
     """What the closed-form states share: the kept set and the ridged feature covariance."""
 
     def _setup(
@@ -355,14 +355,15 @@ class ClosedFormState:
         return self._slots.active
 
 
-class ClosedFormEstimator:
-    """What ``linear`` and ``gaussian`` share: the ridge option, moments, and ``start``."""
+class ClosedFormEstimator(Estimator):
+    """What ``linear`` and ``gaussian`` share: the ridge option, moments, and ``start``.
+
+    ``prepare`` needs only second moments, so they can be streamed batch by batch
+    (:class:`MomentAccumulator`) instead of holding the activations (``streams``).
+    """
 
     name = "closed-form"
-    #: ``prepare`` needs only second moments, so they can be streamed batch by batch
-    #: (:class:`MomentAccumulator`) instead of holding the activations
     streams = True
-    #: whether ``start`` needs the target's full covariance (else its variances suffice)
     needs_target_covariance = True
     #: the state class :meth:`start` builds (set by each subclass)
     state_class: type[Any] = ClosedFormState

@@ -1,37 +1,45 @@
 """The figures of a sweep report (see :mod:`mipp.experiments.report` for what each shows).
 
 Built on :class:`matplotlib.figure.Figure` directly, so no global pyplot state or backend is
-touched; every method keeps one colour and marker across all figures, the reference MIPP
-run drawn as a thick black line and other MIPP variants dashed grey.
+touched; every method keeps one colour and marker across all figures, the primary MIPP label
+drawn as a thick black line and the other labels of the MIPP family (runs whose method is
+MIPP: :func:`~mipp.experiments.results.mipp_labels`) dashed grey.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mipp.experiments.report import (
-    _REGIMES,
-    STAGES,
+from mipp.experiments.results import (
+    REGIME_NAMES,
     TARGETS,
     Row,
-    _base_accuracy,
-    _cost_stats,
-    _finite,
-    _number,
-    _panels,
-    _pct,
-    _pick,
-    _primary_mipp,
-    is_mipp,
+    base_accuracy,
+    cost_stats,
+    finite,
+    mipp_labels,
+    number,
+    panels,
+    pct,
+    pick,
+    primary_mipp,
     safe_name,
 )
 
-__all__ = ["write_figures"]
+__all__ = ["STAGES", "method_styles", "write_figures"]
+
+#: (regime, metric, panel title): the four accuracies a sweep can measure, in display order
+STAGES = (
+    ("pat", "accuracy_one_shot", "PaT one-shot"),
+    ("pat", "accuracy_final", "PaT fine-tuned"),
+    ("pai", "accuracy_one_shot", "PaI one-shot (at init)"),
+    ("pai", "accuracy_final", "PaI trained from scratch"),
+)
 
 _DPI = 110
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
@@ -39,15 +47,22 @@ _PALETTE += ("#bcbd22", "#17becf", "#7f7f7f")
 _MARKERS = ("s", "^", "v", "D", "P", "X", "<", ">", "h", "*")
 
 
-def _styles(methods: Sequence[str], reference: str | None) -> dict[str, dict[str, Any]]:
-    """One look per method, the same in every figure; the MIPP family in black and grey."""
-    primary = _primary_mipp(methods, reference)
+def method_styles(
+    methods: Sequence[str], family: Set[str], reference: str | None
+) -> dict[str, dict[str, Any]]:
+    """One look (matplotlib line keywords) per method label, the same in every figure.
+
+    The primary MIPP label (:func:`~mipp.experiments.results.primary_mipp` of ``family``,
+    the labels whose runs are MIPP's) is a thick black line, the rest of ``family`` dashed
+    greys with open markers, every other label a solid line in the next palette colour.
+    """
+    primary = primary_mipp(methods, family, reference)
     styles, n_mipp, n_base = {}, 0, 0
     for method in methods:
         if method == primary:
             style = {"color": "black", "marker": "o", "linestyle": "-", "linewidth": 2.6}
             style |= {"markersize": 6.5, "zorder": 6}
-        elif is_mipp(method):
+        elif method in family:
             style = {"color": ("#404040", "#707070", "#a0a0a0")[n_mipp % 3]}
             style |= {"marker": ("o", "D", "s")[n_mipp % 3], "markerfacecolor": "white"}
             style |= {"linestyle": ("--", ":", "-.")[n_mipp % 3], "linewidth": 2.0}
@@ -123,7 +138,7 @@ def _log_x(ax: Any, limits: tuple[float, float] | None = None) -> None:
 
 
 def _base_line(ax: Any, base: float) -> None:
-    if _finite(base):
+    if finite(base):
         ax.axhline(base, color="0.35", linestyle="--", linewidth=1.0, label="unpruned (mean)")
 
 
@@ -160,7 +175,7 @@ def _accuracy_figure(
     stages = [
         stage
         for stage in STAGES
-        if any(s["regime"] == stage[0] and _finite(s[f"{stage[1]}_mean"]) for s in part)
+        if any(s["regime"] == stage[0] and finite(s[f"{stage[1]}_mean"]) for s in part)
     ]
     if not stages:
         return False
@@ -168,7 +183,7 @@ def _accuracy_figure(
     for ax, (regime, value, label) in zip(axes, stages, strict=True):
         for method in methods:
             pts = [
-                s for s in _pick(part, regime=regime, method=method) if _finite(s[f"{value}_mean"])
+                s for s in pick(part, regime=regime, method=method) if finite(s[f"{value}_mean"])
             ]
             _series(ax, pts, method, styles[method], f"{target}_removed", value, x_scale=100.0)
         _base_line(ax, base)
@@ -187,14 +202,14 @@ def _efficiency_figure(
 ) -> bool:
     regimes = [
         r
-        for (r,) in _panels(part, "regime")
-        if any(_finite(s["accuracy_final_mean"]) for s in _pick(part, regime=r))
+        for (r,) in panels(part, "regime")
+        if any(finite(s["accuracy_final_mean"]) for s in pick(part, regime=r))
     ]
     if not regimes:
         return False
     fig, axes = _grid(2 * len(regimes), 4.6, 3.6, max_cols=2)
     for i, regime in enumerate(regimes):
-        short = _REGIMES.get(regime, (regime,))[0]
+        short = REGIME_NAMES.get(regime, (regime,))[0]
         for ax, x, what in zip(
             axes[2 * i : 2 * i + 2],
             ("macs_kept", "params_kept"),
@@ -204,8 +219,8 @@ def _efficiency_figure(
             for method in methods:
                 pts = [
                     s
-                    for s in _pick(part, regime=regime, method=method)
-                    if _finite(s["accuracy_final_mean"]) and s[f"{x}_mean"] > 0
+                    for s in pick(part, regime=regime, method=method)
+                    if finite(s["accuracy_final_mean"]) and s[f"{x}_mean"] > 0
                 ]
                 _series(ax, pts, method, styles[method], x, "accuracy_final")
             _base_line(ax, base)
@@ -226,11 +241,11 @@ def _collapse_figure(
     styles: Mapping[str, Any],
     target: str = "units",
 ) -> bool:
-    panels = _panels(summary, "model", "dataset", "regime")
-    fig, axes = _grid(len(panels), 4.2, 3.6, max_cols=3)
-    for ax, (model, dataset, regime) in zip(axes, panels, strict=True):
+    cells = panels(summary, "model", "dataset", "regime")
+    fig, axes = _grid(len(cells), 4.2, 3.6, max_cols=3)
+    for ax, (model, dataset, regime) in zip(axes, cells, strict=True):
         for method in methods:
-            pts = _pick(summary, model=model, dataset=dataset, regime=regime, method=method)
+            pts = pick(summary, model=model, dataset=dataset, regime=regime, method=method)
             _series(
                 ax,
                 pts,
@@ -241,7 +256,7 @@ def _collapse_figure(
                 x_scale=100.0,
                 errors=False,
             )
-        short = _REGIMES.get(regime, (regime,))[0]
+        short = REGIME_NAMES.get(regime, (regime,))[0]
         ax.set(
             title=f"{model} / {dataset} / {short}",
             xlabel=f"{TARGETS[target]} removed (%)",
@@ -270,7 +285,7 @@ def _layer_profile_figure(
                 if r["method"] != method or r["sparsity"] != sparsity:
                     continue
                 for layer in r["layers"]:
-                    before, after = _number(layer.get("before")), _number(layer.get("after"))
+                    before, after = number(layer.get("before")), number(layer.get("after"))
                     if before and after is not None:
                         ratios[str(layer.get("name"))].append(after / before)
             if any(ratios.values()):
@@ -278,7 +293,7 @@ def _layer_profile_figure(
                 ax.plot(x, y, label=method, **styles[method])
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize="small")
         ax.set(
-            title=f"{_pct(sparsity)} of units requested",
+            title=f"{pct(sparsity)} of units requested",
             ylim=(-0.03, 1.05),
             ylabel="kept ratio (after / before)",
         )
@@ -289,7 +304,7 @@ def _layer_profile_figure(
 def _cost_figure(
     path: Path, rows: Sequence[Row], methods: Sequence[str], styles: Mapping[str, Any]
 ) -> bool:
-    stats = _cost_stats(rows, methods)
+    stats = cost_stats(rows, methods)
     fig, axes = _grid(len(stats), 5.0, 0.4 * len(methods) + 1.6, max_cols=2)
     for ax, ((model, dataset), per_method) in zip(axes, stats.items(), strict=True):
         labels = list(per_method)
@@ -317,16 +332,16 @@ def write_figures(
 
     ``target`` (units, params or macs: what the sweep's sparsity counts) is the x axis of the
     accuracy and collapse figures."""
-    styles = _styles(methods, reference)
+    styles = method_styles(methods, mipp_labels(rows), reference)
     figures: list[tuple[str, str]] = []
 
     def add(ok: bool, caption: str, file: str) -> None:
         if ok:
             figures.append((caption, file))
 
-    for model, dataset in _panels(summary, "model", "dataset"):
-        part = _pick(summary, model=model, dataset=dataset)
-        base = _base_accuracy(rows, model, dataset)[0]
+    for model, dataset in panels(summary, "model", "dataset"):
+        part = pick(summary, model=model, dataset=dataset)
+        base = base_accuracy(rows, model, dataset)[0]
         title = f"{model} on {dataset}"
         file = safe_name(f"accuracy_{model}_{dataset}.png")
         ok = _accuracy_figure(out / file, part, methods, styles, base, title, target)
@@ -339,8 +354,10 @@ def write_figures(
         "Layer-collapse frequency",
         "collapse.png",
     )
-    for model, dataset, regime in _panels(summary, "model", "dataset", "regime"):
-        title = f"Kept ratio per layer, {model} on {dataset}, {_REGIMES.get(regime, (regime,))[0]}"
+    for model, dataset, regime in panels(summary, "model", "dataset", "regime"):
+        title = (
+            f"Kept ratio per layer, {model} on {dataset}, {REGIME_NAMES.get(regime, (regime,))[0]}"
+        )
         file = safe_name(f"layer_profiles_{model}_{dataset}_{regime}.png")
         group = [
             r for r in rows if (r["model"], r["dataset"], r["regime"]) == (model, dataset, regime)
@@ -348,6 +365,3 @@ def write_figures(
         add(_layer_profile_figure(out / file, group, methods, styles, title), title, file)
     add(_cost_figure(out / "cost.png", rows, methods, styles), "Selection cost", "cost.png")
     return figures
-
-
-# --------------------------------------------------------------------------- REPORT.md

@@ -25,6 +25,16 @@ every run of the grid shares::
     grid.seeds = [0]
     data.train_subset = 10000
 
+A ``[methods.<label>]`` variant names a registered ``method`` and sets two kinds of keys:
+pipeline keys (:data:`PIPELINE_KEYS`: ``calib_samples``, ``compensate``, ``recalibrate_bn``,
+arguments of :func:`mipp.prune`) and the method's own options (MIPP's ``estimator``,
+``pool``, ``order``, ``min_keep``; a baseline's ``allocation``, ``rounds`` ..., also
+accepted inside an ``options`` table). The method options are checked by the method
+registry (:func:`mipp.methods.make_method`), which builds the method when the config is
+resolved, and every method is asked whether it can prune the grid's sparsities
+(:meth:`~mipp.methods.base.Method.check`), so a variant that cannot run fails here, before
+anything is trained.
+
 Every table is checked: unknown keys, names and out-of-range values raise
 :class:`~mipp.errors.MippError` naming the value, where it is, and what would be valid.
 """
@@ -40,33 +50,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mipp import data as mdata
-from mipp import models
-from mipp.baselines import METHOD_NAMES
-from mipp.config import TrainConfig
 from mipp.errors import MippError
-from mipp.estimators import ESTIMATORS
+from mipp.methods import METHOD_NAMES, MIPP, Budget, Method, make_method
+from mipp.zoo import data as mdata
+from mipp.zoo import models
+from mipp.zoo.config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["REGIMES", "Run", "SweepSpec", "load_spec", "resolve"]
+__all__ = ["PIPELINE_KEYS", "REGIMES", "Run", "SweepSpec", "Variant", "load_spec", "resolve"]
 
 REGIMES = ("pat", "pai")
-#: what a [methods.<label>] variant may set, besides ``method``
-VARIANT_KEYS = (
-    "estimator",
-    "pool",
-    "order",
-    "calib_samples",
-    "allocation",
-    "min_keep",
-    "compensate",
-    "recalibrate_bn",
-    "options",
-)
+#: keys of a [methods.<label>] variant that are :func:`mipp.prune` arguments, not method options
+PIPELINE_KEYS = ("calib_samples", "compensate", "recalibrate_bn")
 DEFAULTS: dict[str, Any] = {
     "name": None,
     "description": "",
@@ -109,6 +108,22 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A grid label resolved: the registered method ``name``, its ``options`` (the keys
+    :func:`~mipp.methods.make_method` takes) and the ``pipeline`` keys it sets itself
+    (a subset of :data:`PIPELINE_KEYS`)."""
+
+    label: str
+    name: str
+    options: Mapping[str, Any]
+    pipeline: Mapping[str, Any]
+
+    def build(self) -> Method:
+        """A fresh method object with the variant's options."""
+        return make_method(self.name, **self.options)
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """A resolved config (profile applied, defaults filled in, every value checked)."""
 
@@ -117,19 +132,52 @@ class SweepSpec:
     profile: str | None
     path: str | None
     config: dict[str, Any]  # the resolved tables (no profiles)
+    variants: Mapping[str, Variant]  # every label of grid.methods, resolved
 
     @property
     def grid(self) -> dict[str, list]:
         return self.config["grid"]
 
-    def method(self, label: str) -> dict[str, Any]:
-        """``{"method": name, **options}`` of a grid label."""
+    def variant(self, label: str) -> dict[str, Any]:
+        """The ``[methods.<label>]`` table as written (``{"method": label}`` for a plain
+        method name): what a run's ``config.json`` records as ``method_options``."""
         return dict(self.config["methods"].get(label, {"method": label}))
+
+    def method(self, label: str) -> tuple[Method, dict[str, Any]]:
+        """``(method, pipeline)`` of a grid label: a fresh method object with the variant's
+        options, and the :func:`mipp.prune` keywords its runs use (``target``,
+        ``calib_samples``, ``tolerance``, ``batch_size``, ``scope``, ``compensate``,
+        ``recalibrate_bn``: the ``[prune]`` table, overridden by the variant's own keys)."""
+        v = self.variants[label]
+        p = self.config["prune"]
+        pipeline = {
+            "target": p["target"],
+            "calib_samples": p["calib_samples"],
+            "tolerance": p["tolerance"],
+            "batch_size": p["batch_size"],
+            "scope": p["scope"],
+            "compensate": False,
+            "recalibrate_bn": False,
+            **v.pipeline,
+        }
+        return v.build(), pipeline
+
+    def is_mipp(self, label: str) -> bool:
+        """Whether the label's method is MIPP (any variant of it)."""
+        return self.variants[label].name == MIPP.name
 
     @property
     def reference(self) -> str | None:
         """The label whose achieved sparsity the other (non-MIPP) methods match."""
         return self.config["prune"]["reference"]
+
+    def reference_for(self, label: str) -> str | None:
+        """The label whose report the runs of ``label`` match (``match=``), or None when they
+        prune to the requested sparsity themselves: MIPP runs, and every run of a sweep
+        without a reference."""
+        if self.reference is None or self.is_mipp(label):
+            return None
+        return self.reference
 
     def runs(self) -> list[Run]:
         """Every run in execution order: per (model, dataset, seed, regime, sparsity), the
@@ -253,25 +301,9 @@ def resolve(
             raise MippError(f"[models.{m}]: unknown model; valid: {models.list_models()}")
         _unknown(opts, ("widths",), f"[models.{m}]")
 
-    for label, v in cfg["methods"].items():
-        _unknown(v, ("method", *VARIANT_KEYS), f"[methods.{label}]")
-        if v.get("method") not in METHOD_NAMES:
-            raise MippError(
-                f"[methods.{label}].method must be one of {list(METHOD_NAMES)}, "
-                f"got {v.get('method')!r}"
-            )
-        if v["method"] == "mipp":
-            bad = [k for k in ("allocation", "options") if k in v]
-            if bad:
-                raise MippError(f"[methods.{label}]: {bad} apply to baselines, not mipp")
-            if "estimator" in v and v["estimator"] not in ESTIMATORS:
-                raise MippError(
-                    f"[methods.{label}].estimator: {v['estimator']!r}; valid: {sorted(ESTIMATORS)}"
-                )
-        else:
-            bad = [k for k in ("estimator", "pool", "order", "min_keep") if k in v]
-            if bad:
-                raise MippError(f"[methods.{label}]: {bad} apply to mipp only")
+    variants = {
+        label: _variant(label, table, cfg["prune"]) for label, table in cfg["methods"].items()
+    }
     for label in g["methods"]:
         if label not in cfg["methods"] and label not in METHOD_NAMES:
             raise MippError(
@@ -280,6 +312,7 @@ def resolve(
             )
         if "/" in label or label.startswith("."):
             raise MippError(f"grid.methods: {label!r} cannot name a directory")
+        variants.setdefault(label, Variant(label, label, {}, {}))
 
     spec = SweepSpec(
         name=f"{name}-{profile}" if profile else name,
@@ -287,6 +320,7 @@ def resolve(
         profile=profile,
         path=path,
         config=cfg,
+        variants={label: variants[label] for label in g["methods"]},
     )
     ref = p["reference"]
     if ref is not None:
@@ -295,12 +329,74 @@ def resolve(
                 f"prune.reference {ref!r} is not in grid.methods {g['methods']}; list it or set "
                 f'reference = "" to let every method prune to the requested sparsity itself'
             )
-        if spec.method(ref)["method"] != "mipp":
+        if not spec.is_mipp(ref):
             raise MippError(f"prune.reference {ref!r} must be a mipp run (it sets the sparsity)")
     for label in g["methods"]:
-        if spec.method(label).get("allocation") == "widths" and ref is None:
-            raise MippError(f"[methods.{label}] allocation 'widths' needs prune.reference")
+        _check_budgets(spec, label)
     return spec
+
+
+def _variant(label: str, table: Any, prune: Mapping[str, Any]) -> Variant:
+    """Split a ``[methods.<label>]`` table into pipeline keys and method options and build
+    the method once, so that a bad option fails now with the registry's message."""
+    where = f"[methods.{label}]"
+    if not isinstance(table, Mapping):
+        raise MippError(f"{where} must be a table with at least method = NAME")
+    name = table.get("method")
+    if name not in METHOD_NAMES:
+        raise MippError(f"{where}.method must be one of {list(METHOD_NAMES)}, got {name!r}")
+    shared = sorted(k for k in table if k in prune and k not in PIPELINE_KEYS)
+    if shared:
+        raise MippError(
+            f"{where}: {shared} set(s) how every method of the sweep prunes; set it in [prune], "
+            f"not per variant (a variant may set method, {', '.join(PIPELINE_KEYS)}, options "
+            f"and the method's own options)"
+        )
+    extra = table.get("options", {})
+    if not isinstance(extra, Mapping):
+        raise MippError(f"{where}.options must be a table of the method's options, got {extra!r}")
+    options = {k: v for k, v in table.items() if k not in ("method", "options", *PIPELINE_KEYS)}
+    twice = sorted(set(options) & set(extra))
+    if twice:
+        raise MippError(f"{where}: {twice} given both as key(s) and in options; give each once")
+    options.update(extra)
+    pipeline = {k: table[k] for k in PIPELINE_KEYS if k in table}
+    calib = pipeline.get("calib_samples", 1)
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
+        raise MippError(f"{where}.calib_samples must be an integer >= 1, got {calib!r}")
+    for key in ("compensate", "recalibrate_bn"):
+        if not isinstance(pipeline.get(key, False), bool):
+            raise MippError(f"{where}.{key} must be true or false, got {pipeline[key]!r}")
+    variant = Variant(label, name, options, pipeline)
+    try:
+        variant.build()
+    except (TypeError, ValueError) as e:
+        raise MippError(f"{where}: {e}") from None
+    return variant
+
+
+def _check_budgets(spec: SweepSpec, label: str) -> None:
+    """Ask the label's method whether it can prune each sparsity of the grid the way the
+    sweep will ask it to (a request of its own, or matching the reference run)."""
+    method, pipeline = spec.method(label)
+    matched = spec.reference_for(label) is not None
+    for s in spec.grid["sparsities"]:
+        budget = Budget(
+            sparsity=float(s),
+            target=pipeline["target"],
+            tolerance=pipeline["tolerance"],
+            widths={} if matched else None,  # the reference's widths, known at run time
+        )
+        try:
+            method.check(budget)
+        except ValueError as e:
+            hint = ""
+            if spec.reference is None:
+                hint = "; no run is matched in this sweep: prune.reference is unset"
+            raise MippError(
+                f"[methods.{label}] cannot prune {pipeline['target']} sparsity {s} in this "
+                f"sweep: {e}{hint}"
+            ) from None
 
 
 def load_spec(path: str | Path, *, profile: str | None = None) -> SweepSpec:

@@ -1,0 +1,103 @@
+"""``mipp finetune CHECKPOINT``: re-train a (pruned) checkpoint on its dataset and save it.
+
+The pruned architecture travels with the checkpoint (its sidecar's replay records), so the
+fine-tuned checkpoint loads like the pruned one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mipp import __version__
+from mipp.cli._common import (
+    add_train_flags,
+    checkpoint_data,
+    make_console,
+    rendering,
+    size_table,
+    train_config,
+    write_run_json,
+)
+from mipp.metrics import count_params
+from mipp.zoo import training
+from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mipp.zoo.data import train_val_split
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("finetune", help="re-train a (pruned) checkpoint and save it")
+    p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
+    add_train_flags(p, epochs=1, lr=0.05)
+    p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="runs/finetuned", help="run directory (default runs/finetuned)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = make_console()
+    out = Path(args.out)
+    ckpt = load_checkpoint(args.checkpoint)
+    config = train_config(args)
+    full = checkpoint_data(ckpt, args.checkpoint, split="train", root=args.data_root)
+    test = checkpoint_data(ckpt, args.checkpoint, split="test", root=args.data_root)
+    if args.val_fraction > 0:
+        train_ds, val_ds = train_val_split(full, val_fraction=args.val_fraction, seed=args.seed)
+    else:
+        train_ds, val_ds = full, None
+    before = training.evaluate(ckpt.model, test)
+    console.print(
+        f"fine-tuning [bold]{ckpt.spec.name}[/] ({count_params(ckpt.model):,} params) for "
+        f"{config.epochs} epoch(s); test accuracy before {before.top1:.4f}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_json(
+        out / "config.json",
+        {
+            "command": "finetune",
+            "checkpoint": str(args.checkpoint),
+            "train": config.to_dict(),
+            "mipp_version": __version__,
+            "device": args.device,
+        },
+    )
+    with rendering(console, enabled=not args.no_progress) as progress:
+        history = training.train(
+            ckpt.model, train_ds, config, val_data=val_ds, device=args.device, progress=progress
+        )
+    ckpt.model.to("cpu")
+    after = training.evaluate(ckpt.model, test)
+    metrics = {
+        "test_top1_before": before.top1,
+        "test_top1": after.top1,
+        "test_loss": after.loss,
+        "train_seconds": history.seconds,
+        "history": history.to_dict()["epochs"],
+        "params": count_params(ckpt.model),
+    }
+    write_run_json(out / "metrics.json", metrics)
+    extra = dict(ckpt.meta.get("extra", {}))
+    extra.update(parent=str(args.checkpoint), finetune=config.to_dict(), test_top1=after.top1)
+    path = save_checkpoint(
+        out / "model.safetensors",
+        ckpt.model,
+        spec=ckpt.spec,
+        extra=extra,
+        pruning=ckpt.meta.get("pruning", []),
+    )
+    console.print(
+        size_table(
+            f"{ckpt.spec.name} fine-tuned",
+            [
+                ("test accuracy before", f"{before.top1:.4f}"),
+                ("test accuracy after", f"{after.top1:.4f}"),
+                ("training time", f"{history.seconds:.1f} s"),
+            ],
+        )
+    )
+    console.print(f"saved {path} (+ model.json, config.json, metrics.json)")
+    return 0

@@ -1,0 +1,54 @@
+"""``mipp list [models|datasets|methods|all]``: what mipp can build, load and prune with."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from mipp.cli._common import make_console
+from mipp.methods import METHOD_NAMES, METHODS, describe_method, make_method
+from mipp.zoo import models
+from mipp.zoo.data import describe_dataset, list_datasets
+
+__all__ = ["register", "run"]
+
+WHAT = ("models", "datasets", "methods", "all")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "list", help="list the models, datasets and pruning methods mipp knows"
+    )
+    p.add_argument(
+        "what", nargs="?", choices=WHAT, default="all", help="what to list (default: all)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = make_console()
+    if args.what in ("models", "all"):
+        table = Table(title="models (mipp.zoo.models.create)")
+        table.add_column("name")
+        table.add_column("description")
+        for name in models.list_models():
+            table.add_row(name, models.describe(name))
+        console.print(table)
+    if args.what in ("datasets", "all"):
+        table = Table(title="datasets (mipp.zoo.data.load_dataset)")
+        table.add_column("name")
+        table.add_column("description")
+        for name in list_datasets():
+            table.add_row(name, describe_dataset(name))
+        console.print(table)
+    if args.what in ("methods", "all"):
+        table = Table(title="pruning methods (mipp prune --method NAME)")
+        for col in ("name", "allocation", "labels", "description"):
+            table.add_column(col)
+        for name in METHOD_NAMES:
+            allocation = getattr(make_method(name), "allocation", "its own")
+            labels = "yes" if METHODS[name].needs_labels else "no"
+            table.add_row(name, allocation, labels, describe_method(name))
+        console.print(table)
+    return 0

@@ -1,0 +1,25 @@
+"""``mipp report SWEEP_DIR``: a sweep's tables, plots and REPORT.md in ``results/<name>/``."""
+
+from __future__ import annotations
+
+import argparse
+
+from mipp.cli._common import make_console
+from mipp.experiments.report import write_report
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", help="aggregate a sweep into results/<name>/ (CSV, PNG, REPORT.md)"
+    )
+    p.add_argument("sweep_dir", help="a directory written by mipp sweep")
+    p.add_argument("--out", default=None, help="output folder (default results/<name>)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = write_report(args.sweep_dir, args.out)
+    make_console(stderr=True, soft_wrap=True).print(f"report written to {out}/REPORT.md")
+    return 0

@@ -1,0 +1,58 @@
+"""``mipp sweep CONFIG``: run an experiment grid from a TOML config, resumably.
+
+Finished runs are kept; running the same command again picks up where it stopped. The
+runner's progress (one ``"sweep"`` line per run, base training, pruning) is drawn by the
+shared renderer on stderr. ``--report`` writes the report (``mipp report``) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mipp.cli._common import make_console, rendering
+from mipp.experiments.report import write_report
+from mipp.experiments.runner import run_sweep
+from mipp.experiments.spec import load_spec
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="run an experiment grid from a TOML config (resumable: finished runs are kept)",
+    )
+    p.add_argument("config", help="a TOML config, e.g. experiments/lenet5_fmnist.toml")
+    p.add_argument("--profile", default=None, help="a [profiles.NAME] of the config, e.g. quick")
+    p.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/<name>)")
+    p.add_argument("--device", default="cpu", help="torch device for every run (default cpu)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--report", action="store_true", help="write the report (mipp report) when done")
+    p.add_argument("--report-out", default=None, help="report folder (default results/<name>)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, profile=args.profile)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / spec.name
+    command = f"mipp sweep {args.config}" + (f" --profile {args.profile}" if args.profile else "")
+    if args.out:
+        command += f" --out {args.out}"
+    console = make_console(stderr=True, soft_wrap=True)
+    if args.dry_run:
+        runs = spec.runs()
+        console.print(f"sweep {spec.name}: {len(runs)} runs → {out}")
+        for r in runs:
+            console.print(f"  {r.run_id}")
+        return 0
+    with rendering(console) as progress:
+        result = run_sweep(spec, out, device=args.device, command=command, progress=progress)
+    finished = len(result.skipped) + len(result.done)
+    console.print(
+        f"{finished} of {result.total} runs finished ({len(result.done)} now); "
+        f"summarise with: mipp report {out}"
+    )
+    if args.report and finished:
+        console.print(f"report written to {write_report(out, args.report_out)}")
+    return 1 if result.failed else 0

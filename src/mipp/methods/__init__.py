@@ -1,0 +1,114 @@
+"""Every pruning method, MIPP and the baselines it is compared with, behind one contract.
+
+Each method is a :class:`~mipp.methods.base.Method`: options in ``__init__``, the work in
+``decide(context, budget)``. :func:`mipp.prune` runs every one of them through the same
+pipeline — the same calibration data, structure backend, removal, repairs and report — so a
+comparison differs only in the decision. :class:`~mipp.methods.mipp.MIPP` selects units by
+conditional mutual information; the baselines are
+:class:`~mipp.methods.scored.ScoredMethod` subclasses: they score units (higher = keep) and
+an allocation (``"global"`` ranking, ``"uniform"`` per-layer ratio, or a matched report's
+``"widths"``) decides how many go where, over one or more rounds.
+
+===================  ==========================================================  ==========
+name                 what decides (higher score = keep)                          allocation
+===================  ==========================================================  ==========
+``mipp``             TERC on the conditional MI with the next layer (the paper)  its own
+``random``           uniform random, seeded                                      global
+``l1``               Σ|w| over the unit's filter (Li et al. 2017)                uniform
+``snip``             Σ|g ⊙ w| over the unit's weights (L1 aggregation)           global
+``grasp``            Σ|w ⊙ Hg| over the unit's weights, logits / 200             global
+``synflow``          Σ|∂R/∂w ⊙ w|, R = 1ᵀ(Π|W|)1, 100 rounds                     global
+``iterative-snip``   SNIP re-scored over 10 rounds                               global
+``iterative-grasp``  GraSP re-scored over 10 rounds                              global
+``thinet``           greedy reconstruction error of the next layer + LS re-fit   uniform
+``sosp-h``           second-order (Gauss-Newton) saliency via Hessian-vector     global
+                     products (Nonnenmacher et al. 2022)
+``imp``              L1, re-train, repeat (structured IMP)                       global
+``hrank``            mean matrix rank of the unit's feature maps                 uniform
+``chip``             nuclear-norm drop when the unit's map is removed            uniform
+``mean-activation``  mean |activation|                                           global
+``apoz``             1 − average percentage of zeros                             global
+===================  ==========================================================  ==========
+
+Names are resolved here and only here (:func:`make_method`), by the command line, the sweep
+configs and tests; library code takes :class:`Method` objects.
+
+>>> make_method("l1").allocation
+'uniform'
+>>> make_method("synflow", rounds=10).rounds
+10
+>>> make_method("mipp", estimator="gaussian").estimator
+'gaussian'
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from mipp.methods.base import TARGETS, Budget, Decision, Method, PruneContext, Target
+from mipp.methods.baselines import BASELINES
+from mipp.methods.mipp import MIPP
+from mipp.methods.scored import ALLOCATIONS, ScoredMethod
+from mipp.registry import lookup
+
+__all__ = [
+    "ALLOCATIONS",
+    "BASELINE_NAMES",
+    "METHODS",
+    "METHOD_NAMES",
+    "MIPP",
+    "TARGETS",
+    "Budget",
+    "Decision",
+    "Method",
+    "PruneContext",
+    "ScoredMethod",
+    "Target",
+    "describe_method",
+    "make_method",
+    "method_options",
+]
+
+#: name → class of every method ``mipp.prune(method=NAME)`` accepts (MIPP first)
+METHODS: dict[str, type[Method]] = {"mipp": MIPP, **{cls.name: cls for cls in BASELINES}}
+#: every registered name, MIPP first
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+#: the baselines' names
+BASELINE_NAMES: tuple[str, ...] = tuple(name for name in METHODS if name != "mipp")
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The option names method ``name`` takes (its keyword arguments).
+
+    >>> method_options("grasp")
+    ('allocation', 'rounds', 'temperature', 'normalize')
+    """
+    cls = lookup(METHODS, name, kind="method")
+    return tuple(p for p in inspect.signature(cls).parameters if p != "self")
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """The method registered as ``name``, built with ``options`` (each checked by name, then
+    by the method's own ``__init__``).
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the names).
+        ValueError: an option the method does not take (the message lists the valid ones),
+            or a bad value (the method's message).
+    """
+    cls = lookup(METHODS, name, kind="method")
+    valid = method_options(name)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(
+            f"method {name!r} has no option(s) {', '.join(bad)}; valid options: "
+            f"{', '.join(valid) or 'none'}"
+        )
+    return cls(**options)
+
+
+def describe_method(name: str) -> str:
+    """One line about method ``name``: its ``summary`` or its docstring's first line."""
+    cls = lookup(METHODS, name, kind="method")
+    return cls.summary or (cls.__doc__ or "").strip().splitlines()[0]

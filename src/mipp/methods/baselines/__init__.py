@@ -1,0 +1,58 @@
+"""The baselines MIPP is compared with: scored methods on the same pipeline.
+
+Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-based
+(:mod:`~mipp.methods.baselines.gradient`: SNIP, GraSP, SynFlow, their iterative forms,
+SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
+activation, APoZ) and reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet).
+"""
+
+from __future__ import annotations
+
+from mipp.methods.baselines.activation import CHIP, APoZ, HRank, MeanActivation
+from mipp.methods.baselines.gradient import (
+    SNIP,
+    SOSPH,
+    GraSP,
+    IterativeGraSP,
+    IterativeSNIP,
+    SynFlow,
+)
+from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
+from mipp.methods.baselines.thinet import ThiNet
+from mipp.methods.scored import ScoredMethod
+
+__all__ = [
+    "BASELINES",
+    "CHIP",
+    "IMP",
+    "SNIP",
+    "SOSPH",
+    "APoZ",
+    "GraSP",
+    "HRank",
+    "IterativeGraSP",
+    "IterativeSNIP",
+    "L1Norm",
+    "MeanActivation",
+    "RandomScores",
+    "SynFlow",
+    "ThiNet",
+]
+
+#: every baseline, in the order ``mipp list methods`` shows them
+BASELINES: tuple[type[ScoredMethod], ...] = (
+    RandomScores,
+    L1Norm,
+    SNIP,
+    GraSP,
+    SynFlow,
+    IterativeSNIP,
+    IterativeGraSP,
+    ThiNet,
+    SOSPH,
+    IMP,
+    HRank,
+    CHIP,
+    MeanActivation,
+    APoZ,
+)

@@ -1,0 +1,188 @@
+"""Per-unit features and targets for MIPP, from what :mod:`mipp.surgery.capture` recorded.
+
+For a unit group (:mod:`mipp.surgery.structure`), ``X`` is what its consumers read, one
+feature block per unit ``(n, units, f)``; the target ``Y`` is what those consumers produce —
+the next activations (or the network output), one column per feature of each next unit,
+labelled with the group and unit it belongs to so the walk can restrict it to the units
+already kept there. The estimator's reusable statistics are computed here, once per group.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mipp.errors import MippError
+from mipp.estimators import Estimator
+from mipp.estimators.moments import MomentAccumulator
+from mipp.surgery.capture import Activations, Pool
+from mipp.surgery.structure import ModelStructure, UnitGroup
+
+__all__ = [
+    "GroupData",
+    "StreamedMoments",
+    "group_columns",
+    "group_data",
+    "unit_features",
+]
+
+
+@dataclass
+class GroupData:
+    """A group's prepared estimator statistics and the labels of its target columns."""
+
+    group: UnitGroup
+    prepared: Any
+    #: per target column: index of the owning group in the walk (-1: network output, -2: a
+    #: group outside the pruning scope) and the unit it belongs to
+    owner: Tensor
+    unit: Tensor
+    features: int
+
+
+def unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Pool) -> Tensor:
+    """Features of each unit from a recorded layer input → ``(n, units, f)``.
+
+    ``index[j]`` are the input indices of unit j. A conv input is already pooled per channel
+    ``(n, C, f)``; a Linear input ``(n, F)`` after a flatten holds m values per unit (its
+    map), averaged (``pool="mean"``) or adaptively pooled to k×k when the map is square.
+
+    >>> unit_features(torch.arange(8.0).reshape(1, 8), ((0, 1, 2, 3), (4, 5, 6, 7)), "mean")
+    tensor([[[1.5000],
+             [5.5000]]])
+    """
+    widths = {len(ix) for ix in index}
+    if len(widths) != 1:
+        raise MippError("units map to different numbers of input features; not supported")
+    idx = torch.tensor(index, dtype=torch.long)  # (U, m)
+    if recorded.ndim == 3:  # conv input, pooled per channel: (n, C, f)
+        n = recorded.shape[0]
+        return recorded[:, idx, :].reshape(n, len(index), -1)
+    gathered = recorded[:, idx]  # (n, U, m): a Linear input, m values per unit
+    n, u, m = gathered.shape
+    if m == 1:
+        return gathered
+    side = math.isqrt(m)
+    if pool == "mean" or side * side != m:
+        return gathered.mean(-1, keepdim=True)
+    maps = gathered.reshape(n * u, 1, side, side)
+    k = min(int(pool), side)
+    return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
+
+
+def group_columns(
+    structure: ModelStructure, groups: list[UnitGroup], acts: Activations, pool: Pool
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """For each group of the walk: ``(x (n, U, f), y (n, Q), owner (Q,), unit (Q,))``.
+
+    ``acts`` may hold the whole calibration set or a single batch of it (streaming).
+    """
+    walk_index = {g.name: i for i, g in enumerate(groups)}
+    for g in groups:
+        blocks, seen = [], set()
+        for c in g.consumers:
+            key = acts.alias.get(c.layer, c.layer)
+            if key not in seen:
+                seen.add(key)
+                blocks.append(unit_features(acts.of(c.layer), c.index, pool))
+        x = torch.cat(blocks, dim=2)
+        cols, owner, unit, seen = [], [], [], set()
+        for c in g.consumers:
+            if c.layer == structure.output_layer:
+                if "output" not in seen:
+                    seen.add("output")
+                    cols.append(acts.output)
+                    owner += [-1] * acts.output.shape[1]
+                    unit += list(range(acts.output.shape[1]))
+                continue
+            for nxt in structure.next_layers[c.layer]:
+                for h_name, h_cons in structure.readers.get(nxt, []):
+                    key = (acts.alias.get(nxt, nxt), h_name)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    feats = unit_features(acts.of(nxt), h_cons.index, pool)  # (n, U_h, f)
+                    cols.append(feats.reshape(len(feats), -1))
+                    f = feats.shape[2]
+                    owner += [walk_index.get(h_name, -2)] * (feats.shape[1] * f)
+                    unit += [j for j in range(feats.shape[1]) for _ in range(f)]
+        if not cols:
+            raise MippError(f"group {g.name!r} has no measurable target")
+        yield x, torch.cat(cols, dim=1), torch.tensor(owner), torch.tensor(unit)
+
+
+def group_data(
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    acts: Activations,
+    estimator: Estimator,
+    pool: Pool,
+    *,
+    device: torch.device | None = None,
+) -> list[GroupData]:
+    """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input).
+
+    ``device``: where X and Y go before ``estimator.prepare`` (recorded activations are on
+    the CPU); e.g. the model's GPU for the ``ksg`` estimator, which computes where its data is.
+    """
+    return [
+        GroupData(g, estimator.prepare(x.to(device), y.to(device)), owner, unit, x.shape[2])
+        for g, (x, y, owner, unit) in zip(
+            groups, group_columns(structure, groups, acts, pool), strict=True
+        )
+    ]
+
+
+class StreamedMoments:
+    """Per-group second moments accumulated batch by batch (for the closed-form estimators).
+
+    Feed every batch's :class:`~mipp.surgery.capture.Activations` to :meth:`update` (the
+    ``on_batch`` of :func:`mipp.surgery.capture.stream_activations`); :meth:`group_data` then gives
+    the same :class:`GroupData` as :func:`group_data` with a closed-form estimator, with
+    ``prepared`` the float64 :class:`~mipp.estimators.Moments` — memory O(D²) per group,
+    whatever the calibration size. ``full_target=False`` keeps only the target's variances
+    (enough for ``linear``).
+    """
+
+    def __init__(
+        self,
+        structure: ModelStructure,
+        groups: list[UnitGroup],
+        pool: Pool,
+        *,
+        full_target: bool = True,
+    ) -> None:
+        self._structure, self._groups, self._pool = structure, groups, pool
+        self._acc = [MomentAccumulator(full_target=full_target) for _ in groups]
+        self._labels: list[tuple[Tensor, Tensor, int]] | None = None
+        #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
+        self.seconds = 0.0
+
+    def update(self, acts: Activations) -> None:
+        t = time.perf_counter()
+        labels = []
+        for acc, (x, y, owner, unit) in zip(
+            self._acc, group_columns(self._structure, self._groups, acts, self._pool), strict=True
+        ):
+            acc.update(x, y)
+            labels.append((owner, unit, x.shape[2]))
+        if self._labels is None:
+            self._labels = labels
+        self.seconds += time.perf_counter() - t
+
+    def group_data(self) -> list[GroupData]:
+        if self._labels is None:
+            raise MippError("no calibration batch was seen")
+        t = time.perf_counter()
+        data = [
+            GroupData(g, acc.moments(), owner, unit, f)
+            for g, acc, (owner, unit, f) in zip(self._groups, self._acc, self._labels, strict=True)
+        ]
+        self.seconds += time.perf_counter() - t
+        return data

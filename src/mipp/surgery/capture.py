@@ -1,0 +1,355 @@
+"""Recording what layers see: the only place in mipp that installs forward hooks.
+
+MIPP needs, for every prunable unit layer, the activation its consumers actually read (after
+BatchNorm, the nonlinearity and any pooling in between). We get it by recording the *input*
+of every consumer layer (Conv / Linear) with forward pre-hooks, plus the network's output
+(the logits, the first target). Conv inputs are pooled per channel as they are recorded, so
+memory stays O(n · channels · k²):
+
+- ``pool="mean"``: global average over space, 1 feature per channel (default);
+- ``pool=k`` (int): adaptive k×k average, k² features per channel (a unit is then a block).
+
+Linear inputs are kept as they are (n, in_features); per-unit pooling of flattened conv maps
+happens later, when units are mapped to their input indices (see :mod:`mipp.surgery.structure`).
+
+:func:`forward_until` runs a model only as far as one layer and returns that layer's input
+or output (a hook raises a private exception that ends the forward early), so a capture
+costs only the part of the network up to the layer.
+
+Hooks exist only inside the ``with`` block and are removed even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mipp.errors import MippError
+from mipp.modules import eval_mode
+
+__all__ = [
+    "Activations",
+    "NonFiniteActivationError",
+    "Pool",
+    "capture_activations",
+    "capture_inputs",
+    "forward_until",
+    "pool_channels",
+    "record_forward_order",
+    "stream_activations",
+]
+
+Pool = str | int  # "mean" or a positive int k (k×k adaptive average)
+
+
+class NonFiniteActivationError(MippError, ValueError):
+    """A recorded activation holds NaN or Inf; the message names the layer."""
+
+
+def pool_channels(x: Tensor, pool: Pool) -> Tensor:
+    """Pool a conv input ``(n, c, *spatial)`` per channel to ``(n, c, f)``.
+
+    ``pool="mean"`` gives f = 1; ``pool=k`` gives f = k² (2-D) or k (1-D) by adaptive
+    averaging. A 2-D input ``(n, c)`` is returned as ``(n, c, 1)``.
+
+    >>> pool_channels(torch.ones(2, 3, 4, 4), 2).shape
+    torch.Size([2, 3, 4])
+    """
+    if x.ndim == 2:
+        return x.unsqueeze(-1)
+    if pool == "mean":
+        return x.flatten(2).mean(-1, keepdim=True)
+    if x.ndim == 3:
+        return F.adaptive_avg_pool1d(x, int(pool))
+    if x.ndim == 4:
+        return F.adaptive_avg_pool2d(x, int(pool)).flatten(2)
+    raise MippError(f"cannot pool an input of shape {tuple(x.shape)} per channel")
+
+
+@dataclass
+class Activations:
+    """What :func:`capture_activations` recorded, on CPU in float32.
+
+    ``inputs[name]``: the input of layer ``name`` — ``(n, c, f)`` pooled for convolutions,
+    ``(n, in_features)`` for Linear layers. Layers reading the very same tensor are recorded
+    once: ``alias[name]`` is the layer whose record holds it (itself if unique).
+    ``output``: the model output ``(n, classes)``. ``order``: layer names in the order their
+    forward first ran.
+    """
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    alias: dict[str, str] = field(default_factory=dict)
+    output: Tensor | None = None
+    order: list[str] = field(default_factory=list)
+
+    def of(self, name: str) -> Tensor:
+        """The recorded input of layer ``name`` (following aliases)."""
+        return self.inputs[self.alias.get(name, name)]
+
+    @property
+    def n(self) -> int:
+        return 0 if self.output is None else int(self.output.shape[0])
+
+
+@contextlib.contextmanager
+def record_forward_order(modules: Mapping[str, nn.Module]) -> Iterator[list[str]]:
+    """Within the block, append each module's name to the yielded list when it first runs."""
+    order: list[str] = []
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make(name)))
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _recording(
+    model: nn.Module, layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
+) -> Iterator[tuple[dict[str, list[Tensor]], list[Tensor]]]:
+    """Hooks recording into ``(chunks, outputs)``; the caller may empty both between batches."""
+    chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
+    outputs: list[Tensor] = []
+    first_pass = {"on": True, "seen": {}, "keep": []}
+    handles = []
+
+    def make(name: str, module: nn.Module):
+        is_conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if first_pass["on"]:
+                acts.order.append(name)
+                key = id(x)
+                if key in first_pass["seen"]:
+                    acts.alias[name] = first_pass["seen"][key]
+                else:
+                    first_pass["seen"][key] = name
+                    first_pass["keep"].append(x)  # keep alive: ids stay unique in this pass
+            if name in acts.alias:
+                return
+            feats = pool_channels(x.detach(), pool) if is_conv else x.detach()
+            if not is_conv and feats.ndim != 2:
+                raise MippError(
+                    f"layer {name!r} ({type(mod).__name__}) receives an input of shape "
+                    f"{tuple(x.shape)}; only (batch, features) inputs of Linear layers are "
+                    f"supported"
+                )
+            chunks[name].append(feats.float().cpu())
+
+        return hook
+
+    def out_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        first_pass["on"] = False
+        first_pass["keep"].clear()
+        if not isinstance(out, Tensor):
+            raise MippError(f"the model returned {type(out).__name__}; expected a logits tensor")
+        outputs.append(out.detach().float().cpu().reshape(out.shape[0], -1))
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(make(name, module)))
+        handles.append(model.register_forward_hook(out_hook))
+        yield chunks, outputs
+    finally:
+        for h in handles:
+            h.remove()
+        first_pass["keep"].clear()
+
+
+def capture_activations(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    *,
+    pool: Pool = "mean",
+) -> Activations:
+    """Run ``batches`` through ``model`` (eval mode, no grad) recording the inputs of ``layers``.
+
+    Args:
+        model: the network; its train/eval mode is restored afterwards.
+        batches: input tensors ``(batch, *input_shape)`` on the model's device.
+        layers: name → Conv/Linear module whose input to record.
+        pool: ``"mean"`` or k (see the module docstring).
+
+    Raises:
+        NonFiniteActivationError: a recorded input (or the output) holds NaN / Inf; the
+            message names the layer.
+    """
+    parts: list[Activations] = []
+    acts = stream_activations(model, batches, layers, pool=pool, on_batch=parts.append)
+    for name in layers:
+        if name not in acts.alias and parts:
+            acts.inputs[name] = torch.cat([p.inputs[name] for p in parts])
+    acts.output = torch.cat([p.output for p in parts]) if parts else None
+    return acts
+
+
+def stream_activations(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    *,
+    pool: Pool = "mean",
+    on_batch: Callable[[Activations], None],
+) -> Activations:
+    """Like :func:`capture_activations`, but hand each batch's record to ``on_batch`` and keep
+    nothing: memory stays that of one batch, whatever the number of batches.
+
+    ``on_batch`` receives an :class:`Activations` holding only that batch (``inputs``,
+    ``output``; ``alias`` and ``order`` are complete from the first batch on). Returns an
+    :class:`Activations` with ``alias`` and ``order`` and no tensors.
+
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> sizes = []
+    >>> meta = stream_activations(net, torch.randn(10, 4).split(4), {"2": net[2]},
+    ...                           on_batch=lambda a: sizes.append(a.n))
+    >>> sizes, meta.order
+    ([4, 4, 2], ['2'])
+    """
+    acts = Activations()
+    recording = _recording(model, layers, pool=pool, acts=acts)
+    with eval_mode(model), torch.no_grad(), recording as (chunks, outs):
+        for x in batches:
+            model(x)
+            batch = Activations(alias=acts.alias, order=acts.order)
+            for name, got in chunks.items():
+                if name not in acts.alias and got:
+                    batch.inputs[name] = torch.cat(got)
+                    got.clear()
+            batch.output = torch.cat(outs) if outs else None
+            outs.clear()
+            _check_finite(batch)
+            on_batch(batch)
+    return acts
+
+
+def _check_finite(acts: Activations) -> None:
+    for name, t in acts.inputs.items():
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            raise NonFiniteActivationError(
+                f"the input of layer {name!r} holds {int(bad.sum())} NaN/Inf values on the "
+                f"calibration data; check the model's weights and the data"
+            )
+    if acts.output is not None and not torch.isfinite(acts.output).all():
+        raise NonFiniteActivationError(
+            "the model output holds NaN/Inf values on the calibration data"
+        )
+
+
+def capture_inputs(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Mapping[str, nn.Module],
+    reduce: Callable[[str, Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """Run ``batches`` (eval mode, no grad) and keep ``reduce(name, input)`` of each layer.
+
+    The raw input of every layer in ``layers`` — full feature maps, not pooled — is handed to
+    ``reduce`` batch by batch; the reduced tensors (first dimension: the batch) are
+    concatenated on CPU. Used by the activation-based baselines (HRank ranks, CHIP nuclear
+    norms, APoZ zero counts, ThiNet patch samples), whose statistics need whole maps.
+    Hooks are removed even when the forward or ``reduce`` raises.
+    """
+    parts: dict[str, list[Tensor]] = {name: [] for name in layers}
+    handles = []
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            parts[name].append(reduce(name, args[0].detach()).cpu())
+
+        return hook
+
+    with eval_mode(model):
+        try:
+            for name, module in layers.items():
+                handles.append(module.register_forward_pre_hook(make(name)))
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    return {name: torch.cat(p) for name, p in parts.items() if p}
+
+
+class _StopForward(Exception):
+    """Raised by a :func:`forward_until` hook to end a forward pass; caught right here."""
+
+
+@contextlib.contextmanager
+def forward_until(
+    model: nn.Module, layer: nn.Module, *, record: Literal["input", "output"]
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Within the block, ``run(x)`` forwards ``x`` only as far as ``layer``.
+
+    ``run(x)`` returns the (detached) first positional input of ``layer`` (``record="input"``:
+    the forward stops before ``layer`` runs) or its output (``record="output"``: it stops
+    right after), from the first call of ``layer`` in the forward. The model is in eval mode
+    and gradients are off inside the block; its train/eval mode is restored and the hook
+    removed on exit, even when the forward raises (every module's own mode is restored, so
+    mixed train/eval submodules come back as they were).
+
+    Raises:
+        MippError: ``layer`` did not run during the forward of ``x``.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> x = torch.ones(5, 3)
+    >>> with forward_until(net, net[2], record="input") as run:
+    ...     seen = run(x)
+    >>> torch.equal(seen, net[1](net[0](x)).detach()), len(net[2]._forward_pre_hooks)
+    (True, 0)
+    """
+    if record not in ("input", "output"):
+        raise ValueError(f"record must be 'input' or 'output', got {record!r}")
+    box: list[Tensor] = []
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        box.append(args[0].detach())
+        raise _StopForward
+
+    def post_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        if not isinstance(out, Tensor):
+            raise MippError(f"{type(mod).__name__} returned {type(out).__name__}, not a tensor")
+        box.append(out.detach())
+        raise _StopForward
+
+    def run(x: Tensor) -> Tensor:
+        box.clear()
+        try:
+            with torch.no_grad():
+                model(x)
+        except _StopForward:
+            return box.pop()
+        raise MippError(
+            f"layer {type(layer).__name__} did not run in the forward pass of "
+            f"{type(model).__name__}; it cannot be captured"
+        )
+
+    with eval_mode(model):
+        if record == "input":
+            handle = layer.register_forward_pre_hook(pre_hook)
+        else:
+            handle = layer.register_forward_hook(post_hook)
+        try:
+            yield run
+        finally:
+            handle.remove()
+            box.clear()

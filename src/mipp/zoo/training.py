@@ -1,0 +1,265 @@
+"""One readable training / evaluation loop.
+
+:func:`train` runs SGD (momentum, weight decay) or Adam with a cosine, step or constant
+learning-rate schedule, seeded: on CPU two runs with the same seed, model initialisation and
+data give bit-identical weights. :func:`evaluate` returns the mean cross-entropy loss and
+top-1 accuracy. Both take a :class:`~mipp.zoo.data.ImageDataset` or any iterable of
+``(x, y)`` batches (e.g. a ``torch.utils.data.DataLoader``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mipp.modules import eval_mode
+from mipp.progress import ProgressCallback, ProgressEvent, Reporter
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.data import BatchLoader, ImageDataset
+
+__all__ = ["EpochStats", "EvalResult", "TrainHistory", "evaluate", "seeded", "train"]
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean cross-entropy ``loss`` (nats per sample), top-1 accuracy in [0, 1], sample count."""
+
+    loss: float
+    top1: float
+    n: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Statistics of one epoch; ``val_*`` are ``None`` when no validation data was given."""
+
+    epoch: int
+    train_loss: float
+    train_top1: float
+    lr: float
+    seconds: float
+    val_loss: float | None = None
+    val_top1: float | None = None
+
+
+@dataclass
+class TrainHistory:
+    """What :func:`train` did: one :class:`EpochStats` per epoch and the wall time."""
+
+    epochs: list[EpochStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "epochs": [asdict(e) for e in self.epochs]}
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU RNG seeded, restoring the caller's RNG state after.
+
+    Use it to build a model deterministically without touching the global RNG:
+
+    >>> with seeded(0):
+    ...     a = torch.nn.Linear(3, 2).weight.clone()
+    >>> with seeded(0):
+    ...     b = torch.nn.Linear(3, 2).weight.clone()
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batches(
+    data: ImageDataset | Batches, *, batch_size: int, shuffle: bool, augment: bool, seed: int
+) -> Batches:
+    if isinstance(data, ImageDataset):
+        return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, augment=augment, seed=seed)
+    return data
+
+
+def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    if config.schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if config.schedule == "step":
+        bounds = [m * total_steps for m in config.milestones]
+        return lambda step: config.gamma ** sum(step >= b for b in bounds)
+    return lambda step: 1.0
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.momentum > 0,
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(
+    model: nn.Module,
+    data: ImageDataset | Batches,
+    config: TrainConfig,
+    *,
+    val_data: ImageDataset | Batches | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place with cross-entropy and return its :class:`TrainHistory`.
+
+    ``data`` yields ``x`` of shape (batch, *input_shape) and integer labels ``y`` of shape
+    (batch,). With an :class:`~mipp.zoo.data.ImageDataset` the batches are shuffled from
+    ``config.seed`` (epoch k in its own seeded order) and augmented when ``config.augment``
+    (or, if that is ``None``, the dataset) says so. The optimizer is built here, from the
+    model's current parameters, so call this again after pruning rather than reusing an
+    optimizer.
+
+    ``progress`` receives a transient ``"train"`` :class:`~mipp.progress.ProgressEvent` per
+    step (``done`` / ``total`` steps of the epoch) and an ``"epoch"`` event with the
+    :class:`EpochStats` fields after each epoch; epochs are also logged (logger
+    ``mipp.zoo.training``).
+
+    >>> from mipp.zoo.data import make_separable, ImageDataset
+    >>> x, y = make_separable(256, num_classes=2, dim=4, seed=0)
+    >>> ds = ImageDataset(x, y, num_classes=2, name="toy")
+    >>> with seeded(0):
+    ...     net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> hist = train(net, ds, TrainConfig(epochs=2, batch_size=32, lr=0.1))
+    >>> len(hist.epochs)
+    2
+    """
+    device = torch.device(device)
+    augment = config.augment
+    if augment is None:
+        augment = bool(getattr(data, "augment", False))
+    loader = _batches(
+        data, batch_size=config.batch_size, shuffle=True, augment=augment, seed=config.seed
+    )
+    try:
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    if steps_per_epoch == 0:
+        raise ValueError("the training data yields no batches (is the dataset empty?)")
+    total_steps = max(1, (steps_per_epoch or 1) * config.epochs)
+
+    model.to(device)
+    optimizer = _make_optimizer(model, config)
+    factor = _lr_factor(config, total_steps)
+    loss_fn = nn.CrossEntropyLoss()
+    history = TrainHistory()
+    step = 0
+    t_start = time.perf_counter()
+    report = Reporter(progress, __name__)
+    for epoch in range(1, config.epochs + 1):
+        label = f"epoch {epoch}/{config.epochs}"
+        model.train()
+        t_epoch = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = 0
+        seen = 0
+        for epoch_steps, (x, y) in enumerate(loader, 1):
+            x, y = x.to(device), y.to(device)
+            lr = config.lr * factor(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                    f"lower the learning rate (lr={config.lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n = y.shape[0]
+            loss_sum += loss.detach().double().cpu() * n
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += n
+            if progress is not None:  # per step: only for a callback (a bar), not logged
+                progress(
+                    ProgressEvent(
+                        "train",
+                        f"{label}: loss {loss_sum.item() / seen:.4f}  acc {correct / seen:.4f}",
+                        done=epoch_steps,
+                        total=steps_per_epoch,
+                        transient=True,
+                        fields={"epoch": epoch, "epochs": config.epochs},
+                    )
+                )
+        if seen == 0:
+            raise ValueError("the training data yields no batches (is the dataset empty?)")
+        val = evaluate(model, val_data, device=device) if val_data is not None else None
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=loss_sum.item() / seen,
+            train_top1=correct / seen,
+            lr=config.lr * factor(step - 1),
+            seconds=time.perf_counter() - t_epoch,
+            val_loss=None if val is None else val.loss,
+            val_top1=None if val is None else val.top1,
+        )
+        report(
+            "epoch",
+            f"{label}: loss {stats.train_loss:.4f}  acc {stats.train_top1:.4f}"
+            + (f"  val acc {val.top1:.4f}" if val is not None else "")
+            + f"  ({stats.seconds:.1f} s)",
+            done=epoch,
+            total=config.epochs,
+            **asdict(stats),
+        )
+        history.epochs.append(stats)
+        if on_epoch_end is not None:
+            on_epoch_end(stats)
+    history.seconds = time.perf_counter() - t_start
+    return history
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ImageDataset | Batches,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> EvalResult:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on ``data`` (eval mode, no grad).
+
+    The model's train/eval mode is restored afterwards.
+
+    >>> from mipp.zoo.data import ImageDataset
+    >>> ds = ImageDataset(torch.eye(3), torch.tensor([0, 1, 2]), num_classes=3, name="id")
+    >>> evaluate(torch.nn.Identity(), ds).top1
+    1.0
+    """
+    device = torch.device(device)
+    loader = _batches(data, batch_size=batch_size, shuffle=False, augment=False, seed=0)
+    with eval_mode(model):
+        loss_sum = 0.0
+        correct = 0
+        n = 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += y.shape[0]
+    if n == 0:
+        raise ValueError("cannot evaluate on empty data")
+    return EvalResult(loss=loss_sum / n, top1=correct / n, n=n)
