@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mipp.errors import MippError
+from mipp.modules import first_parameter
 from mipp.report import PruneReport
-from mipp.surgery.structure import build_structure, first_parameter
+from mipp.surgery.structure import build_structure
 
 __all__ = ["apply_report"]
 

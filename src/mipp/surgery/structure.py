@@ -30,7 +30,7 @@ import torch_pruning as tp
 from torch import nn
 
 from mipp.errors import MippError
-from mipp.modules import eval_mode, first_parameter
+from mipp.modules import eval_mode
 from mipp.surgery.capture import record_forward_order
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "UnitGroup",
     "UnsupportedModuleError",
     "build_structure",
-    "first_parameter",
 ]
 
 Scope = Literal["internal", "all"]
