@@ -41,7 +41,8 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     with pytest.raises(UnknownNameError, match="valid methods: apoz, chip"):
         make_method("obd")
     with pytest.raises(
-        ValueError, match=r"no option.*banana.*valid options: allocation, rounds, normalize"
+        ValueError,
+        match=r"no option.*banana.*valid options: allocation, rounds, normalize, cost_aware",
     ):
         make_method("l1", banana=1)
     with pytest.raises(ValueError, match=r"'l1' has no option\(s\) estimator"):
@@ -49,7 +50,8 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match=r"'mipp' has no option\(s\) allocation"):
         make_method("mipp", allocation="global")
     assert method_options("mipp") == (
-        "estimator", "pool", "order", "min_keep", "confidence", "threshold"
+        "estimator", "pool", "order", "min_keep", "confidence", "threshold", "cost_aware",
+        "reconstruct", "paper",
     )  # fmt: skip
     with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
         make_method("random", rounds=0)

@@ -270,6 +270,7 @@ def test_defaults_names_and_options():
         "rounds": 10,
         "normalize": "mean",
         "temperature": 50.0,
+        "cost_aware": False,
     }
     for bad in (0, -1.0, float("inf"), "hot", True):
         with pytest.raises(ValueError, match=repr(bad)):

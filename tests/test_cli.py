@@ -34,7 +34,7 @@ def fake_fmnist(tmp_path):
     root = tmp_path / "fashion-mnist"
     root.mkdir()
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 200), ("t10k", 50)):
+    for prefix, n in (("train", 300), ("t10k", 50)):
         labels = np.arange(n) % 10
         images = rng.integers(0, 40, size=(n, 28, 28))
         for i, k in enumerate(labels):
@@ -191,7 +191,7 @@ def test_prune_finetune_compare_round(tmp_path, fake_fmnist, capsys):
                 "--sparsity",
                 "0.5",
                 "--calib-samples",
-                "200",
+                "256",
                 "--out",
                 str(pruned),
                 *common,
@@ -209,8 +209,9 @@ def test_prune_finetune_compare_round(tmp_path, fake_fmnist, capsys):
     assert config["method"]["name"] == report["method"] == "mipp"
     options = config["method"]["options"]
     assert options == {k: report["options"][k] for k in options}
-    assert options["estimator"] == "linear" and options["pool"] == "mean"
-    assert config["prune"]["sparsity"] == 0.5 and config["prune"]["calib_samples"] == 200
+    assert options["estimator"] == "gaussian" and options["pool"] == "mean"
+    assert options["reconstruct"] is True and report["options"]["compensate"] is True
+    assert config["prune"]["sparsity"] == 0.5 and config["prune"]["calib_samples"] == 256
     assert config["prune"]["scope"] == "internal" and config["prune"]["match"] is None
     assert {"mipp_version", "torch_version"} <= set(config)
     sidecar = json.loads((pruned / "model.json").read_text())
@@ -301,7 +302,7 @@ def test_prune_bad_values_are_one_line(tmp_path, fake_fmnist, capsys):
         )
         == 2
     )
-    assert "needs at least 122 samples" in capsys.readouterr().err
+    assert "needs at least 206 samples" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["prune", ckpt, "--sparsity", "0.5", "--confidence", "0.9"])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -309,7 +310,7 @@ def test_prune_bad_values_are_one_line(tmp_path, fake_fmnist, capsys):
 
 def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
     base = tmp_path / "base"
-    common = ["--data-root", str(fake_fmnist), "--no-progress", "--calib-samples", "200"]
+    common = ["--data-root", str(fake_fmnist), "--no-progress", "--calib-samples", "256"]
     train_argv = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "1"]
     train_argv += ["--out", str(base), "--latency-repeats", "0", "--data-root", str(fake_fmnist)]
     assert main([*train_argv, "--no-progress"]) == 0
@@ -336,6 +337,7 @@ def test_prune_with_baselines_at_mipps_sparsity(tmp_path, fake_fmnist, capsys):
         "rounds": 1,
         "normalize": "mean",
         "allocation": "global",  # --allocation reached the method
+        "cost_aware": False,
     }
     # one-shot repairs from the command line
     out = tmp_path / "repaired"
@@ -369,7 +371,7 @@ def test_a_method_option_the_method_lacks_is_one_line_from_the_registry(capsys):
     assert main([*argv, "--method", "l1", "--estimator", "gaussian"]) == 2
     assert capsys.readouterr().err == (
         "mipp: error: method 'l1' has no option(s) estimator; "
-        "valid options: allocation, rounds, normalize\n"
+        "valid options: allocation, rounds, normalize, cost_aware\n"
     )
     assert main([*argv, "--allocation", "uniform"]) == 2  # MIPP allocates on its own
     err = capsys.readouterr().err

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mipp.surgery.repair as repair
 from helpers import make_model
 from mipp.errors import MippError
+from mipp.progress import ProgressEvent
 from mipp.surgery.capture import forward_until
 from mipp.surgery.repair import LayerFit, compensate, recalibrate_bn
 from mipp.surgery.structure import build_structure
@@ -89,6 +93,29 @@ def test_conv_exact_restoration_through_patches(dim):
     assert fit.error_before > 1e-3 and fit.error_after < 1e-9
     with torch.no_grad():
         torch.testing.assert_close(pruned(fresh), net(fresh), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["single-pass", "per-layer"])
+def test_linear_on_sequences_fits_the_kept_features_not_positions(path):
+    """A Linear reading (n, T, F) keeps output *features* (the last dimension)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    _duplicate(net[0], 6, 2, 2.0)
+    keep = [0, 1, 3, 4, 5, 6, 7]  # index 7 >= T = 4: would fail on the sequence dimension
+    small = copy.deepcopy(net)
+    with torch.no_grad():
+        small[0] = nn.Linear(5, 7)
+        small[0].weight.copy_(net[0].weight[keep])
+        small[0].bias.copy_(net[0].bias[keep])
+        small[2] = nn.Linear(7, 3)
+        small[2].weight.copy_(net[2].weight[:, keep])
+        small[2].bias.copy_(net[2].bias)
+    x = torch.randn(20, 4, 5, generator=_gen(1))
+    (fit,) = compensate(net, small, x, kept_out={"0": keep}, ridge=1e-8, batch_size=8, path=path)
+    assert (fit.layer, fit.rows, fit.features, fit.outputs) == ("2", 20 * 4, 7, 3)
+    assert fit.error_after < 1e-9
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=0)
 
 
 def _three_layers() -> nn.Sequential:
@@ -248,6 +275,9 @@ def _small():
         ("locations", 2.5, "locations.*2.5"),
         ("batch_size", 0, "batch_size.*>= 1.*0"),
         ("batch_size", True, "batch_size.*True"),
+        ("path", "fast", r"path must be one of 'auto', 'single-pass', 'per-layer', got 'fast'"),
+        ("memory_budget", -1, "memory_budget.*-1"),
+        ("memory_budget", 1.5, "memory_budget.*1.5"),
     ],
 )
 def test_bad_options_raise_naming_the_value(option, value, match):
@@ -285,6 +315,310 @@ def test_layer_fit_is_frozen():
     fit = LayerFit("fc", 10, 3, 2, 0.5, 0.1)
     with pytest.raises(AttributeError):
         fit.rows = 3  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- the two paths
+
+
+def _run(model, x, removed, *, path, tweak=None, **options):
+    """Compensate a fresh pruned copy of ``model`` along ``path``: (fits, pruned model)."""
+    pruned, kept_out = _pruned(model, x, removed)
+    if tweak is not None:
+        tweak(pruned)
+    fits = compensate(model, pruned, x, kept_out=kept_out, path=path, **options)
+    return fits, pruned
+
+
+def _assert_paths_agree(model, x, removed, *, tweak=None, **options):
+    """single-pass and per-layer: the same LayerFits and weights (≤ 1e-6); returns the fits."""
+    fits_a, net_a = _run(model, x, removed, path="per-layer", tweak=tweak, **options)
+    fits_b, net_b = _run(model, x, removed, path="single-pass", tweak=tweak, **options)
+    assert [(f.layer, f.rows, f.features, f.outputs, f.skipped) for f in fits_a] == [
+        (f.layer, f.rows, f.features, f.outputs, f.skipped) for f in fits_b
+    ]
+    for fa, fb in zip(fits_a, fits_b, strict=True):
+        for before, after in ((fa.error_before, fb.error_before), (fa.error_after, fb.error_after)):
+            assert (math.isnan(before) and math.isnan(after)) or abs(before - after) <= 1e-6
+    state_a, state_b = net_a.state_dict(), net_b.state_dict()
+    assert list(state_a) == list(state_b)
+    for k, v in state_a.items():
+        assert (v.double() - state_b[k].double()).abs().max() <= 1e-6, k
+    fitted = [f for f in fits_a if f.skipped is None]
+    assert any(f.error_after < f.error_before for f in fitted)  # the fits did something
+    return fits_a
+
+
+def _mlp(depth: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    widths = [6, 12, 10, 9, 8, 7][: depth + 1]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], 3)).eval()
+
+
+def _mlp_removed(depth: int = 3) -> dict[str, list[int]]:
+    return {str(2 * i): [0, 2 + i] for i in range(depth)}
+
+
+def test_paths_agree_on_an_mlp_with_a_short_last_batch():
+    x = torch.randn(50, 6, generator=_gen(1))  # batches 16, 16, 16, 2
+    fits = _assert_paths_agree(_mlp(), x, _mlp_removed(), batch_size=16)
+    assert [f.layer for f in fits] == ["2", "4", "6"]
+
+
+def _conv_bn_net(dim: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    conv, bn, pool = (
+        (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
+        if dim == 1
+        else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+    )
+    net = nn.Sequential(
+        conv(3, 8, 3, padding=1), bn(8), nn.ReLU(),
+        conv(8, 8, 3, padding=1), bn(8), nn.ReLU(), pool(2),
+        conv(8, 7, 3, padding=1, stride=2, bias=False), bn(7), nn.ReLU(),
+        conv(7, 6, 3, padding=1), bn(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 2**dim, 4),
+    )  # fmt: skip
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return net.eval()
+
+
+def _circular(pruned: nn.Module) -> None:
+    pruned[7].padding_mode = "circular"  # skipped: the positions drawn must skip it too
+
+
+@pytest.mark.parametrize(
+    ("dim", "unfold_budget", "tweak"),
+    [(2, None, None), (2, 8 * 9 * 64 * 3, None), (2, None, _circular), (1, 8 * 3 * 8 * 2, None)],
+    ids=["conv2d", "conv2d-chunked", "conv2d-skipped-layer", "conv1d-chunked"],
+)
+def test_paths_agree_on_a_conv_net_with_batchnorm(dim, unfold_budget, tweak, monkeypatch):
+    if unfold_budget is not None:  # several unfold chunks per batch, each with its own draws
+        monkeypatch.setattr(repair, "_UNFOLD_BUDGET", unfold_budget)
+    x = torch.randn((22, 3, 8) if dim == 1 else (22, 3, 8, 8), generator=_gen(1))
+    removed = {"0": [1, 4], "3": [0, 5, 6], "7": [2], "10": [3]}
+    fits = _assert_paths_agree(
+        _conv_bn_net(dim), x, removed, tweak=tweak, batch_size=8, locations=5
+    )
+    assert [f.layer for f in fits] == ["3", "7", "10", "14"]
+    positions = 8**dim  # the first fitted conv sees P = 64 (2-D) or 8 (1-D) > 5 locations
+    assert fits[0].rows == 22 * 5 < 22 * positions
+    assert (fits[1].skipped is not None) == (tweak is not None)
+
+
+def test_paths_agree_on_a_residual_net():
+    model, _ = make_model("tiny-resnet")
+    x = torch.randn(21, 3, 8, 8, generator=_gen(1))
+    structure = build_structure(copy.deepcopy(model), x[:2])
+    removed = {g.name: list(range(0, g.size, 2)) for g in structure.groups}
+    fits = _assert_paths_agree(model, x, removed, batch_size=8, locations=6)
+    assert len(fits) >= 5
+
+
+def test_paths_agree_on_a_cifar_resnet():
+    import mipp
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = mipp.create_model("resnet20", in_channels=1, input_size=16).eval()
+    x = torch.randn(10, 1, 16, 16, generator=_gen(1))
+    structure = build_structure(copy.deepcopy(model), x[:2])
+    removed = {g.name: list(range(g.size // 2)) for g in structure.in_scope("internal")}
+    fits = _assert_paths_agree(model, x, removed, batch_size=4, locations=8)
+    assert len(fits) == len(removed)  # each block's second conv
+
+
+class _SharedHead(nn.Module):
+    """``head`` runs twice, on two branches; ``out`` reads the sum after both calls."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fa, self.fb = nn.Linear(5, width), nn.Linear(5, width)
+        self.head, self.out = nn.Linear(width, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.fa(x)), torch.relu(self.fb(x))
+        return self.out(torch.relu(self.head(a) + self.head(b)))
+
+
+def _shared_pair() -> tuple[_SharedHead, _SharedHead, dict[str, list[int]]]:
+    torch.manual_seed(0)
+    net = _SharedHead().eval()
+    keep = [0, 1, 3, 4, 6, 7]
+    small = _SharedHead(len(keep)).eval()
+    with torch.no_grad():
+        for name in ("fa", "fb"):
+            getattr(small, name).weight.copy_(getattr(net, name).weight[keep])
+            getattr(small, name).bias.copy_(getattr(net, name).bias[keep])
+        small.head.weight.copy_(net.head.weight[:, keep])
+        small.head.bias.copy_(net.head.bias)
+        small.out.load_state_dict(net.out.state_dict())
+    return net, small, {"fa": keep, "fb": keep}
+
+
+def test_paths_agree_when_a_layer_runs_twice():
+    """head is fitted on its first call; its second call, before out, uses the new weights."""
+    x = torch.randn(30, 5, generator=_gen(1))
+    results = []
+    for path in ("per-layer", "single-pass"):
+        net, small, kept_out = _shared_pair()
+        fits = compensate(
+            net, small, x, kept_out=kept_out, layers=["out", "head"], batch_size=8, path=path
+        )
+        results.append((fits, small.state_dict()))
+    (fits_a, state_a), (fits_b, state_b) = results
+    assert [f.layer for f in fits_a] == [f.layer for f in fits_b] == ["head", "out"]
+    assert fits_a[0].rows == 30  # one row per sample: the first call only
+    for fa, fb in zip(fits_a, fits_b, strict=True):
+        assert abs(fa.error_after - fb.error_after) <= 1e-6
+    for k, v in state_a.items():
+        assert (v - state_b[k]).abs().max() <= 1e-6, k
+
+
+def test_paths_agree_under_the_callers_autocast():
+    """The single pass's worker threads run under the caller's (thread-local) autocast."""
+    x = torch.randn(40, 6, generator=_gen(1))
+    plain = _run(_mlp(), x, _mlp_removed(), path="single-pass", batch_size=16)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _assert_paths_agree(_mlp(), x, _mlp_removed(), batch_size=16)
+        mixed = _run(_mlp(), x, _mlp_removed(), path="single-pass", batch_size=16)[1]
+    assert (plain[2].weight - mixed[2].weight).abs().max() > 1e-4  # bfloat16 inputs were seen
+
+
+def _count_forwards(model: nn.Module) -> tuple[list[int], object]:
+    """Count the forwards of ``model`` that start (a pre-hook: early-stopped ones count too)."""
+    calls = [0]
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        calls[0] += 1
+
+    return calls, model.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_single_pass_runs_each_network_once_per_batch_whatever_the_depth(depth):
+    """The linear-in-depth invariant, by counting forwards: the single pass runs the original
+    once per batch and the pruned model once per batch plus one probe of one sample; the
+    per-layer path runs each once per batch *per layer*."""
+    net = _mlp(depth)
+    x = torch.randn(50, 6, generator=_gen(1))
+    batches = 4  # 16, 16, 16, 2
+    counts = {}
+    for path in ("single-pass", "per-layer"):
+        pruned, kept_out = _pruned(net, x, _mlp_removed(depth))
+        calls_orig, h_orig = _count_forwards(net)
+        calls_mine, h_mine = _count_forwards(pruned)
+        fits = compensate(net, pruned, x, kept_out=kept_out, batch_size=16, path=path)
+        h_orig.remove()
+        h_mine.remove()
+        assert len(fits) == depth
+        counts[path] = (calls_orig[0], calls_mine[0])
+    assert counts["single-pass"] == (batches, batches + 1)
+    assert counts["per-layer"] == (depth * batches, depth * batches + 1)
+
+
+def test_auto_path_falls_back_to_per_layer_over_the_memory_budget():
+    net = _mlp(3)
+    x = torch.randn(50, 6, generator=_gen(1))
+    seen = {}
+    for budget in (None, 10**12, 0):
+        pruned, kept_out = _pruned(net, x, _mlp_removed(3))
+        events: list[ProgressEvent] = []
+        calls, handle = _count_forwards(net)
+        compensate(
+            net, pruned, x, kept_out=kept_out, batch_size=16, memory_budget=budget,
+            progress=events.append,
+        )  # fmt: skip
+        handle.remove()
+        assert [e.stage for e in events] == ["compensation"] * 3  # one event per layer
+        seen[budget] = ({e.fields["path"] for e in events}, calls[0])
+    assert seen[None] == seen[10**12] == ({"single-pass"}, 4)
+    assert seen[0] == ({"per-layer"}, 12)
+
+
+class _Boom(nn.Module):
+    """Raises in batches of more than one sample once armed (the probe runs one sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed and x.shape[0] > 1:
+            raise RuntimeError("boom")
+        return x
+
+
+def _boom_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), _Boom(), nn.Linear(8, 3)
+    ).eval()
+
+
+def _workers_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("mipp-compensation")]
+
+
+@pytest.mark.parametrize("where", ["pruned", "original"])
+def test_single_pass_error_removes_hooks_restores_modes_and_ends_threads(where):
+    net = _boom_net()
+    x = torch.randn(40, 5, generator=_gen(1))
+    pruned, kept_out = _pruned(net, x, {"0": [1], "2": [3]})
+    for model in (net, pruned):
+        model.train()
+        model[1].eval()  # mixed modes come back as they were
+    (pruned if where == "pruned" else net)[4].armed = True
+    before = pruned[2].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        compensate(net, pruned, x, kept_out=kept_out, batch_size=16, path="single-pass")
+    for model in (net, pruned):
+        assert _hooks(model) == 0
+        assert model.training and model[0].training and not model[1].training
+    assert _workers_alive() == []
+    # the pruned forward raised after layer "2" had been fitted (after its first batch); the
+    # original's raised before any fit
+    assert torch.equal(pruned[2].weight, before) == (where == "original")
+
+
+class _Skipper(nn.Module):
+    """Once ``skip`` is set, bypasses the module fc2 for batches of more than one sample (the
+    probe runs one sample, so the probe's order does not hold for the batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if self.skip and x.shape[0] > 1:  # the same function, without calling the module
+            return self.fc3(torch.relu(F.linear(h, self.fc2.weight, self.fc2.bias)))
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+@pytest.mark.parametrize("path", ["single-pass", "per-layer"])
+def test_a_layer_missing_from_the_batches_forward_is_a_clear_error(path):
+    torch.manual_seed(0)
+    net = _Skipper().eval()
+    x = torch.randn(20, 5, generator=_gen(1))
+    pruned = copy.deepcopy(net)
+    with torch.no_grad():
+        pruned.fc1.weight.data = pruned.fc1.weight.data[:6]
+        pruned.fc1.bias.data = pruned.fc1.bias.data[:6]
+        pruned.fc2.weight.data = pruned.fc2.weight.data[:, :6]
+    pruned.fc1.out_features = pruned.fc2.in_features = 6
+    pruned.skip = True  # the original runs fc2 in every batch, the pruned model only in the probe
+    with pytest.raises(MippError, match="did not run in the forward pass"):
+        compensate(net, pruned, x, kept_out={"fc1": list(range(6))}, batch_size=8, path=path)
+    assert _hooks(net) == _hooks(pruned) == 0 and _workers_alive() == []
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -444,7 +778,7 @@ def test_prune_compensate_lowers_logit_error_and_is_reported(method, tmp_path):
     net, _ = make_model("vgg11-narrow", n=2)
     x = torch.randn(400, 3, 32, 32, generator=_gen(3))
     data = (x, torch.randint(0, 10, (400,), generator=_gen(4)))
-    plain = mipp.prune(net, data, method=method, sparsity=0.5, calib_samples=400)
+    plain = mipp.prune(net, data, method=method, sparsity=0.5, calib_samples=400, compensate=False)
     fixed = mipp.prune(net, data, method=method, sparsity=0.5, calib_samples=400, compensate=True)
     # same units removed; only the weights differ
     assert plain.report.removed == fixed.report.removed
@@ -458,6 +792,7 @@ def test_prune_compensate_lowers_logit_error_and_is_reported(method, tmp_path):
     assert fits and plain.report.compensation == []
     assert all(f["error_after"] < f["error_before"] for f in fits if f["skipped"] is None)
     assert fixed.report.options["compensate"] is True and "compensation" in fixed.report.timings
+    assert plain.report.options["compensate"] is False
     back = PruneReport.load(fixed.report.save(tmp_path / "r.json"))
     assert back.compensation == fits
 
@@ -500,5 +835,21 @@ def test_prune_repair_flags_must_be_booleans(flag):
     import mipp
 
     net, x = make_model("lenet5", n=8)
-    with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match=f"{flag} must be True, False or None .*got 'yes'"):
         mipp.prune(net, x, sparsity=0.5, **{flag: "yes"})
+
+
+def test_mipp_reconstructs_by_default_and_baselines_do_not():
+    """compensate=None takes the method's own repairs: MIPP's reconstruction, none for L1."""
+    import mipp
+    from mipp.methods import MIPP
+
+    net, x = make_model("lenet5", n=400)
+    assert mipp.prune(net, x, sparsity=0.5).report.options["compensate"] is True
+    assert mipp.prune(net, x, method="l1", sparsity=0.5).report.options["compensate"] is False
+    off = mipp.prune(net, x, method=MIPP(reconstruct=False), sparsity=0.5).report
+    paper = mipp.prune(net, x, method=MIPP(paper=True), sparsity=0.5).report
+    assert off.options["compensate"] is False and off.compensation == []
+    assert paper.options["compensate"] is False and paper.options["estimator"] == "linear"
+    # an explicit pipeline flag wins over the method's choice
+    assert mipp.prune(net, x, sparsity=0.5, compensate=False).report.compensation == []

@@ -330,12 +330,16 @@ def _with(**changes):
         ({"grid__method": ["l1"]}, r"unknown key\(s\) \['method'\] in \[grid\]"),
         ({"prune__target": "flops"}, r"prune.target must be units, params or macs"),
         ({"train__epochs": 0}, r"\[train\]: epochs must be an integer >= 1"),
-        ({"finetune__epochs": 2}, r"finetune.epochs is set by finetune.fraction"),
+        (
+            {"finetune__epochs": 2, "finetune__fraction": 0.5},
+            r"give finetune.epochs \(a fixed budget\) or finetune.fraction",
+        ),
         ({"data__channels": 2}, r"data.channels must be 1 or 3, got 2"),
         (
             {"methods__v__method": "mipp", "methods__v__allocation": "widths"},
             r"\[methods.v\]: method 'mipp' has no option\(s\) allocation; valid options: "
-            r"estimator, pool, order, min_keep, confidence, threshold",
+            r"estimator, pool, order, min_keep, confidence, threshold, cost_aware, "
+            r"reconstruct, paper",
         ),
         (
             {"methods__v__method": "l1", "methods__v__order": "index"},
@@ -381,7 +385,7 @@ def test_a_variant_option_the_method_does_not_take_is_refused_naming_the_valid_o
         resolve(raw)
     assert str(info.value) == (
         "[methods.x]: method 'l1' has no option(s) estimator; valid options: allocation, "
-        "rounds, normalize"
+        "rounds, normalize, cost_aware"
     )
 
 
@@ -422,8 +426,8 @@ def test_a_variant_resolves_to_its_method_and_pipeline_options():
         "tolerance": 0.01,
         "batch_size": 256,
         "scope": "internal",
-        "compensate": False,
-        "recalibrate_bn": False,
+        "compensate": None,  # the method's own choice (mipp.prune)
+        "recalibrate_bn": None,
     }
     method, pipeline = spec.method("m")
     assert (method.name, method.estimator) == ("mipp", "gaussian")
@@ -458,6 +462,40 @@ def test_profiles_are_deep_merged_and_a_missing_profile_is_named(tmp_path):
     assert spec.grid["methods"] == ["mipp", "l1"]  # untouched by the profile
     with pytest.raises(MippError, match=r"profile 'full' is not in the config; .*\['quick'\]"):
         resolve(raw, profile="full")
+
+
+def test_a_fixed_fine_tuning_budget_replaces_the_fraction_in_a_profile():
+    from mipp.experiments.spec import finetune_epochs
+
+    raw = _with(train__epochs=9, finetune__fraction=0.5)
+    assert finetune_epochs(resolve(raw).config) == 5  # 0.5 × 9 = 4.5, rounded half up
+    raw["profiles"] = {"fixed": {"finetune": {"epochs": 2}}, "share": {"finetune": {}}}
+    fixed = resolve(raw, profile="fixed").config
+    assert finetune_epochs(fixed) == 2 and "fraction" not in fixed["finetune"]
+    assert finetune_epochs(resolve(_with(train__epochs=6)).config) == 4  # default 0.67 × 6
+
+
+def test_bases_are_shared_between_sweeps_through_a_cache_directory(tmp_path):
+    """Two sweeps with the same (model, data, recipe, seed) train the base once."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = tiny(tmp_path / "a", regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
+    b = tiny(
+        tmp_path / "b",
+        regimes='["pat"]',
+        methods='["l1"]',
+        sparsities="[0.5]",
+        extra='[methods.l1]\nmethod = "l1"\n',
+    )
+    b.write_text(
+        b.read_text().replace("calib_samples = 512", 'calib_samples = 512\nreference = ""')
+    )
+    cache = tmp_path / "bases"
+    run_sweep(load_spec(a), tmp_path / "s1", bases=cache)
+    events: list[ProgressEvent] = []
+    run_sweep(load_spec(b), tmp_path / "s2", bases=cache, progress=events.append)
+    assert not [e for e in events if e.stage == "base"]  # nothing trained the second time
+    assert len(list(cache.iterdir())) == 1 and not (tmp_path / "s2" / "bases").exists()
 
 
 def test_the_reference_runs_before_the_methods_that_match_it():

@@ -67,8 +67,10 @@ def _check(
     if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     for label, flag in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{label} must be True or False, got {flag!r}")
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(
+                f"{label} must be True, False or None (the method's default), got {flag!r}"
+            )
 
 
 def matched_sparsity(match: PruneReport, target: str, scope: str) -> float:
@@ -111,8 +113,8 @@ def prune(
     calib_samples: int = 2048,
     scope: Scope = "internal",
     tolerance: float = 0.01,
-    compensate: bool = False,
-    recalibrate_bn: bool = False,
+    compensate: bool | None = None,
+    recalibrate_bn: bool | None = None,
     batch_size: int = 256,
     seed: int = 0,
     progress: ProgressCallback | None = None,
@@ -148,9 +150,13 @@ def prune(
         tolerance: allowed |achieved − requested| sparsity.
         compensate: after removal, re-fit every consumer of removed units by ridge least
             squares so its pre-activation outputs on the calibration data match the unpruned
-            network's (:func:`mipp.surgery.repair.compensate`; any method). For one-shot use.
+            network's (:func:`mipp.surgery.repair.compensate`; any method). ``None`` (the
+            default) takes the method's own choice (:meth:`Method.default_repairs`): on for
+            MIPP, whose criterion keeps the units the next layer can be rebuilt from (its
+            reconstruction; ``MIPP(reconstruct=False)`` turns it off), off for baselines.
         recalibrate_bn: after removal (and compensation), re-estimate BatchNorm running
             statistics on the calibration data (:func:`mipp.surgery.repair.recalibrate_bn`).
+            ``None``: the method's choice, as for ``compensate``.
         batch_size: calibration samples per forward pass.
         seed: calibration subset, random orders and scores, the stochastic estimators.
         progress: a callable receiving :class:`~mipp.progress.ProgressEvent` objects (phases,
@@ -179,6 +185,9 @@ def prune(
         sparsity, target, scope, calib_samples, tolerance, batch_size, compensate, recalibrate_bn
     )
     m = _method(method)
+    own_compensate, own_recalibrate = m.default_repairs()
+    compensate = own_compensate if compensate is None else compensate
+    recalibrate_bn = own_recalibrate if recalibrate_bn is None else recalibrate_bn
     widths = None
     if match is not None:
         if sparsity is not None:
@@ -282,6 +291,17 @@ def prune(
         result.notes.append(
             f"layer collapse: every unit of {', '.join(collapsed)} was removed; the network "
             f"keeps a dead placeholder unit there and its output carries no information"
+        )
+    narrow = [
+        f"{r.name} ({r.width_before} → 1)"
+        for r in result.groups
+        if r.width_after == 1 and r.width_before > 1 and not r.collapsed
+    ]
+    if narrow:
+        result.notes.append(
+            f"one-unit bottleneck: {', '.join(narrow)} kept a single unit; everything the "
+            f"layers after it see passes through one number per position, which can leave a "
+            f"classifier near chance even after re-training"
         )
     restore_modes(work, modes)
     report(

@@ -52,7 +52,16 @@ from mipp.zoo.training import evaluate
 __all__ = ["register", "run"]
 
 #: flags that are method options (attribute name = option name); None when not given
-METHOD_FLAGS = ("estimator", "pool", "order", "min_keep", "confidence", "threshold", "allocation")
+METHOD_FLAGS = (
+    "estimator",
+    "pool",
+    "order",
+    "min_keep",
+    "confidence",
+    "threshold",
+    "allocation",
+    "paper",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,8 +132,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--estimator",
         choices=ESTIMATOR_NAMES,
         default=None,
-        help="MIPP's conditional-MI estimator: linear (closed form, default), gaussian "
-        "(nats), mlp (the paper's, slow), ksg (k-nearest-neighbour, nats, nonparametric)",
+        help="MIPP's conditional-MI estimator: gaussian (closed form, nats; default), linear "
+        "(the paper's loss difference in closed form), mlp (the paper's, slow), ksg "
+        "(k-nearest-neighbour, nats, nonparametric)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_const",
+        const=True,
+        default=None,
+        help="MIPP as published: the linear closed form of the paper's estimator and no "
+        "reconstruction (explicit options still win)",
     )
     p.add_argument(
         "--pool",
@@ -165,15 +183,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--compensate",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="after removal, re-fit the consumers of removed units by ridge least squares to "
-        "the unpruned network's pre-activations on the calibration data (one-shot accuracy; "
-        "any method)",
+        "the unpruned network's pre-activations on the calibration data (any method; default: "
+        "the method's own choice — on for mipp, its reconstruction; off for baselines)",
     )
     p.add_argument(
         "--recalibrate-bn",
-        action="store_true",
-        help="after removal, re-estimate BatchNorm running statistics on the calibration data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after removal, re-estimate BatchNorm running statistics on the calibration data "
+        "(default: as --compensate)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the calibration subset etc. (default 0)"

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from mipp.cli._common import make_console, rendering
+from mipp.errors import MippError
 from mipp.experiments.report import write_report
 from mipp.experiments.runner import run_sweep
 from mipp.experiments.spec import load_spec
@@ -27,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, help="a [profiles.NAME] of the config, e.g. quick")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/<name>)")
     p.add_argument("--device", default="cpu", help="torch device for every run (default cpu)")
+    p.add_argument(
+        "--bases",
+        default=None,
+        help="base-network cache shared between sweeps (default: 'bases' beside the sweep "
+        "directory, e.g. runs/sweeps/bases): a base is trained once per (model, data, "
+        "recipe, seed)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--report", action="store_true", help="write the report (mipp report) when done")
     p.add_argument("--report-out", default=None, help="report folder (default results/<name>)")
@@ -46,8 +54,20 @@ def run(args: argparse.Namespace) -> int:
         for r in runs:
             console.print(f"  {r.run_id}")
         return 0
+    bases = Path(args.bases) if args.bases else out.parent / "bases"
+    if bases.resolve() == out.resolve():
+        raise MippError(
+            f"the sweep directory {out} is also the base cache; give --out or --bases another path"
+        )
     with rendering(console) as progress:
-        result = run_sweep(spec, out, device=args.device, command=command, progress=progress)
+        result = run_sweep(
+            spec,
+            out,
+            device=args.device,
+            command=command,
+            progress=progress,
+            bases=bases,
+        )
     finished = len(result.skipped) + len(result.done)
     console.print(
         f"{finished} of {result.total} runs finished ({len(result.done)} now); "

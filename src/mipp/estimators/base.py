@@ -99,7 +99,14 @@ class Estimator(ABC):
     - ``needs_target_covariance``: with ``streams``, whether ``start`` needs the target's
       full covariance (else its variances suffice, O(Q) instead of O(Q²) memory);
     - :meth:`min_samples`: the calibration samples a layer of a given size needs;
-    - :meth:`data_device`: where ``prepare``'s inputs should live.
+    - :meth:`data_device`: where ``prepare``'s inputs should live;
+    - :meth:`confidence_folds`: how many folds of moments to accumulate for confidence mode
+      (0, the default: none; the p-values are the estimator's own). An estimator that returns
+      K >= 2 streams, accepts :class:`~mipp.estimators.moments.Moments` carrying K folds
+      (``Moments.folds``, from ``MomentAccumulator(folds=K)`` or its own ``prepare``) and
+      then answers ``Delta.pvalue`` with a held-out test across them
+      (:mod:`mipp.estimators.heldout`) while ``Delta.value`` / ``relative`` stay the
+      full-data values. Threshold and target modes never ask for folds.
 
     Subclass it (the defaults suit an estimator that holds its samples on the CPU) and check
     the result against the known answers of :mod:`mipp.testing.estimators`.
@@ -122,6 +129,12 @@ class Estimator(ABC):
         ``target_columns`` columns: by default ``features + 2`` (a regression on every
         feature plus an intercept must be determined)."""
         return features + 2
+
+    def confidence_folds(self) -> int:
+        """Folds of moments a caller should accumulate for this estimator in confidence mode
+        (the held-out test); 0 (the default) for none. MIPP and MIPPSelector ask this only in
+        confidence mode."""
+        return 0
 
     def data_device(self, model_device: torch.device) -> torch.device | None:
         """Where ``prepare`` wants its inputs: None (default) leaves them on the CPU, where

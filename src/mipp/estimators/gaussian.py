@@ -33,10 +33,12 @@ import torch
 from torch import Tensor
 
 from mipp.estimators.base import Delta
+from mipp.estimators.heldout import HeldOutTest
 from mipp.estimators.moments import (
     ClosedFormEstimator,
     ClosedFormState,
     Moments,
+    check_folds,
     logdet_spd,
     spd_inverse,
 )
@@ -50,6 +52,21 @@ class GaussianEstimator(ClosedFormEstimator):
     Args:
         ridge: Relative ridge: ``ridge × mean feature variance`` on the X block of the joint
             covariance and ``ridge`` on the standardised Y block. Must be >= 0.
+        folds: the test behind ``Delta.pvalue``, as for
+            :class:`~mipp.estimators.LinearEstimator`: None (default; in-sample χ² alone,
+            5 folds held-out in MIPP's / MIPPSelector's confidence mode), 0 (always χ²) or
+            K >= 2 (held-out).
+
+    **Held-out test** [ours]: the *same* held-out ridge-loss test as ``linear``
+    (:mod:`mipp.estimators.heldout`, same relative ridge λ_x, same margin), not a held-out
+    Gaussian log-likelihood. Both test the same null: under the Gaussian model
+    I(X_i; Y | X_{S∖i}) = 0 iff the regression coefficients of X_i given X_{S∖i} are 0, i.e.
+    iff the linear loss difference is 0; so the test is valid for this estimator's Δ. The
+    log-likelihood would weight the target columns by the inverse residual covariance, but
+    when Y is (nearly) a deterministic function of X — the case confidence mode must handle —
+    that covariance is the ridge λ_y alone, and the held-out log-likelihood difference of
+    two copies of a unit becomes a ratio of ridge artefacts rather than a loss difference we
+    can bound. ``Delta.value`` / ``relative`` stay the in-sample nats.
 
     >>> from mipp.zoo.data import gaussian_pair
     >>> pair = gaussian_pair(20000, dim_x=2, dim_y=2, rho=0.8, seed=0)
@@ -64,7 +81,7 @@ class GaussianEstimator(ClosedFormEstimator):
     def min_samples(self, features: int, target_columns: int) -> int:
         """``features + target_columns + 2``: the joint covariance of (X_S, Y) must be
         determined, not only X_S's."""
-        return features + target_columns + 2
+        return max(features + target_columns + 2, 2 * check_folds(self.folds))
 
 
 class GaussianState(ClosedFormState):
@@ -75,8 +92,10 @@ class GaussianState(ClosedFormState):
         ridge_x, ridge_y: the absolute ridges added to the X and Y blocks.
     """
 
-    def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
-        a, sxy, syy, self.ridge_x = self._setup(moments, columns, ridge=ridge)
+    def __init__(
+        self, moments: Moments, columns: Tensor | None, *, ridge: float, heldout: bool = False
+    ) -> None:
+        a, sxy, syy, self.ridge_x = self._setup(moments, columns, ridge=ridge, heldout=heldout)
         self.ridge_y = ridge
         cyy = syy + self.ridge_y * torch.eye(self._q, dtype=torch.float64)
         self._cyy = cyy
@@ -118,8 +137,14 @@ class GaussianState(ClosedFormState):
     def _rows(self, i: int) -> slice:
         return slice(i * self._b, (i + 1) * self._b)
 
+    def prefetch(self, units: list[int]) -> None:
+        """Passed on to the held-out test (its block caches); the in-sample path ignores it."""
+        if self.heldout is not None:
+            self.heldout.prefetch(units)
+
     def delta(self, i: int) -> Delta:
-        """Δ_i = I(X_i; Y | X_{S∖i}) in nats and the χ² p-value; i must be in S."""
+        """Δ_i = I(X_i; Y | X_{S∖i}) in nats and its p-value (the held-out test's when the
+        state has one, else the χ² likelihood-ratio test's); i must be in S."""
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
@@ -128,6 +153,8 @@ class GaussianState(ClosedFormState):
         value = max(value, 0.0)
         info = self.information()
         relative = value / info if info > 0 else 0.0
+        if self.heldout is not None:
+            return Delta(value=value, relative=relative, pvalue=self.heldout.pvalue(i))
         # likelihood-ratio statistic on the plain (unpenalised) residual covariances
         if self._logdet_r is None:
             self._logdet_r = logdet_spd(self._e - self.ridge_x * self._g)
@@ -159,6 +186,8 @@ class GaussianState(ClosedFormState):
         self._slots.remove(i)
         self._info = None
         self._logdet_r = None
+        if self.heldout is not None:
+            self.heldout.remove(i)
 
     def _removal_terms(self, r: slice) -> tuple[Tensor, Tensor]:
         """Changes of E and G = BᵀB when unit rows ``r`` leave S, each ``(q, q)``.
@@ -189,3 +218,4 @@ def _batched_logdet(a: Tensor) -> Tensor:
 
 
 GaussianEstimator.state_class = GaussianState
+GaussianState.heldout_class = HeldOutTest

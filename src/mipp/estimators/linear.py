@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mipp.estimators.base import Delta
+from mipp.estimators.heldout import HeldOutTest
 from mipp.estimators.moments import (
     ClosedFormEstimator,
     ClosedFormState,
@@ -41,9 +42,29 @@ class LinearEstimator(ClosedFormEstimator):
         ridge: Relative ridge; the ridge added to the feature covariance is
             ``ridge × mean feature variance``, so results do not depend on the activations'
             scale. Must be >= 0 (0 fails on collinear features such as duplicate units).
+        folds: the test behind ``Delta.pvalue`` (confidence mode). None (default): chosen by
+            the caller — the in-sample F-test below when used alone; MIPP and MIPPSelector
+            use the held-out test with 5 folds in confidence mode. 0: always the F-test.
+            K >= 2: ``prepare`` also keeps K folds of moments (row r in fold r mod K) and the
+            held-out test answers (see below). ``Delta.value`` is the same either way.
 
-    The significance test of Δ_i is the partial F-test of H0: B_i = 0, treating the q target
-    columns as independent regressions with a pooled residual variance:
+    **Held-out test** (docs/METHOD.md §3, :mod:`mipp.estimators.heldout`) [ours]: the paper's
+    rule, in closed form. For each fold k the ridge predictor is fitted on the other K − 1
+    folds (their means, their relative ridge) and its loss on fold k (share of the target's
+    full-data variance, including the shift between the training and held-out means) is
+    compared with and without unit i: Δ_i,k, from moments and Schur downdates, no re-fits.
+    Unit i is kept iff a one-sided t-test (K − 1 dof) finds mean(Δ_i,k − m_i,k) > 0, where
+    m_i,k = λ_k(‖B_{S∖i}‖² − ‖B_S‖²)/q is the rise of the ridge penalty that removing i
+    forces on the other weights: without it two exact duplicates, which share the penalty,
+    would predict better than one copy by an O(λ²) amount that is the same in every fold and
+    test significant on noise-free targets. The margin is ≈ λw²/2 for such a copy, above its
+    ≈ ¾λ²w²/s gain whenever the unit's variance s exceeds 1.5λ, and is λ times a change of
+    squared weights — negligible — for units that carry information. The test itself needs
+    no more samples than features, only 2 rows per fold (the ridge determines every fit);
+    :meth:`min_samples` keeps the in-sample rule, features + 2 (and at least 2K).
+
+    The in-sample significance test of Δ_i is the partial F-test of H0: B_i = 0, treating the
+    q target columns as independent regressions with a pooled residual variance:
     F = (ΔR_i / b_i) / (R(S) / (n − D_S − 1)) with (b_i·q, q·(n − D_S − 1)) degrees of freedom
     (b_i, D_S: non-constant features of unit i and of S). It is exact for one target column
     under Gaussian noise and ordinary least squares, and approximate otherwise (correlated
@@ -80,8 +101,10 @@ class LinearState(ClosedFormState):
         ridge: the absolute ridge λ added to the feature covariance.
     """
 
-    def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
-        a, sxy, _, self.ridge = self._setup(moments, columns, ridge=ridge)
+    def __init__(
+        self, moments: Moments, columns: Tensor | None, *, ridge: float, heldout: bool = False
+    ) -> None:
+        a, sxy, _, self.ridge = self._setup(moments, columns, ridge=ridge, heldout=heldout)
         # full-size P and B; a removed unit's rows (and P's columns) are exactly 0
         self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
         self._bm = self._p @ sxy  # (D, q)
@@ -108,6 +131,8 @@ class LinearState(ClosedFormState):
         """Announce the next units TERC will test: their Δ and removals are then served from
         small caches (O(K²·b² + K·b·q) per removal) and the removals reach the full D×D
         matrices as one block Schur complement (a GEMM) instead of one O(D²) pass each."""
+        if self.heldout is not None:
+            self.heldout.prefetch(units)
         self._flush()
         units = [int(u) for u in units if self._slots.is_active(int(u))]
         if len(units) < 2:
@@ -134,7 +159,10 @@ class LinearState(ClosedFormState):
         return p_i[:, r], self._bm[r], p_i @ self._bm, p_i @ p_i.T
 
     def delta(self, i: int) -> Delta:
-        """Δ_i = L(S∖i) − L(S) (share of variance) and the F-test p-value; i must be in S.
+        """Δ_i = L(S∖i) − L(S) (share of variance) and its p-value; i must be in S.
+
+        The p-value is the held-out test's (:attr:`heldout`) when the state has one, else the
+        in-sample partial F-test's.
 
         O(D·q·b) (O(q·b²) when prefetched): with c = P_ii⁻¹ B_i and r the other kept rows,
         ‖B_{S∖i}‖² = ‖B_r − P_ri c‖² = ‖B‖² − ‖B_i‖² − 2⟨c, P_ir B_r⟩ + ⟨c, P_ir P_ri c⟩, where
@@ -145,7 +173,7 @@ class LinearState(ClosedFormState):
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
         d_live = self._d_live
         dof_res = self._n - d_live - 1
-        if dof_res <= 0:
+        if dof_res <= 0 and self.heldout is None:
             raise ValueError(
                 f"the linear F-test needs more samples than kept features + 1: n={self._n}, "
                 f"{d_live} non-constant features in S; use at least {d_live + 2} samples"
@@ -155,6 +183,8 @@ class LinearState(ClosedFormState):
         p_ii, b_i, pb_i, pp_ii = self._rows(i)
         coef = _solve(p_ii, b_i)  # P_ii⁻¹ B_i, (b, q)
         value = max(float((b_i * coef).sum()) / self._q, 0.0)
+        if self.heldout is not None:
+            return Delta(value=value, relative=value, pvalue=self.heldout.pvalue(i))
         # unpenalised residual shares for the test: R = L − λ‖B‖²/q
         resid = 1.0 - self._explained - self.ridge * self._b_norm / self._q
         cross = pb_i - p_ii @ b_i  # P_ir B_r, (b, q)
@@ -202,6 +232,8 @@ class LinearState(ClosedFormState):
             self._bm[r] = 0.0
         self._slots.remove(i)
         self._d_live -= int(self._live[i * self._b : (i + 1) * self._b].sum())
+        if self.heldout is not None:
+            self.heldout.remove(i)
 
     def _flush(self) -> None:
         """Apply a block's deferred removals R to P and B at once:
@@ -265,3 +297,4 @@ class _Block:
 
 
 LinearEstimator.state_class = LinearState
+LinearState.heldout_class = HeldOutTest

@@ -9,6 +9,7 @@ inverse, O(D²) instead of a fresh O(D³) inversion (done in place by each estim
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -20,17 +21,103 @@ from torch import Tensor
 from mipp.estimators.base import Estimator, EstimatorState, check_columns, check_pair
 
 __all__ = [
+    "DEFAULT_FOLDS",
     "ClosedFormEstimator",
     "ClosedFormState",
+    "FoldMoments",
     "MomentAccumulator",
     "Moments",
     "UnitSlots",
+    "check_folds",
+    "fold_moments",
     "ridge_scale",
     "second_moments",
     "spd_inverse",
 ]
 
 _CHUNK_ROWS = 8192  # rows per accumulation step: bounds the float64 working copy
+#: folds of the held-out test that MIPP and MIPPSelector use in confidence mode (the paper's
+#: 5 repeats) when the estimator's ``folds`` option is left at None
+DEFAULT_FOLDS = 5
+
+
+def check_folds(folds: Any) -> int:
+    """``folds`` as an int: 0 for None or 0 (no folds: in-sample test), else an integer >= 2.
+
+    >>> check_folds(None), check_folds(5)
+    (0, 5)
+    """
+    if folds is None:
+        return 0
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds == 1 or folds < 0:
+        raise ValueError(f"folds must be None, 0 or an integer >= 2, got {folds!r}")
+    return folds
+
+
+@dataclass(frozen=True)
+class FoldMoments:
+    """Centred float64 moments of K disjoint folds of the rows, for the held-out test.
+
+    Row r (0-based, counted in the order the rows are given or streamed, across batches)
+    belongs to fold ``r mod K``: the calibration set is already a seeded random subset, so a
+    deterministic interleaving is as good as a random split and needs no seed.
+
+    Sums are *unnormalised* and centred on each fold's own mean (what the Chan merge adds):
+    ``cxx[k] = Σ_{r in k} (x_r − mean_x[k])(x_r − mean_x[k])ᵀ``. Features and target columns
+    constant over *all* rows have exactly zero cross-products, as in :class:`Moments`.
+
+    Attributes:
+        n: int64 ``(K,)`` rows per fold.
+        mean_x: ``(K, D)``; mean_y: ``(K, Q)``.
+        cxx: ``(K, D, D)``; cxy: ``(K, D, Q)``.
+        cyy: ``(K, Q)`` the target's centred sums of squares only (the held-out loss needs the
+            columns' variances, never their covariance).
+        min_x, max_x: ``(K, D)`` per-fold extremes of each feature (a feature constant on a
+            training set gets no weight there).
+    """
+
+    n: Tensor
+    mean_x: Tensor
+    mean_y: Tensor
+    cxx: Tensor
+    cxy: Tensor
+    cyy: Tensor
+    min_x: Tensor
+    max_x: Tensor
+
+    @property
+    def count(self) -> int:
+        """K, the number of folds."""
+        return int(self.n.numel())
+
+    def merged(self, folds: list[int]) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(n, mean_x, mean_y, cxx, cxy, cyy)`` of the union of the rows of ``folds``, by the
+        Chan–Golub–LeVeque pairwise merge (unnormalised sums, as the fields)."""
+        n, mx, my, cxx, cxy, cyy = 0, None, None, None, None, None
+        for k in folds:
+            nb = int(self.n[k])
+            if nb == 0:
+                continue
+            if mx is None:
+                n, mx, my = nb, self.mean_x[k].clone(), self.mean_y[k].clone()
+                cxx, cxy, cyy = self.cxx[k].clone(), self.cxy[k].clone(), self.cyy[k].clone()
+                continue
+            dx, dy = self.mean_x[k] - mx, self.mean_y[k] - my
+            total = n + nb
+            w = n * nb / total
+            cxx += self.cxx[k] + w * torch.outer(dx, dx)
+            cxy += self.cxy[k] + w * torch.outer(dx, dy)
+            cyy += self.cyy[k] + w * dy**2
+            mx += dx * (nb / total)
+            my += dy * (nb / total)
+            n = total
+        if mx is None:
+            raise ValueError(f"folds {folds} hold no rows")
+        return n, mx, my, cxx, cxy, cyy
+
+    def extremes(self, folds: list[int]) -> tuple[Tensor, Tensor]:
+        """``(min_x, max_x)`` ``(D,)`` over the rows of ``folds``."""
+        return self.min_x[folds].amin(0), self.max_x[folds].amax(0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +137,8 @@ class Moments:
         n: number of samples; n_units: U; unit_size: b.
         full_target: False when only the diagonal of ``syy`` was accumulated (enough for
             ``linear``, which needs the target's variances only); ``gaussian`` needs True.
+        folds: the same moments per fold of the rows (:class:`FoldMoments`) for the held-out
+            test of confidence mode, or None (the default: in-sample tests only).
     """
 
     sxx: Tensor
@@ -63,6 +152,7 @@ class Moments:
     n_units: int
     unit_size: int
     full_target: bool = True
+    folds: FoldMoments | None = None
 
     @property
     def const_units(self) -> Tensor:
@@ -140,6 +230,130 @@ def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_si
     )
 
 
+def fold_moments(x: Tensor, y: Tensor, folds: int, moments: Moments) -> FoldMoments:
+    """Per-fold centred moments of ``x`` ``(n, U, b)`` / ``(n, U)`` and ``y`` ``(n, Q)``: row r
+    goes to fold ``r mod folds``; two passes per fold (mean, then centred products), as exact
+    as :func:`second_moments`. ``moments`` are the full-data moments of the same rows: their
+    constant features and columns get exactly zero cross-products here too.
+
+    >>> x, y = torch.arange(8.0).reshape(4, 2), torch.arange(4.0)
+    >>> fm = fold_moments(x, y, 2, second_moments(x, y))
+    >>> fm.n.tolist(), fm.mean_y.tolist(), fm.cyy.tolist()
+    ([2, 2], [[1.0], [2.0]], [[2.0], [2.0]])
+    """
+    x, y = check_pair(x, y)
+    k_folds = check_folds(folds)
+    n, n_units, unit_size = x.shape
+    if k_folds == 0:
+        raise ValueError(f"folds must be an integer >= 2 here, got {folds!r}")
+    if n < 2 * k_folds:
+        raise ValueError(f"{k_folds} folds need at least {2 * k_folds} samples, got {n}")
+    x = x.reshape(n, n_units * unit_size)
+    parts = []
+    for k in range(k_folds):
+        xk, yk = x[k::k_folds], y[k::k_folds]
+        m = xk.shape[0]
+        mean_x = sum(xk[s : s + _CHUNK_ROWS].double().sum(0) for s in range(0, m, _CHUNK_ROWS))
+        mean_y = sum(yk[s : s + _CHUNK_ROWS].double().sum(0) for s in range(0, m, _CHUNK_ROWS))
+        mean_x, mean_y = mean_x / m, mean_y / m
+        cxx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        cxy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+        cyy = torch.zeros(y.shape[1], dtype=torch.float64)
+        for s in range(0, m, _CHUNK_ROWS):
+            xc = xk[s : s + _CHUNK_ROWS].double() - mean_x
+            yc = yk[s : s + _CHUNK_ROWS].double() - mean_y
+            cxx += xc.T @ xc
+            cxy += xc.T @ yc
+            cyy += (yc**2).sum(0)
+        lo, hi = xk.double().amin(0), xk.double().amax(0)
+        parts.append((m, mean_x, mean_y, cxx, cxy, cyy, lo, hi))
+    return _stack_folds(parts, moments.const_x, moments.const_y)
+
+
+def _stack_folds(parts: list[tuple], const_x: Tensor, const_y: Tensor) -> FoldMoments:
+    """:class:`FoldMoments` from per-fold ``(n, mean_x, mean_y, cxx, cxy, cyy, min_x, max_x)``
+    with the rows and columns of the (overall) constant features and columns zeroed."""
+    n, mean_x, mean_y, cxx, cxy, cyy, lo, hi = (list(t) for t in zip(*parts, strict=True))
+    cxx, cxy, cyy = torch.stack(cxx), torch.stack(cxy), torch.stack(cyy)
+    const_x, const_y = const_x.to(cxx.device), const_y.to(cxx.device)
+    cxx[:, const_x] = 0.0
+    cxx[:, :, const_x] = 0.0
+    cxy[:, const_x] = 0.0
+    cxy[:, :, const_y] = 0.0
+    cyy[:, const_y] = 0.0
+    cxx = (cxx + cxx.transpose(1, 2)) / 2
+    return FoldMoments(
+        n=torch.tensor(n, dtype=torch.long),
+        mean_x=torch.stack(mean_x),
+        mean_y=torch.stack(mean_y),
+        cxx=cxx,
+        cxy=cxy,
+        cyy=cyy,
+        min_x=torch.stack(lo),
+        max_x=torch.stack(hi),
+    )
+
+
+class _Running:
+    """Running float64 moments of one set of rows (Chan–Golub–LeVeque), on the CPU."""
+
+    def __init__(self, d: int, q: int, *, full_target: bool) -> None:
+        self.n = 0
+        self.full_target = full_target
+        self.mean_x = torch.zeros(d, dtype=torch.float64)
+        self.mean_y = torch.zeros(q, dtype=torch.float64)
+        self.sxx = torch.zeros(d, d, dtype=torch.float64)
+        self.sxy = torch.zeros(d, q, dtype=torch.float64)
+        self.syy = torch.zeros(q, q, dtype=torch.float64)
+        self.min_x = torch.full((d,), math.inf, dtype=torch.float64)
+        self.max_x = -self.min_x
+        self.min_y = torch.full((q,), math.inf, dtype=torch.float64)
+        self.max_y = -self.min_y
+
+    def add(self, xb: Tensor, yb: Tensor) -> None:
+        """Merge a batch ``xb`` ``(m, D)``, ``yb`` ``(m, Q)`` (float64, CPU) into the moments."""
+        m = xb.shape[0]
+        mean_xb, mean_yb = xb.mean(0), yb.mean(0)
+        xc, yc = xb - mean_xb, yb - mean_yb
+        n_a, n = self.n, self.n + m
+        dx, dy = mean_xb - self.mean_x, mean_yb - self.mean_y
+        w = n_a * m / n
+        self.sxx += xc.T @ xc + w * torch.outer(dx, dx)
+        self.sxy += xc.T @ yc + w * torch.outer(dx, dy)
+        if self.full_target:
+            self.syy += yc.T @ yc + w * torch.outer(dy, dy)
+        else:  # the variances only: O(Q) instead of O(Q²) per row
+            self.syy.diagonal().add_((yc**2).sum(0) + w * dy**2)
+        self.mean_x += dx * (m / n)
+        self.mean_y += dy * (m / n)
+        self.min_x = torch.minimum(self.min_x, xb.amin(0))
+        self.max_x = torch.maximum(self.max_x, xb.amax(0))
+        self.min_y = torch.minimum(self.min_y, yb.amin(0))
+        self.max_y = torch.maximum(self.max_y, yb.amax(0))
+        self.n = n
+
+    def merge(self, other: _Running) -> None:
+        """Merge another set of rows' moments into these (the same pairwise update)."""
+        if other.n == 0:
+            return
+        n_a, n = self.n, self.n + other.n
+        dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y
+        w = n_a * other.n / n
+        self.sxx += other.sxx + w * torch.outer(dx, dx)
+        self.sxy += other.sxy + w * torch.outer(dx, dy)
+        if self.full_target:
+            self.syy += other.syy + w * torch.outer(dy, dy)
+        else:
+            self.syy.diagonal().add_(other.syy.diagonal() + w * dy**2)
+        self.mean_x += dx * (other.n / n)
+        self.mean_y += dy * (other.n / n)
+        self.min_x = torch.minimum(self.min_x, other.min_x)
+        self.max_x = torch.maximum(self.max_x, other.max_x)
+        self.min_y = torch.minimum(self.min_y, other.min_y)
+        self.max_y = torch.maximum(self.max_y, other.max_y)
+        self.n = n
+
+
 class MomentAccumulator:
     """Streaming float64 second moments of (X, Y), one batch at a time: O(D² + D·Q + Q²) memory.
 
@@ -153,6 +367,12 @@ class MomentAccumulator:
     maxima. :meth:`moments` returns the same :class:`Moments` as :func:`second_moments` on
     all the rows at once.
 
+    ``folds=K`` (K >= 2; default 0: none) keeps the moments of K folds instead, row r of the
+    stream (counted across batches) in fold ``r mod K`` — K times the memory, about the same
+    arithmetic. :meth:`moments` then merges the folds into the full-data moments (equal to the
+    unfolded ones to ~1e-12) and attaches the folds (:attr:`Moments.folds`, target variances
+    only) for the held-out test.
+
     >>> x, y = torch.randn(100, 3, 2, dtype=torch.float64), torch.randn(100, 4, dtype=torch.float64)
     >>> acc = MomentAccumulator()
     >>> for i in range(0, 100, 32):
@@ -162,10 +382,12 @@ class MomentAccumulator:
     (True, 2)
     """
 
-    def __init__(self, *, full_target: bool = True) -> None:
+    def __init__(self, *, full_target: bool = True, folds: int | None = 0) -> None:
         self.n = 0
         self.full_target = full_target
+        self.folds = check_folds(folds)
         self._shape: tuple[int, int, int] | None = None
+        self._parts: list[_Running] = []
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add a batch: ``x`` ``(m, U, b)`` or ``(m, U)`` and ``y`` ``(m, Q)`` or ``(m,)``."""
@@ -175,15 +397,9 @@ class MomentAccumulator:
         if self._shape is None:
             self._shape = shape
             d, q = n_units * unit_size, y.shape[1]
-            self._mean_x = torch.zeros(d, dtype=torch.float64)
-            self._mean_y = torch.zeros(q, dtype=torch.float64)
-            self._sxx = torch.zeros(d, d, dtype=torch.float64)
-            self._sxy = torch.zeros(d, q, dtype=torch.float64)
-            self._syy = torch.zeros(q, q, dtype=torch.float64)
-            self._min_x = torch.full((d,), math.inf, dtype=torch.float64)
-            self._max_x = -self._min_x
-            self._min_y = torch.full((q,), math.inf, dtype=torch.float64)
-            self._max_y = -self._min_y
+            self._parts = [
+                _Running(d, q, full_target=self.full_target) for _ in range(max(self.folds, 1))
+            ]
         elif shape != self._shape:
             raise ValueError(
                 f"batch shapes changed: expected (units, features, target columns) = "
@@ -191,45 +407,62 @@ class MomentAccumulator:
             )
         xb = x.reshape(m, -1).double().cpu()
         yb = y.double().cpu()
-        mean_xb, mean_yb = xb.mean(0), yb.mean(0)
-        xc, yc = xb - mean_xb, yb - mean_yb
-        n_a, n = self.n, self.n + m
-        dx, dy = mean_xb - self._mean_x, mean_yb - self._mean_y
-        w = n_a * m / n
-        self._sxx += xc.T @ xc + w * torch.outer(dx, dx)
-        self._sxy += xc.T @ yc + w * torch.outer(dx, dy)
-        if self.full_target:
-            self._syy += yc.T @ yc + w * torch.outer(dy, dy)
-        else:  # the variances only: O(Q) instead of O(Q²) per row
-            self._syy.diagonal().add_((yc**2).sum(0) + w * dy**2)
-        self._mean_x += dx * (m / n)
-        self._mean_y += dy * (m / n)
-        self._min_x = torch.minimum(self._min_x, xb.amin(0))
-        self._max_x = torch.maximum(self._max_x, xb.amax(0))
-        self._min_y = torch.minimum(self._min_y, yb.amin(0))
-        self._max_y = torch.maximum(self._max_y, yb.amax(0))
-        self.n = n
+        if not self.folds:
+            self._parts[0].add(xb, yb)
+        else:  # row r of the stream goes to fold r mod K
+            for k, part in enumerate(self._parts):
+                first = (k - self.n) % self.folds
+                if first < m:
+                    part.add(xb[first :: self.folds], yb[first :: self.folds])
+        self.n += m
 
     def moments(self) -> Moments:
-        """The accumulated :class:`Moments` (1/n normalisation, constant features zeroed)."""
+        """The accumulated :class:`Moments` (1/n normalisation, constant features zeroed;
+        with ``folds``, merged from the folds and carrying them in ``Moments.folds``)."""
         if self._shape is None or self.n < 2:
             raise ValueError(f"need at least 2 samples, got {self.n}")
+        if self.folds and self.n < 2 * self.folds:
+            raise ValueError(
+                f"{self.folds} folds need at least {2 * self.folds} samples, got {self.n}"
+            )
         n_units, unit_size, _ = self._shape
-        const_x = self._max_x == self._min_x
-        const_y = self._max_y == self._min_y
+        if self.folds:
+            whole = _Running(*self._parts[0].sxy.shape, full_target=self.full_target)
+            for part in self._parts:
+                whole.merge(part)
+        else:
+            whole = self._parts[0]
+        const_x = whole.max_x == whole.min_x
+        const_y = whole.max_y == whole.min_y
         moments = _finish(
-            self._sxx.clone(),
-            self._sxy.clone(),
-            self._syy.clone(),
-            self._mean_x.clone(),
-            self._mean_y.clone(),
+            whole.sxx.clone(),
+            whole.sxy.clone(),
+            whole.syy.clone(),
+            whole.mean_x.clone(),
+            whole.mean_y.clone(),
             const_x,
             const_y,
             self.n,
             n_units,
             unit_size,
         )
-        return dataclasses.replace(moments, full_target=self.full_target)
+        folds = None
+        if self.folds:
+            parts = [
+                (
+                    p.n,
+                    p.mean_x.clone(),
+                    p.mean_y.clone(),
+                    p.sxx.clone(),
+                    p.sxy.clone(),
+                    p.syy.diagonal().clone(),
+                    p.min_x.clone(),
+                    p.max_x.clone(),
+                )
+                for p in self._parts
+            ]
+            folds = _stack_folds(parts, const_x, const_y)
+        return dataclasses.replace(moments, full_target=self.full_target, folds=folds)
 
 
 def ridge_scale(sxx: Tensor, const_x: Tensor) -> float:
@@ -324,15 +557,26 @@ class UnitSlots:
 
 
 class ClosedFormState(EstimatorState):
-    """What the closed-form states share: the kept set and the ridged feature covariance."""
+    """What the closed-form states share: the kept set and the ridged feature covariance.
+
+    Attributes:
+        heldout: the K-fold held-out test that answers ``Delta.pvalue``
+            (:class:`~mipp.estimators.heldout.HeldOutTest`), or None for the in-sample test.
+    """
+
+    heldout: Any = None
+    #: builds the held-out test (:class:`~mipp.estimators.heldout.HeldOutTest`, set by the
+    #: estimator modules: that module imports this one)
+    heldout_class: Any = None
 
     def _setup(
-        self, moments: Moments, columns: Tensor | None, *, ridge: float
+        self, moments: Moments, columns: Tensor | None, *, ridge: float, heldout: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, float]:
         """Set the common attributes; return ``(A, Σ_xy, Σ_yy, λ)`` for the chosen columns.
 
         A = Σ_xx + λI on live features (λ = ``ridge`` × mean live feature variance), with
-        Σ_xy, Σ_yy over the standardised target columns.
+        Σ_xy, Σ_yy over the standardised target columns. ``heldout``: build the held-out test
+        from ``moments.folds`` (which must then be set).
         """
         self.n_units = moments.n_units
         self._b = moments.unit_size
@@ -347,6 +591,11 @@ class ClosedFormState(EstimatorState):
         idx = torch.arange(self.n_units * self._b).view(self.n_units, self._b)
         self._a_blocks = a[idx[:, :, None], idx[:, None, :]]  # (U, b, b)
         self._sxy = sxy  # (D, q), standardised columns
+        self.heldout = None
+        if heldout and self._q:
+            if self.heldout_class is None:
+                raise TypeError(f"{type(self).__name__} has no held-out test (heldout_class)")
+            self.heldout = self.heldout_class(moments, self.columns, ridge=ridge)
         return a, sxy, syy, lam
 
     @property
@@ -356,10 +605,25 @@ class ClosedFormState(EstimatorState):
 
 
 class ClosedFormEstimator(Estimator):
-    """What ``linear`` and ``gaussian`` share: the ridge option, moments, and ``start``.
+    """What ``linear`` and ``gaussian`` share: the ridge and folds options, moments, ``start``.
 
     ``prepare`` needs only second moments, so they can be streamed batch by batch
     (:class:`MomentAccumulator`) instead of holding the activations (``streams``).
+
+    ``folds`` chooses the test behind ``Delta.pvalue`` (confidence mode):
+
+    - ``None`` (default): decided by the caller. Alone, ``prepare`` keeps no folds and the
+      test is in-sample; :class:`~mipp.methods.mipp.MIPP` and
+      :class:`~mipp.methods.selection.MIPPSelector` accumulate :data:`DEFAULT_FOLDS` folds in
+      confidence mode (:meth:`confidence_folds`) and none in threshold / target mode;
+    - ``0``: always the in-sample test (F for ``linear``, χ² for ``gaussian``);
+    - ``K >= 2``: ``prepare`` also keeps K folds of moments and the held-out K-fold test of
+      :mod:`mipp.estimators.heldout` answers ``Delta.pvalue``.
+
+    ``start`` uses the held-out test whenever the moments it is given carry folds
+    (``Moments.folds``) and ``folds`` is not 0; moments without folds (e.g. MIPP's threshold
+    mode, which never accumulates them) get the in-sample test. ``Delta.value`` and
+    ``Delta.relative`` are the full-data values either way.
     """
 
     name = "closed-form"
@@ -368,20 +632,46 @@ class ClosedFormEstimator(Estimator):
     #: the state class :meth:`start` builds (set by each subclass)
     state_class: type[Any] = ClosedFormState
 
-    def __init__(self, *, ridge: float = 1e-3) -> None:
+    def __init__(self, *, ridge: float = 1e-3, folds: int | None = None) -> None:
         if not (math.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        check_folds(folds)
         self.ridge = float(ridge)
+        self.folds = folds
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ridge={self.ridge})"
+        folds = "" if self.folds is None else f", folds={self.folds}"
+        return f"{type(self).__name__}(ridge={self.ridge}{folds})"
+
+    def with_folds(self, folds: int | None) -> ClosedFormEstimator:
+        """A copy of this estimator with the ``folds`` option set to ``folds``."""
+        check_folds(folds)
+        other = copy.copy(self)
+        other.folds = folds
+        return other
+
+    def confidence_folds(self) -> int:
+        """K of the held-out test in confidence mode: ``folds``, :data:`DEFAULT_FOLDS` when it
+        is None, 0 (in-sample test) when it is 0."""
+        return DEFAULT_FOLDS if self.folds is None else check_folds(self.folds)
+
+    def min_samples(self, features: int, target_columns: int) -> int:
+        """``features + 2``, and at least 2 rows per fold (2K) with ``folds=K``."""
+        return max(features + 2, 2 * check_folds(self.folds))
 
     def prepare(self, x: Tensor, y: Tensor) -> Moments:
-        """Centred float64 second moments of ``x`` ``(n, U, b)`` / ``(n, U)``, ``y`` ``(n, Q)``."""
-        return second_moments(x, y)
+        """Centred float64 second moments of ``x`` ``(n, U, b)`` / ``(n, U)``, ``y`` ``(n, Q)``;
+        with ``folds=K`` (>= 2) they also carry K folds (:func:`fold_moments`, row r in fold
+        r mod K)."""
+        moments = second_moments(x, y)
+        k = check_folds(self.folds)
+        if k:
+            moments = dataclasses.replace(moments, folds=fold_moments(x, y, k, moments))
+        return moments
 
     def start(self, prepared: Moments, columns: Tensor | None = None) -> Any:
-        """A state with S = all units, for target columns ``columns`` (None = all)."""
+        """A state with S = all units, for target columns ``columns`` (None = all); its
+        p-values are held-out when ``prepared`` carries folds (unless ``folds=0``)."""
         if not isinstance(prepared, Moments):
             raise TypeError(f"prepared must come from prepare(), got {type(prepared).__name__}")
         if self.needs_target_covariance and not prepared.full_target:
@@ -389,4 +679,11 @@ class ClosedFormEstimator(Estimator):
                 f"the {self.name!r} estimator needs the target's full covariance; these "
                 "moments hold its variances only (MomentAccumulator(full_target=False))"
             )
-        return self.state_class(prepared, columns, ridge=self.ridge)
+        k = check_folds(self.folds)
+        if prepared.folds is not None and k and prepared.folds.count != k:
+            raise ValueError(
+                f"these moments carry {prepared.folds.count} folds but the estimator was "
+                f"built with folds={k}; prepare them with folds={k}"
+            )
+        heldout = prepared.folds is not None and self.folds != 0
+        return self.state_class(prepared, columns, ridge=self.ridge, heldout=heldout)

@@ -1,9 +1,12 @@
 """What every run of a sweep starts from: the data splits and the cached base networks.
 
 A sweep trains one base network per (model, dataset, seed) and shares it between every
-method, regime and sparsity::
+method, regime and sparsity. Bases live in a cache directory (``<sweep>/bases`` by default;
+``mipp sweep`` shares ``runs/bases`` between all sweeps), so every sweep and ablation of the
+same (model, data, recipe, seed) reuses one trained network and a new variant costs only its
+own pruning and fine-tuning::
 
-    bases/<model>-<data>-seed<s>-<hash>/
+    <cache>/<model>-<data>-seed<s>-<hash>/
         init.safetensors          the seeded initialisation (PaI starts here)
         trained.safetensors       the trained network (PaT starts here), trained once
         base.json                 its settings, test accuracy and training time
@@ -76,34 +79,44 @@ def _model_spec(cfg: dict[str, Any], model: str, ds: mdata.ImageDataset) -> Mode
 
 
 class Bases:
-    """The seeded initialisation and trained base network per (model, dataset, seed), under
-    ``out/bases``; a missing base is trained when first asked for, its progress sent to
-    ``report`` (stage ``"base"``, and the training's own events)."""
+    """The seeded initialisation and trained base network per (model, dataset, seed), in the
+    cache directory ``root``; a missing base is trained when first asked for, its progress
+    sent to ``report`` (stage ``"base"``, and the training's own events). Two sweeps asking
+    for the same missing base at the same moment both train it (the files are written
+    atomically, so the result is whole either way)."""
 
     def __init__(
         self,
-        out: Path,
+        root: Path,
         spec: SweepSpec,
         data: SweepData,
         device: torch.device,
         report: Reporter,
     ) -> None:
-        self.out, self.spec, self.data, self.device, self.report = out, spec, data, device, report
+        self.root, self.spec, self.data, self.device, self.report = (
+            root,
+            spec,
+            data,
+            device,
+            report,
+        )
 
     def key(self, model: str, dataset: str, seed: int) -> dict[str, Any]:
         cfg = self.spec.config
+        recipe = TrainConfig.from_dict(cfg["train"]).to_dict()
         return {
             "model": model,
             "dataset": dataset,
             "seed": seed,
             "data": cfg["data"],
             "model_options": cfg["models"].get(model, {}),
-            "train": cfg["train"],
+            # the resolved recipe, so configs spelling the same recipe differently share a base
+            "train": {k: v for k, v in recipe.items() if k != "seed"},
         }
 
     def dir(self, model: str, dataset: str, seed: int) -> Path:
         key = self.key(model, dataset, seed)
-        return self.out / "bases" / f"{model}-{dataset}-seed{seed}-{_hash(key)}"
+        return self.root / f"{model}-{dataset}-seed{seed}-{_hash(key)}"
 
     def get(self, model: str, dataset: str, seed: int, which: str) -> tuple[torch.nn.Module, float]:
         """(a fresh copy of the ``"init"`` or ``"trained"`` network, the base accuracy)."""

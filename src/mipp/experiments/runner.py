@@ -3,7 +3,7 @@
 Layout of a sweep directory::
 
     sweep.json                    what was run: name, command, resolved config, protocol
-    bases/<model>-<data>-seed<s>-<hash>/
+    bases/<model>-<data>-seed<s>-<hash>/   (unless ``bases=`` names a shared cache)
         init.safetensors          the seeded initialisation (PaI starts here)
         trained.safetensors       the trained network (PaT starts here), trained once
         base.json                 its test accuracy and training time
@@ -93,8 +93,13 @@ def protocol(spec: SweepSpec) -> list[str]:
     ``REPORT.md``)."""
     cfg = spec.config
     d, p = cfg["data"], cfg["prune"]
-    ft = {k: v for k, v in cfg["finetune"].items() if k != "fraction"}
+    ft = {k: v for k, v in cfg["finetune"].items() if k not in ("fraction", "epochs")}
     ft_epochs = finetune_epochs(cfg)
+    budget = (
+        f"{cfg['finetune']['fraction']:g} × the base epochs"
+        if "fraction" in cfg["finetune"]
+        else "a fixed budget"
+    )
     ref = spec.reference
     subset = (
         f"a seeded subset of {d['train_subset']:,} training images"
@@ -126,7 +131,7 @@ def protocol(spec: SweepSpec) -> list[str]:
         "One-shot accuracy: measured right after pruning, before any re-training (for PaI "
         "that is a pruned random initialisation, so about chance).",
         f"PaT (pruning after training): the pruned network is fine-tuned for {ft_epochs} "
-        f"epoch(s) ({cfg['finetune']['fraction']:g} × the base epochs) with "
+        f"epoch(s) ({budget}) with "
         f"{_recipe({**ft, 'epochs': ft_epochs}, epochs=False)}; the same budget for every "
         f"method.",
         f"PaI (pruning at initialisation): the seeded initialisation is pruned and the pruned "
@@ -165,7 +170,7 @@ def _retrain_config(spec: SweepSpec, run: Run) -> TrainConfig:
     """PaT: the ``[finetune]`` recipe for ``finetune_epochs``; PaI: the ``[train]`` recipe."""
     cfg = spec.config
     if run.regime == "pat":
-        ft = {k: v for k, v in cfg["finetune"].items() if k != "fraction"}
+        ft = {k: v for k, v in cfg["finetune"].items() if k not in ("fraction", "epochs")}
         return TrainConfig.from_dict({**ft, "epochs": finetune_epochs(cfg), "seed": run.seed})
     return TrainConfig.from_dict({**cfg["train"], "seed": run.seed})
 
@@ -259,12 +264,15 @@ def run_sweep(
     command: str | None = None,
     progress: ProgressCallback | None = None,
     on_run_done: Callable[[str], None] | None = None,
+    bases: str | Path | None = None,
 ) -> SweepResult:
     """Run every unfinished run of ``spec`` into ``out`` (see the module docstring).
 
     Failed runs are recorded (``error.txt``) and the sweep goes on; runs that need a failed
     reference fail too. ``progress`` receives the sweep's events (see the module
-    docstring); ``on_run_done(run_id)`` is called after each finished run.
+    docstring); ``on_run_done(run_id)`` is called after each finished run. ``bases`` is the
+    base-network cache directory (default ``out/bases``); a shared one lets every sweep of
+    the same (model, data, recipe, seed) reuse one trained base.
     """
     out = Path(out)
     report = Reporter(progress, __name__)
@@ -272,6 +280,7 @@ def run_sweep(
     runs = spec.runs()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     old = read_json(out / "sweep.json") or {}
+    bases_dir = Path(bases) if bases is not None else out / "bases"
     meta = {
         "name": spec.name,
         "config_name": spec.config_name,
@@ -282,6 +291,7 @@ def run_sweep(
         "protocol": protocol(spec),
         "config": spec.config,
         "total_runs": len(runs),
+        "bases": str(bases_dir),
         "mipp_version": mipp.__version__,
         "started": old.get("started", time.strftime("%Y-%m-%d %H:%M:%S")),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -305,7 +315,7 @@ def run_sweep(
     data = SweepData(spec.config["data"])
     for name in dict.fromkeys(r.dataset for r in pending):  # a missing dataset fails now
         data(name)
-    bases = Bases(out, spec, data, device, report)
+    base_cache = Bases(bases_dir, spec, data, device, report)
     t0 = time.perf_counter()
     for i, run in enumerate(pending, 1):
         finished = len(result.skipped) + len(result.done)
@@ -332,7 +342,7 @@ def run_sweep(
                     raise MippError(f"its reference run {ref_id.run_id} did not finish")
                 ref = PruneReport.load(ref_path)
             t = time.perf_counter()
-            metrics = _execute(spec, run, rdir, bases, data, device, ref)
+            metrics = _execute(spec, run, rdir, base_cache, data, device, ref)
             metrics["run_s"] = time.perf_counter() - t
         except (KeyboardInterrupt, SystemExit):
             report(

@@ -17,7 +17,8 @@ every run of the grid shares::
     [data]                            # pad_to_32, channels, train_subset, test_subset
     [prune]                           # target, calib_samples, reference, tolerance, batch_size
     [train]                           # the base training recipe (a TrainConfig); PaI re-uses it
-    [finetune]                        # PaT re-training: a TrainConfig without epochs + fraction
+    [finetune]                        # PaT re-training: a TrainConfig with epochs, or fraction
+                                      # (of train.epochs) instead of epochs
     [models.vgg11]                    # constructor options per model, e.g. widths = [...]
     [methods.mipp-gaussian]           # a variant: method = "mipp", estimator = "gaussian"
 
@@ -80,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "scope": "internal",
     },
     "train": {},
-    "finetune": {"fraction": 0.67, "lr": 0.01, "schedule": "step"},
+    "finetune": {"lr": 0.01, "schedule": "step"},
     "models": {},
     "methods": {},
 }
@@ -156,8 +157,9 @@ class SweepSpec:
             "tolerance": p["tolerance"],
             "batch_size": p["batch_size"],
             "scope": p["scope"],
-            "compensate": False,
-            "recalibrate_bn": False,
+            # None: the method's own default repairs (mipp.prune; MIPP reconstructs)
+            "compensate": None,
+            "recalibrate_bn": None,
             **v.pipeline,
         }
         return v.build(), pipeline
@@ -244,8 +246,20 @@ def resolve(
                 f"profile {profile!r} is not in {where}; its profiles: {sorted(profiles) or 'none'}"
             )
         _unknown(profiles[profile], DEFAULTS, f"[profiles.{profile}] of {where}")
-        body = _merge(body, profiles[profile])
+        over = profiles[profile]
+        ft_over = over.get("finetune", {}) if isinstance(over.get("finetune"), Mapping) else {}
+        if isinstance(body.get("finetune"), Mapping):
+            # a profile's fine-tuning budget replaces the body's, whichever way it is given
+            for given, other in (("epochs", "fraction"), ("fraction", "epochs")):
+                if given in ft_over:
+                    body = {
+                        **body,
+                        "finetune": {k: v for k, v in body["finetune"].items() if k != other},
+                    }
+        body = _merge(body, over)
     cfg = _merge(DEFAULTS, body)
+    if "epochs" not in cfg["finetune"]:
+        cfg["finetune"].setdefault("fraction", 0.67)
     name = cfg["name"]
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise MippError(f"name in {where} must be letters, digits, '-' or '_', got {name!r}")
@@ -289,12 +303,16 @@ def resolve(
             raise MippError(f"prune.{key} must be an integer >= 1, got {p[key]!r}")
 
     _check_train(cfg["train"], "train")
-    fraction = cfg["finetune"].get("fraction")
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not fraction > 0:
-        raise MippError(f"finetune.fraction must be > 0 (of train.epochs), got {fraction!r}")
-    if "epochs" in cfg["finetune"]:
-        raise MippError("finetune.epochs is set by finetune.fraction × train.epochs; remove it")
-    _check_train(cfg["finetune"], "finetune", drop=("fraction",))
+    ft = cfg["finetune"]
+    if "epochs" in ft and "fraction" in ft:
+        raise MippError(
+            "give finetune.epochs (a fixed budget) or finetune.fraction (of train.epochs), not both"
+        )
+    if "fraction" in ft:
+        fraction = ft["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not fraction > 0:
+            raise MippError(f"finetune.fraction must be > 0 (of train.epochs), got {fraction!r}")
+    _check_train(ft, "finetune", drop=("fraction",))
 
     for m, opts in cfg["models"].items():
         if m not in models.list_models():
@@ -412,6 +430,9 @@ def load_spec(path: str | Path, *, profile: str | None = None) -> SweepSpec:
 
 
 def finetune_epochs(cfg: Mapping[str, Any]) -> int:
-    """PaT re-training epochs: ``fraction × train.epochs``, rounded, at least 1."""
+    """PaT re-training epochs: ``finetune.epochs`` when given (a fixed budget), else
+    ``fraction × train.epochs``, rounded, at least 1."""
+    if "epochs" in cfg["finetune"]:
+        return int(cfg["finetune"]["epochs"])
     base = TrainConfig.from_dict(cfg["train"]).epochs
     return max(1, math.floor(cfg["finetune"]["fraction"] * base + 0.5))

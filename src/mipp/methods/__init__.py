@@ -82,7 +82,7 @@ def method_options(name: str) -> tuple[str, ...]:
     """The option names method ``name`` takes (its keyword arguments).
 
     >>> method_options("grasp")
-    ('allocation', 'rounds', 'temperature', 'normalize')
+    ('allocation', 'rounds', 'temperature', 'normalize', 'cost_aware')
     """
     cls = lookup(METHODS, name, kind="method")
     return tuple(p for p in inspect.signature(cls).parameters if p != "self")

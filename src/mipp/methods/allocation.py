@@ -135,6 +135,7 @@ def allocate(
     normalize: str = "mean",
     tolerance: float = 0.01,
     keep: list[int] | None = None,
+    cost: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], dict[str, float]]:
     """Choose which units to remove → (removed bool mask per group, achieved sparsity).
 
@@ -142,6 +143,9 @@ def allocate(
     are already removed and stay so. ``measure(removed)`` gives the sparsity of units,
     params and MACs of a candidate removal. ``keep[i]`` (mode ``"widths"`` only) is the
     number of units group ``names[i]`` keeps; 0 removes the whole group (layer collapse).
+    ``cost[i]`` (mode ``"global"`` only) divides group i's normalised scores per unit: the
+    ranking becomes score per unit of cost (a unit that costs nothing is ranked by +inf
+    when its score is positive, i.e. removed last).
     """
     _check(scores, names, method)
     base = [~a for a in alive]
@@ -167,6 +171,9 @@ def allocate(
         keys_s, keys_g, keys_u = [], [], []
         for gi, (s, a) in enumerate(zip(scores, alive, strict=True)):
             ns = normalise(s, a, normalize)
+            if cost is not None:
+                ns = ns / cost[gi].double()
+                ns = torch.nan_to_num(ns, nan=0.0)
             idx = a.nonzero().flatten()
             keys_s.append(ns[idx].numpy())
             keys_g.append(np.full(len(idx), gi))

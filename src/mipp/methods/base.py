@@ -199,6 +199,12 @@ class Method(ABC):
     def decide(self, ctx: PruneContext, budget: Budget) -> Decision:
         """Choose the units to remove (see :class:`Decision`)."""
 
+    def default_repairs(self) -> tuple[bool, bool]:
+        """``(compensate, recalibrate_bn)`` when :func:`mipp.prune` is not told: the one-shot
+        repairs that belong to the method. None for a baseline (its paper prunes without
+        them; every study offers them to it as a variant); MIPP's reconstruction."""
+        return False, False
+
     def extra_training_epochs(self) -> int:
         """Training epochs the method spends inside :meth:`decide` that other methods do not
         get (IMP's re-training between rounds); 0 for a method that only scores."""

@@ -37,7 +37,7 @@ from torch import Tensor
 from mipp.errors import CalibrationError
 from mipp.estimators import ESTIMATOR_NAMES, Estimator, make_estimator
 from mipp.methods.base import Budget, Decision, Method, PruneContext
-from mipp.methods.bisection import bisect_threshold
+from mipp.methods.bisection import bisect_threshold, fill_to
 from mipp.methods.selection import DEFAULT_CONFIDENCE, ORDERS, Order, SelectionResult, terc
 from mipp.methods.targets import GroupData, StreamedMoments, group_columns, group_data
 from mipp.modules import first_parameter
@@ -57,17 +57,35 @@ class MIPP(Method):
     """Mutual Information Preserving Pruning (Westphal, Hailes, Musolesi, arXiv 2411.00147).
 
     Args:
-        estimator: the conditional-MI estimator, a name (``"linear"``, the default;
-            ``"gaussian"``, ``"mlp"``, ``"ksg"``) or an :class:`~mipp.estimators.Estimator`.
-            A name is built with the run's seed.
+        estimator: the conditional-MI estimator, a name (``"gaussian"``, the default;
+            ``"linear"``, ``"mlp"``, ``"ksg"``) or an :class:`~mipp.estimators.Estimator`.
+            A name is built with the run's seed. ``None``: the default (``"linear"`` with
+            ``paper=True``).
         pool: per-channel pooling of conv maps, ``"mean"`` (default) or k (k×k blocks).
         order: TERC test order: ``"mi"`` (ascending single-unit MI, the paper's; default),
             ``"index"`` or ``"random"`` (ablations).
         min_keep: units every group keeps at least (default 1: a layer cannot collapse).
         confidence: the paper's rule — keep unit i iff more than ``confidence`` sure that
-            Δ_i > 0 (in (0, 1)). Not with a sparsity budget.
+            Δ_i > 0 (in (0, 1)). Not with a sparsity budget. With ``linear`` / ``gaussian``
+            the test is held-out over 5 folds of the calibration rows (docs/METHOD.md §3;
+            the estimator's ``folds`` option changes K, ``folds=0`` the in-sample test).
         threshold: one pass with a fixed threshold on the relative Δ_i (>= 0). Not with a
             sparsity budget or ``confidence``.
+        cost_aware: compare each unit's relative Δ_i with τ · c_i / c̄ instead of τ, where
+            c_i is what removing unit i saves (its producer rows and its consumers' input
+            slices, given the units already removed downstream) and c̄ the mean over all
+            units of the unpruned network: a Lagrangian trade of information against cost.
+            ``None`` (default): on when the budget counts params or MACs, off for units.
+            Threshold and target modes only (the confidence test is about information).
+        reconstruct: after removal, re-fit each consumer on the kept units by ridge least
+            squares and recalibrate BatchNorm (the mapping Theorem 1 says exists, realised
+            on the calibration data; :func:`mipp.surgery.repair.compensate`). The pipeline
+            does it when :func:`mipp.prune` is not given ``compensate`` / ``recalibrate_bn``
+            itself. ``None``: on (off with ``paper=True``).
+        paper: the paper's procedure as published, one switch away from the defaults: the
+            ``linear`` closed form of its loss-difference estimator and no reconstruction
+            (options given explicitly still win). The paper's own trained-MLP estimator is
+            ``estimator="mlp"``.
 
     >>> import mipp, torch
     >>> from mipp import seeded
@@ -83,19 +101,33 @@ class MIPP(Method):
     summary = "Mutual Information Preserving Pruning (Westphal et al. 2024): TERC on conditional MI"
     needs_labels = False
     needs_budget = False
-    #: the estimator used when none is named
-    default_estimator: ClassVar[str] = "linear"
+    #: the estimator used when none is named (chosen by the standard studies, docs/METHOD.md)
+    default_estimator: ClassVar[str] = "gaussian"
+
+    #: the estimator, reconstruction and test used by ``paper=True``
+    paper_estimator: ClassVar[str] = "linear"
 
     def __init__(
         self,
         *,
-        estimator: str | Estimator = "linear",
+        estimator: str | Estimator | None = None,
         pool: Pool = "mean",
         order: Order = "mi",
         min_keep: int = 1,
         confidence: float | None = None,
         threshold: float | None = None,
+        cost_aware: bool | None = None,
+        reconstruct: bool | None = None,
+        paper: bool = False,
     ) -> None:
+        if not isinstance(paper, bool):
+            raise ValueError(f"paper must be True or False, got {paper!r}")
+        if reconstruct is not None and not isinstance(reconstruct, bool):
+            raise ValueError(f"reconstruct must be True, False or None, got {reconstruct!r}")
+        if estimator is None:
+            estimator = self.paper_estimator if paper else self.default_estimator
+        self.paper = paper
+        self.reconstruct = (not paper) if reconstruct is None else reconstruct
         if isinstance(estimator, str):
             if estimator not in ESTIMATOR_NAMES:
                 raise ValueError(
@@ -127,6 +159,9 @@ class MIPP(Method):
             and threshold >= 0
         ):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        if cost_aware is not None and not isinstance(cost_aware, bool):
+            raise ValueError(f"cost_aware must be True, False or None (auto), got {cost_aware!r}")
+        self.cost_aware = cost_aware
         self.estimator = estimator
         self.order: Order = order
         self.min_keep = min_keep
@@ -146,7 +181,22 @@ class MIPP(Method):
             "min_keep": self.min_keep,
             "confidence": self.confidence,
             "threshold": self.threshold,
+            "cost_aware": self.cost_aware,
+            "reconstruct": self.reconstruct,
+            "paper": self.paper,
         }
+
+    def default_repairs(self) -> tuple[bool, bool]:
+        """MIPP's reconstruction (re-fit + BatchNorm recalibration) unless turned off."""
+        return self.reconstruct, self.reconstruct
+
+    def cost_kind(self, budget: Budget) -> str | None:
+        """``"params"`` / ``"macs"`` when the threshold is scaled by unit cost, else None."""
+        if budget.target == "units" and self.cost_aware is not None and self.cost_aware:
+            return "params"  # asked for explicitly with a units budget: trade against params
+        if budget.target != "units" and self.cost_aware is not False:
+            return budget.target
+        return None
 
     def check(self, budget: Budget) -> None:
         if budget.sparsity is not None and (
@@ -174,17 +224,23 @@ class MIPP(Method):
             else self.estimator
         )
         confidence, threshold = self.stopping_rule(budget)
-        gdata = self._statistics(ctx, est)
+        gdata = self._statistics(
+            ctx, est, folds=est.confidence_folds() if confidence is not None else 0
+        )
         units_total = ctx.units_total
 
         t = time.perf_counter()
         trace: list[dict[str, float]] = []
         chosen = threshold
+        fill_note = None
+
+        kind = None if confidence is not None else self.cost_kind(budget)
+        costs = _CostScale(ctx, gdata, kind) if kind is not None else None
 
         def run(
             tau: float | None, log: Callable[[str], None] | None = None
         ) -> tuple[list[Tensor], list[SelectionResult], dict[str, float]]:
-            kept, res = self._select(gdata, est, confidence, tau, ctx.seed, log)
+            kept, res = self._select(gdata, est, confidence, tau, ctx.seed, log, costs)
             return kept, res, _sparsity(kept, gdata, ctx, units_total)
 
         if budget.sparsity is None:
@@ -199,9 +255,21 @@ class MIPP(Method):
                     **ach,
                 )
 
+            below: list = []
             kept, results, achieved, chosen = bisect_threshold(
-                run, budget.sparsity, budget.target, budget.tolerance, trace, step
+                run, budget.sparsity, budget.target, budget.tolerance, trace, step, below
             )
+            if abs(achieved[budget.target] - budget.sparsity) > budget.tolerance and below:
+                f_kept, f_ach, extra = self._fill(gdata, below[0], budget, ctx, costs)
+                goal = budget.sparsity
+                if extra and abs(f_ach[budget.target] - goal) < abs(achieved[budget.target] - goal):
+                    kept, achieved = f_kept, f_ach
+                    filled = (
+                        f"achieved({budget.target}) jumps over the request as the threshold "
+                        f"moves; {extra} more unit(s) with the smallest relative Δ were "
+                        f"removed past the threshold to meet it"
+                    )
+                    fill_note = filled
         ctx.timings["selection"] = time.perf_counter() - t
 
         decision = Decision(
@@ -216,17 +284,60 @@ class MIPP(Method):
                 "tolerance": budget.tolerance,
                 "confidence": confidence,
                 "threshold": self.threshold,
+                "cost_aware": kind,
+                "reconstruct": self.reconstruct,
+                "paper": self.paper,
             },
             trace=trace,
             threshold=chosen,
         )
+        if fill_note:
+            decision.notes.append(fill_note)
         note = budget.shortfall(achieved, "the closest threshold")
         if note:
             decision.notes.append(note)
         return decision
 
-    def _statistics(self, ctx: PruneContext, est: Estimator) -> list[GroupData]:
-        """Every group's prepared estimator statistics, in walk order (output → input)."""
+    def _fill(
+        self,
+        gdata: list[GroupData],
+        candidate: tuple,
+        budget: Budget,
+        ctx: PruneContext,
+        costs: _CostScale | None,
+    ) -> tuple[list[Tensor], dict[str, float], int]:
+        """From the best selection below the request, remove the kept units with the smallest
+        relative Δ (per unit of cost when cost-aware) until the request is met."""
+        kept, results = candidate[0], candidate[1]
+        pairs = []
+        for g, (k, r) in enumerate(zip(kept, results, strict=True)):
+            rel = r.relative_deltas
+            scale = (
+                costs(g, kept) if costs is not None else torch.ones(len(rel), dtype=torch.float64)
+            )
+            for u in k.nonzero().flatten().tolist():
+                d = float(rel[u])
+                if d == d:  # tested (untested units are the min_keep ones)
+                    pairs.append((d / max(float(scale[u]), 1e-12), g, u))
+        order = [(g, u) for _, g, u in sorted(pairs)]
+        min_keep = [min(self.min_keep, d.group.size) for d in gdata]
+        units_total = ctx.units_total
+        return fill_to(
+            kept,
+            order,
+            lambda masks: _sparsity(masks, gdata, ctx, units_total),
+            budget.sparsity,
+            budget.target,
+            budget.tolerance,
+            min_keep,
+        )
+
+    def _statistics(self, ctx: PruneContext, est: Estimator, *, folds: int = 0) -> list[GroupData]:
+        """Every group's prepared estimator statistics, in walk order (output → input).
+
+        ``folds``: K folds of moments for the held-out test (confidence mode with a closed
+        form, :meth:`~mipp.estimators.Estimator.confidence_folds`); 0 (threshold and target
+        modes) accumulates none, exactly as without the option."""
         work, structure, groups, x = ctx.model, ctx.structure, ctx.groups, ctx.inputs
         layers = {n: m for n, m in work.named_modules() if n in structure.readers}
         _check_samples(ctx, est, layers, self.pool)
@@ -235,11 +346,12 @@ class MIPP(Method):
         if est.streams:
             # closed forms: float64 moments accumulated while the data flows, O(D²) memory
             stream = StreamedMoments(
-                structure, groups, self.pool, full_target=est.needs_target_covariance
+                structure, groups, self.pool, full_target=est.needs_target_covariance, folds=folds
             )
             ctx.report(
                 "statistics",
-                f"streaming statistics of {len(x)} calibration samples",
+                f"streaming statistics of {len(x)} calibration samples"
+                + (f" in {folds} folds" if folds else ""),
                 transient=True,
             )
             stream_activations(work, batches, layers, pool=self.pool, on_batch=stream.update)
@@ -268,8 +380,12 @@ class MIPP(Method):
         threshold: float | None,
         seed: int,
         log: Callable[[str], None] | None,
+        costs: _CostScale | None = None,
     ) -> tuple[list[Tensor], list[SelectionResult]]:
-        """One output → input pass; returns per-group keep masks and selection results."""
+        """One output → input pass; returns per-group keep masks and selection results.
+
+        With ``costs`` each group's threshold is scaled per unit by its current cost (given
+        the groups already decided in this pass) relative to the network's mean unit cost."""
         kept: list[Tensor] = [torch.ones(d.group.size, dtype=torch.bool) for d in data]
         results: list[SelectionResult] = []
         for i, d in enumerate(data):
@@ -286,12 +402,34 @@ class MIPP(Method):
                 min_keep=min(self.min_keep, d.group.size),
                 order=self.order,
                 seed=seed + i,
+                scale=None if costs is None else costs(i, kept),
             )
             kept[i] = res.support.clone()
             results.append(res)
             if log is not None:
                 log(f"{d.group.name}: kept {int(kept[i].sum())} of {d.group.size} units")
         return kept, results
+
+
+class _CostScale:
+    """Per-unit threshold scales c_i / c̄ for cost-aware selection (see ``MIPP``)."""
+
+    def __init__(self, ctx: PruneContext, data: list[GroupData], kind: str) -> None:
+        self.ctx, self.data, self.kind = ctx, data, kind
+        start = ctx.costs.unit_costs({}, kind)
+        names = [d.group.name for d in data]
+        every = torch.cat([start[n] for n in names if n in start])
+        mean = float(every.mean()) if every.numel() else 0.0
+        self.mean = mean if mean > 0 else 1.0
+
+    def __call__(self, i: int, kept: list[Tensor]) -> Tensor:
+        """Scales for group ``i`` of the walk, the groups before it already decided."""
+        removed = {d.group.name: ~kept[j] for j, d in enumerate(self.data[:i])}
+        name = self.data[i].group.name
+        cost = self.ctx.costs.unit_costs(removed, self.kind).get(name)
+        if cost is None:
+            return torch.ones(self.data[i].group.size, dtype=torch.float64)
+        return cost / self.mean
 
 
 def _check_samples(ctx: PruneContext, est: Estimator, layers: dict, pool: Pool) -> None:

@@ -61,7 +61,11 @@ class ScoredMethod(Method):
       ``default_allocation``);
     - ``rounds``: score → allocate → mask rounds, >= 1;
     - ``normalize``: ``"mean"`` divides each group's scores by their mean |score| before a
-      global ranking, ``"none"`` ranks raw scores.
+      global ranking, ``"none"`` ranks raw scores;
+    - ``cost_aware``: with a params / MACs budget and the global ranking, rank units by
+      normalised score per unit of cost, s_i / (c_i / c̄) — the same Lagrangian trade MIPP
+      makes (c_i: what removing unit i saves, c̄: the mean over the network's units). Off by
+      default: the papers rank scores alone.
     """
 
     default_allocation: ClassVar[Allocation] = "global"
@@ -74,7 +78,10 @@ class ScoredMethod(Method):
         allocation: Allocation | None = None,
         rounds: int = 1,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
+        if not isinstance(cost_aware, bool):
+            raise ValueError(f"cost_aware must be True or False, got {cost_aware!r}")
         if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
             raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
         if normalize not in NORMALIZE:
@@ -88,10 +95,16 @@ class ScoredMethod(Method):
         self.allocation: Allocation = allocation or self.default_allocation
         self.rounds = rounds
         self.normalize = normalize
+        self.cost_aware = cost_aware
 
     def options(self) -> dict[str, Any]:
         """The method's options as recorded in the report."""
-        return {"rounds": self.rounds, "normalize": self.normalize, "allocation": self.allocation}
+        return {
+            "rounds": self.rounds,
+            "normalize": self.normalize,
+            "allocation": self.allocation,
+            "cost_aware": self.cost_aware,
+        }
 
     def check(self, budget: Budget) -> None:
         super().check(budget)
@@ -142,6 +155,9 @@ class ScoredMethod(Method):
                     f"method {self.name!r} returned no or mis-shaped scores for {missing}"
                 )
             t = time.perf_counter()
+            cost = None
+            if self.cost_aware and budget.target != "units" and self.allocation == "global":
+                cost = _cost_scales(ctx, names, budget.target)
             removed, achieved = allocate(
                 [scores[n].detach().double().cpu() for n in names],
                 [ctx.alive[n] for n in names],
@@ -154,6 +170,7 @@ class ScoredMethod(Method):
                 normalize=self.normalize,
                 tolerance=budget.tolerance,
                 keep=keep,
+                cost=cost,
             )
             timings["allocation"] += time.perf_counter() - t
             trace.append({"round": r, "goal": goal, **achieved})
@@ -189,6 +206,17 @@ class ScoredMethod(Method):
         if note:
             decision.notes.append(note)
         return decision
+
+
+def _cost_scales(ctx: PruneContext, names: list[str], kind: str) -> list[Tensor]:
+    """c_i / c̄ per unit of every group, given the units already removed (``ctx.alive``)."""
+    removed = {n: ~ctx.alive[n] for n in names}
+    per = ctx.costs.unit_costs(removed, kind)
+    start = ctx.costs.unit_costs({}, kind)
+    every = torch.cat([start[n] for n in names if n in start])
+    mean = float(every.mean()) if every.numel() else 0.0
+    mean = mean if mean > 0 else 1.0
+    return [per[n] / mean if n in per else torch.ones(ctx.alive[n].numel()) for n in names]
 
 
 def _widths_for(groups: list[UnitGroup], widths: Mapping[str, int] | None) -> list[int]:

@@ -14,6 +14,7 @@ never removed, so a layer cannot collapse.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from mipp.estimators import Estimator, EstimatorState, LinearEstimator
 from mipp.estimators.base import check_pair
+from mipp.estimators.moments import fold_moments, second_moments
 
 __all__ = ["DEFAULT_CONFIDENCE", "ORDERS", "MIPPSelector", "Order", "SelectionResult", "terc"]
 
@@ -72,6 +74,7 @@ def terc(
     min_keep: int = 1,
     order: Order = "mi",
     seed: int = 0,
+    scale: Tensor | None = None,
 ) -> SelectionResult:
     """Select units by the transfer-entropy redundancy criterion (TERC), in place on ``state``.
 
@@ -82,6 +85,11 @@ def terc(
     - threshold mode [ours]: unit i is removed iff ``Delta.relative ≤ threshold`` (share of
       variance for ``linear`` / ``mlp``, share of I(X_S; Y) for ``gaussian`` / ``ksg``); 0
       removes only units adding exactly nothing.
+
+    ``scale`` (float ``(U,)``, threshold mode only) makes the threshold per unit:
+    unit i is removed iff ``Delta.relative ≤ threshold · scale[i]``. MIPP passes the unit's
+    cost relative to the network's mean unit cost, a Lagrangian trade of information against
+    params or MACs (docs/METHOD.md §4, cost-aware allocation).
 
     Units are tested in ascending s_i (``order="mi"``, ties by index), in index order
     (``"index"``) or in a permutation drawn from ``seed`` (``"random"``). Once only
@@ -100,6 +108,15 @@ def terc(
     """
     _check_options(confidence, threshold, min_keep, order)
     n_units = state.n_units
+    if scale is not None:
+        if threshold is None:
+            raise ValueError("scale= applies to threshold mode only; confidence mode got it")
+        scale = torch.as_tensor(scale, dtype=torch.float64)
+        if scale.shape != (n_units,) or not bool(torch.isfinite(scale).all() & (scale >= 0).all()):
+            raise ValueError(
+                f"scale must be {n_units} finite values >= 0 (one per unit), got shape "
+                f"{tuple(scale.shape)}"
+            )
     scores = state.single_scores().double()
     if order == "mi":
         ranked = torch.sort(scores, stable=True).indices
@@ -126,7 +143,8 @@ def terc(
         if confidence is not None:
             redundant = not d.pvalue < 1 - confidence
         else:
-            redundant = d.relative <= threshold
+            limit = threshold if scale is None else threshold * float(scale[unit])
+            redundant = d.relative <= limit
         if redundant:
             state.remove(unit)
             active[unit] = False
@@ -171,7 +189,9 @@ class MIPPSelector:
         confidence: Confidence mode (see :func:`terc`). When neither confidence nor
             threshold is given, the paper's confidence 0.95 (:data:`DEFAULT_CONFIDENCE`)
             applies — the same rule :class:`~mipp.methods.mipp.MIPP` uses without a sparsity
-            budget.
+            budget. As in MIPP, :meth:`fit` then gives the closed forms moments in
+            ``estimator.confidence_folds()`` folds (5 unless the estimator's ``folds`` says
+            otherwise), so their p-values come from the held-out test (docs/METHOD.md §3).
         threshold: Threshold mode on ``Delta.relative`` (see :func:`terc`).
         min_keep: Units never removed (the last ones in S).
         order: Test order, ``"mi"`` (ascending single-unit MI, the paper's), ``"index"`` or
@@ -227,14 +247,26 @@ class MIPPSelector:
     def fit(self, x: Tensor, y: Tensor) -> MIPPSelector:
         """Select units of ``x`` ``(n, U)`` or ``(n, U, b)`` that keep the information on
         ``y`` ``(n, q)`` or ``(n,)``. Returns self."""
-        _check_options(*self._modes(), self.min_keep, self.order)
+        confidence, threshold = self._modes()
+        _check_options(confidence, threshold, self.min_keep, self.order)
         x, y = check_pair(x, y)
         estimator = self._estimator()
-        return self.fit_prepared(estimator.prepare(x, y))
+        if not estimator.streams:
+            return self.fit_prepared(estimator.prepare(x, y))
+        # a closed form takes moments; in confidence mode with K folds for the held-out test
+        prepared = second_moments(x, y)
+        folds = estimator.confidence_folds() if confidence is not None else 0
+        if folds:
+            prepared = dataclasses.replace(prepared, folds=fold_moments(x, y, folds, prepared))
+        return self.fit_prepared(prepared)
 
     def fit_prepared(self, prepared: Any, columns: Tensor | None = None) -> MIPPSelector:
         """Like :meth:`fit`, from the estimator's ``prepare`` output (statistics reused
-        across targets) and the target columns ``columns`` (None = all). Returns self."""
+        across targets) and the target columns ``columns`` (None = all). Returns self.
+
+        The closed forms use the held-out test when ``prepared`` carries folds (``prepare``
+        of an estimator built with ``folds=K``, or ``MomentAccumulator(folds=K)``), else
+        their in-sample test."""
         confidence, threshold = self._modes()
         _check_options(confidence, threshold, self.min_keep, self.order)
         state = self._estimator().start(prepared, columns)

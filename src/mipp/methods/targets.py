@@ -147,7 +147,9 @@ class StreamedMoments:
     the same :class:`GroupData` as :func:`group_data` with a closed-form estimator, with
     ``prepared`` the float64 :class:`~mipp.estimators.Moments` — memory O(D²) per group,
     whatever the calibration size. ``full_target=False`` keeps only the target's variances
-    (enough for ``linear``).
+    (enough for ``linear``). ``folds=K`` (>= 2; default 0: none) also keeps the moments of K
+    folds of the calibration rows (row r in fold r mod K, across batches), which the
+    closed forms' held-out test of confidence mode needs (``Moments.folds``).
     """
 
     def __init__(
@@ -157,9 +159,10 @@ class StreamedMoments:
         pool: Pool,
         *,
         full_target: bool = True,
+        folds: int = 0,
     ) -> None:
         self._structure, self._groups, self._pool = structure, groups, pool
-        self._acc = [MomentAccumulator(full_target=full_target) for _ in groups]
+        self._acc = [MomentAccumulator(full_target=full_target, folds=folds) for _ in groups]
         self._labels: list[tuple[Tensor, Tensor, int]] | None = None
         #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
         self.seconds = 0.0

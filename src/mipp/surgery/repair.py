@@ -14,7 +14,8 @@ is the same with a 1×k kernel) the pruned input ``(n, C, H, W)`` is zero-padded
 with the layer's kernel, stride and dilation into patches ``(n, C·kh·kw, P)``; patch column p
 produces output position p, so (patch p, original output at p) is a row with D = C·kh·kw.
 ``locations`` positions are drawn per image without replacement (a seeded
-``torch.Generator``; all P when P ≤ locations).
+``torch.Generator``, layer by layer in forward order, then batch by batch, then unfold chunk
+by chunk; all P when P ≤ locations).
 
 Normal equations, accumulated in float64 batch by batch (memory O(D² + D·O), never the
 rows): with x̃ = [x, 1] when L has a bias (an intercept) and x̃ = x otherwise,
@@ -35,8 +36,32 @@ fit (its inputs simply removed) and after it, on the accumulated rows (in-sample
 fewer rows than features the fit is underdetermined and only the ridge keeps it finite:
 give more calibration samples or conv ``locations``.
 
-Each capture runs a model only as far as L (:func:`mipp.surgery.capture.forward_until`), so fitting
-layer L costs one partial forward of each network per batch.
+Two paths, the same rows in the same order, the same weights. With n calibration samples in
+batches of ``batch_size`` and K layers to fit:
+
+- ``path="single-pass"``: one pass of the *original* network over the batches records the
+  targets (each layer's output at the kept indices and, for convolutions, only at the
+  sampled positions, drawn up front in the order above); then one pass of the *pruned*
+  network in which every batch's forward runs in its own worker thread and stops in L's
+  forward pre-hook; when all batches have arrived, L is fitted on their inputs, its new
+  weights written, and the forwards go on to the next layer. Cost: about one forward of
+  each network over the calibration set (each stops after the last layer fitted) plus the
+  K fits — linear in depth. Memory: the activations the paused forwards hold for all n
+  samples at once (≈ one forward at batch n; the per-op temporaries stay those of one
+  batch) plus the targets (per convolution n · min(locations, P) · O values and
+  n · locations indices, per Linear n · O values).
+- ``path="per-layer"``: for each L, each batch runs both networks only as far as L
+  (:func:`mipp.surgery.capture.forward_until`): Σ_L depth(L) partial forwards, quadratic in
+  depth, with the memory of one batch.
+- ``path="auto"`` (default): the single pass, unless its estimated memory exceeds
+  ``memory_budget`` (by default half of the memory free on the pruned model's device);
+  then the per-layer path.
+
+The worker threads of the single pass run strictly one at a time (a hand-off, not
+parallelism): every operation sees the same batch, in the same order, as in the per-layer
+path, so the rows — and the weights — are the same. Forwarding the calibration set as one
+batch of n instead would need the same activation memory, per-op temporaries of batch n,
+and different batch shapes per op, whose rounding differs from the per-layer path.
 
 :func:`recalibrate_bn` re-estimates BatchNorm running statistics of a (pruned, compensated)
 network on the calibration data. Since :func:`compensate` targets the *original*
@@ -60,10 +85,15 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
+import queue
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +103,7 @@ from torch import Tensor, nn
 from mipp.errors import MippError
 from mipp.modules import eval_mode
 from mipp.progress import ProgressCallback, Reporter
-from mipp.surgery.capture import forward_until, record_forward_order
+from mipp.surgery.capture import forward_until
 from mipp.surgery.structure import ModelStructure
 
 __all__ = ["LayerFit", "compensate", "finish", "kept_outputs", "recalibrate_bn"]
@@ -82,6 +112,10 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: most elements one unfolded block of conv patches may hold (images are chunked to fit)
 _UNFOLD_BUDGET = 2**24
+#: the values of ``compensate(path=...)``
+PATHS = ("auto", "single-pass", "per-layer")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,7 +145,15 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_options(x: Tensor, ridge: float, locations: int, batch_size: int, seed: int) -> None:
+def _check_options(
+    x: Tensor,
+    ridge: float,
+    locations: int,
+    batch_size: int,
+    seed: int,
+    path: str,
+    memory_budget: int | None,
+) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if ridge < 0:
@@ -121,6 +163,12 @@ def _check_options(x: Tensor, ridge: float, locations: int, batch_size: int, see
     _check_batch(x, batch_size)
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
+    if memory_budget is not None and (not _is_int(memory_budget) or memory_budget < 0):
+        raise ValueError(
+            f"memory_budget must be a number of bytes >= 0 or None, got {memory_budget!r}"
+        )
 
 
 def _check_batch(x: Tensor, batch_size: int) -> None:
@@ -148,53 +196,113 @@ def _device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback if p is None else p.device
 
 
-def _forward_order(model: nn.Module, x: Tensor, names: Sequence[str]) -> list[str]:
-    """``names`` (Conv/Linear layers of ``model``) in the order their forward first runs."""
+def _tensors(value: object) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@dataclass
+class _Probe:
+    """What one forward of one sample through the pruned model showed (:func:`_probe`).
+
+    ``order``: the layers in the order their forward first ran; ``shapes``: each one's
+    output shape ``(1, O, *out_spatial)`` at that first call; ``live``: the most bytes of
+    module outputs (and the layer's own input) alive at the first call of any of them — the
+    activations a forward paused there holds, per sample.
+    """
+
+    order: list[str]
+    shapes: dict[str, torch.Size]
+    live: int
+
+
+def _probe(model: nn.Module, x: Tensor, names: Sequence[str]) -> _Probe:
+    """Forward ``x`` (one sample) through ``model``, watching the layers ``names``."""
     modules = dict(model.named_modules())
-    recording = record_forward_order({n: modules[n] for n in names})
-    with eval_mode(model), torch.no_grad(), recording as order:
-        model(x.to(_device(model, x.device)))
-    return list(order)
+    probe = _Probe([], {}, 0)
+    tracked: dict[int, tuple[weakref.ref, int]] = {}  # storage address → (tensor, bytes)
+    x = x.to(_device(model, x.device))
+    own = x.untyped_storage().data_ptr()  # the input: held by the caller anyway
+
+    def track(t: Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key != own:
+            size = t.numel() * t.element_size()
+            old = tracked.get(key)
+            alive = old is not None and old[0]() is not None
+            tracked[key] = (weakref.ref(t), max(size, old[1]) if alive else size)
+
+    def on_output(mod: nn.Module, args: tuple, out: object) -> None:
+        for t in _tensors(out):
+            track(t)
+
+    def make(name: str):
+        def pre(mod: nn.Module, args: tuple) -> None:
+            if name in probe.order:
+                return
+            probe.order.append(name)
+            for t in _tensors(args):
+                track(t)
+            live = sum(size for ref, size in tracked.values() if ref() is not None)
+            probe.live = max(probe.live, live)
+
+        def post(mod: nn.Module, args: tuple, out: object) -> None:
+            if name not in probe.shapes and isinstance(out, Tensor):
+                probe.shapes[name] = out.shape
+
+        return pre, post
+
+    handles = []
+    with eval_mode(model), torch.no_grad():
+        try:
+            for module in model.modules():
+                handles.append(module.register_forward_hook(on_output))
+            for name in names:
+                pre, post = make(name)
+                handles.append(modules[name].register_forward_pre_hook(pre))
+                handles.append(modules[name].register_forward_hook(post))
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            tracked.clear()
+    return probe
 
 
 def _select_layers(
-    original: nn.Module, pruned: nn.Module, x: Tensor, layers: Sequence[str] | None
+    original: nn.Module, pruned: nn.Module, layers: Sequence[str] | None
 ) -> list[str]:
     orig = dict(original.named_modules())
     mine = dict(pruned.named_modules())
     candidates = [n for n, m in mine.items() if isinstance(m, _LAYERS)]
     if layers is None:
-        chosen = [
+        return [
             n
             for n in candidates
             if isinstance(orig.get(n), type(mine[n])) and _in_width(orig[n]) != _in_width(mine[n])
         ]
-    else:
-        if isinstance(layers, str):
-            raise TypeError(f"layers must be a sequence of layer names, got the string {layers!r}")
-        chosen = list(dict.fromkeys(layers))
-        for n in chosen:
-            if n not in mine or n not in orig:
-                where = " and ".join(
-                    w for w, mods in (("pruned", mine), ("original", orig)) if n not in mods
-                )
-                raise MippError(
-                    f"layer {n!r} is not a module of the {where} model; layers that can be "
-                    f"compensated: {candidates}"
-                )
-            if not isinstance(mine[n], _LAYERS) or type(orig[n]) is not type(mine[n]):
-                raise MippError(
-                    f"layer {n!r} must be a Conv1d, Conv2d or Linear of the same type in both "
-                    f"models, got {type(orig[n]).__name__} (original) and "
-                    f"{type(mine[n]).__name__} (pruned)"
-                )
-    if not chosen:
-        return []
-    order = _forward_order(pruned, x[:1], chosen)
-    missing = [n for n in chosen if n not in order]
-    if missing and layers is not None:
-        raise MippError(f"layers {missing} did not run in the pruned model's forward pass")
-    return order
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of layer names, got the string {layers!r}")
+    chosen = list(dict.fromkeys(layers))
+    for n in chosen:
+        if n not in mine or n not in orig:
+            where = " and ".join(
+                w for w, mods in (("pruned", mine), ("original", orig)) if n not in mods
+            )
+            raise MippError(
+                f"layer {n!r} is not a module of the {where} model; layers that can be "
+                f"compensated: {candidates}"
+            )
+        if not isinstance(mine[n], _LAYERS) or type(orig[n]) is not type(mine[n]):
+            raise MippError(
+                f"layer {n!r} must be a Conv1d, Conv2d or Linear of the same type in both "
+                f"models, got {type(orig[n]).__name__} (original) and "
+                f"{type(mine[n]).__name__} (pruned)"
+            )
+    return chosen
 
 
 def _kept_index(
@@ -277,41 +385,91 @@ def _write(layer: nn.Module, w: Tensor) -> None:
             layer.bias.data.copy_(w[-1].to(layer.bias.dtype))
 
 
+def _accumulator(layer: nn.Module) -> _NormalEquations:
+    device = layer.weight.device
+    if device.type == "mps":  # no float64 there
+        device = torch.device("cpu")
+    return _NormalEquations(
+        layer.weight[0].numel(), _out_width(layer), intercept=layer.bias is not None, device=device
+    )
+
+
+def _solve(name: str, layer: nn.Module, ne: _NormalEquations, ridge: float) -> LayerFit:
+    """Solve the accumulated equations, write the new weights; the record of the fit."""
+    old = _stacked(layer).to(ne.a.device)
+    new = ne.solve(ridge)
+    _write(layer, new)
+    return LayerFit(name, ne.n, ne.features, _out_width(layer), ne.error(old), ne.error(new))
+
+
+def _chunks(b: int, features: int, p: int) -> list[tuple[int, int]]:
+    """Image ranges ``[i, j)`` of a batch of ``b`` that are unfolded together (at most about
+    ``_UNFOLD_BUDGET`` patch elements, ``features · p`` per image)."""
+    step = max(1, _UNFOLD_BUDGET // max(1, features * p))
+    return [(i, min(i + step, b)) for i in range(0, b, step)]
+
+
+def _draw(
+    chunks: Sequence[tuple[int, int]], p: int, locations: int, gen: torch.Generator
+) -> list[Tensor | None]:
+    """Per chunk, the sampled output positions ``(j − i, locations)`` (CPU, long), drawn from
+    ``gen`` chunk by chunk; None where every position is used (p ≤ locations)."""
+    if p <= locations:
+        return [None] * len(chunks)
+    return [torch.rand(j - i, p, generator=gen).topk(locations, dim=1).indices for i, j in chunks]
+
+
+def _pick(t: Tensor, pick: Tensor | None) -> Tensor:
+    """``t`` ``(c, F, P)`` at the positions ``pick`` ``(c, m)`` → ``(c, F, m)``."""
+    if pick is None:
+        return t
+    index = pick.to(t.device)[:, None, :]
+    return t.gather(2, index.expand(-1, t.shape[1], -1))
+
+
+def _conv_targets(
+    y: Tensor, chunks: Sequence[tuple[int, int]], picks: Sequence[Tensor | None]
+) -> list[Tensor]:
+    """The target ``(b, O, *out_spatial)`` per chunk at its sampled positions ``(c, O, m)``."""
+    flat = y.flatten(2)
+    return [_pick(flat[i:j], pick) for (i, j), pick in zip(chunks, picks, strict=True)]
+
+
 def _conv_rows(
-    conv: nn.Conv1d | nn.Conv2d, x: Tensor, y: Tensor, locations: int, gen: torch.Generator
-) -> list[tuple[Tensor, Tensor]]:
+    conv: nn.Conv1d | nn.Conv2d,
+    x: Tensor,
+    targets: Sequence[Tensor],
+    chunks: Sequence[tuple[int, int]],
+    picks: Sequence[Tensor | None],
+    p: int,
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Rows ``(m, C·kh·kw)`` of input patches and ``(m, O)`` of outputs at sampled positions.
 
-    ``x``: the layer's input ``(b, C, *spatial)``; ``y``: the target ``(b, O, *out_spatial)``.
+    ``x``: the layer's input ``(b, C, *spatial)``; ``targets``: per chunk of ``chunks``, the
+    outputs ``(c, O, m)`` at the positions ``picks`` (:func:`_conv_targets`); ``p``: the
+    number of output positions P of the original layer.
     """
     x = F.pad(x, tuple(conv._reversed_padding_repeated_twice))
     k, s, d = conv.kernel_size, conv.stride, conv.dilation
     if isinstance(conv, nn.Conv1d):
-        x, y = x.unsqueeze(2), y.unsqueeze(2)
+        x = x.unsqueeze(2)
         k, s, d = (1, *k), (1, *s), (1, *d)
-    b = x.shape[0]
     feats = x.shape[1] * k[0] * k[1]
-    targets = y.flatten(2)  # (b, O, P)
-    p = targets.shape[2]
-    rows = []
-    step = max(1, _UNFOLD_BUDGET // max(1, feats * p))
-    for i in range(0, b, step):
-        patches = F.unfold(x[i : i + step], k, dilation=d, stride=s)  # (c, D, P)
-        t = targets[i : i + step]
+    for (i, j), pick, t in zip(chunks, picks, targets, strict=True):
+        patches = F.unfold(x[i:j], k, dilation=d, stride=s)  # (c, D, P)
         if patches.shape[2] != p:
             raise MippError(
                 f"{type(conv).__name__}: {patches.shape[2]} input patches but {p} output "
                 f"positions in the original network; the layers' geometries differ"
             )
-        if p > locations:
-            pick = torch.rand(len(t), p, generator=gen).topk(locations, dim=1).indices
-            pick = pick.to(x.device)[:, None, :]
-            patches = patches.gather(2, pick.expand(-1, patches.shape[1], -1))
-            t = t.gather(2, pick.expand(-1, t.shape[1], -1))
-        rows.append(
-            (patches.transpose(1, 2).reshape(-1, feats), t.transpose(1, 2).reshape(-1, t.shape[1]))
-        )
-    return rows
+        patches = _pick(patches, pick)
+        yield patches.transpose(1, 2).reshape(-1, feats), t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def _kept_part(layer: nn.Module, y: Tensor, kept: Tensor) -> Tensor:
+    """The original layer's output ``y`` at the kept output units: the last dimension of a
+    Linear's ``(b, ..., O)``, the channel dimension of a convolution's ``(b, O, *spatial)``."""
+    return y.index_select(-1 if isinstance(layer, nn.Linear) else 1, kept.to(y.device))
 
 
 def _skip_reason(layer: nn.Module) -> str | None:
@@ -321,6 +479,27 @@ def _skip_reason(layer: nn.Module) -> str | None:
         if layer.padding_mode != "zeros":
             return f"padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
     return None
+
+
+def _add_batch(
+    ne: _NormalEquations,
+    layer: nn.Module,
+    inp: Tensor,
+    tgt: Tensor | list[Tensor],
+    plan: tuple[list[tuple[int, int]], list[Tensor | None], int] | None,
+) -> None:
+    """Add one batch's rows: ``inp`` the pruned layer's input; ``tgt`` the target
+    ``(b, ..., O)`` (Linear) or its chunks at the sampled positions (conv, with ``plan`` =
+    (chunks, picks, P))."""
+    if plan is None:
+        ne.add(inp.reshape(-1, ne.features), tgt.reshape(-1, tgt.shape[-1]))
+    else:
+        chunks, picks, p = plan
+        for xr, yr in _conv_rows(layer, inp, tgt, chunks, picks, p):
+            ne.add(xr, yr)
+
+
+# ----------------------------------------------------------------------------- per-layer path
 
 
 def _fit_layer(
@@ -335,17 +514,10 @@ def _fit_layer(
     batch_size: int,
     gen: torch.Generator,
 ) -> LayerFit:
+    """Fit one layer, running both networks as far as it for every batch."""
     orig = dict(original.named_modules())[name]
     layer = dict(pruned.named_modules())[name]
-    features = layer.weight[0].numel()
-    outputs = _out_width(layer)
-    reason = _skip_reason(layer)
-    if reason is not None:
-        return LayerFit(name, 0, features, outputs, math.nan, math.nan, skipped=reason)
-    acc_device = layer.weight.device
-    if acc_device.type == "mps":  # no float64 there
-        acc_device = torch.device("cpu")
-    ne = _NormalEquations(features, outputs, intercept=layer.bias is not None, device=acc_device)
+    ne = _accumulator(layer)
     dev_orig = _device(original, x.device)
     dev_mine = _device(pruned, x.device)
     with (
@@ -355,16 +527,393 @@ def _fit_layer(
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
             inp = input_of(xb.to(dev_mine))
-            tgt = target_of(xb.to(dev_orig)).index_select(1, kept.to(dev_orig)).to(inp.device)
+            tgt = _kept_part(orig, target_of(xb.to(dev_orig)), kept).to(inp.device)
             if isinstance(layer, nn.Linear):
-                ne.add(inp.reshape(-1, features), tgt.reshape(-1, outputs))
+                _add_batch(ne, layer, inp, tgt, None)
             else:
-                for xr, yr in _conv_rows(layer, inp, tgt, locations, gen):
-                    ne.add(xr, yr)
-    old = _stacked(layer).to(acc_device)
-    new = ne.solve(ridge)
-    _write(layer, new)
-    return LayerFit(name, ne.n, features, outputs, ne.error(old), ne.error(new))
+                p = tgt.flatten(2).shape[2]
+                chunks = _chunks(len(inp), ne.features, p)
+                picks = _draw(chunks, p, locations, gen)
+                targets = _conv_targets(tgt, chunks, picks)
+                _add_batch(ne, layer, inp, targets, (chunks, picks, p))
+    return _solve(name, layer, ne, ridge)
+
+
+def _per_layer(
+    original: nn.Module,
+    pruned: nn.Module,
+    x: Tensor,
+    names: Sequence[str],
+    kept: Mapping[str, Tensor],
+    *,
+    ridge: float,
+    locations: int,
+    batch_size: int,
+    gen: torch.Generator,
+    announce: Callable[[LayerFit], None],
+) -> list[LayerFit]:
+    mine = dict(pruned.named_modules())
+    fits = []
+    for name in names:
+        layer = mine[name]
+        reason = _skip_reason(layer)
+        if reason is not None:
+            fit = _skipped(name, layer, reason)
+        else:
+            fit = _fit_layer(
+                name,
+                original,
+                pruned,
+                x,
+                kept[name],
+                ridge=ridge,
+                locations=locations,
+                batch_size=batch_size,
+                gen=gen,
+            )
+        announce(fit)
+        fits.append(fit)
+    return fits
+
+
+def _skipped(name: str, layer: nn.Module, reason: str) -> LayerFit:
+    return LayerFit(
+        name, 0, layer.weight[0].numel(), _out_width(layer), math.nan, math.nan, skipped=reason
+    )
+
+
+# ----------------------------------------------------------------------------- single pass
+
+
+class _Stop(Exception):
+    """Ends a forward early from a hook (the original's pass, a worker told to stop)."""
+
+
+@dataclass
+class _ConvPlan:
+    """A convolution's sampled positions, drawn before any forward: ``p`` output positions
+    per image; per batch, its unfold chunks and each chunk's picks (None: all p)."""
+
+    p: int
+    chunks: list[list[tuple[int, int]]]
+    picks: list[list[Tensor | None]]
+
+    def of(self, b: int) -> tuple[list[tuple[int, int]], list[Tensor | None], int]:
+        return self.chunks[b], self.picks[b], self.p
+
+
+def _plan_positions(
+    layers: Mapping[str, nn.Module],
+    shapes: Mapping[str, torch.Size],
+    sizes: Sequence[int],
+    locations: int,
+    gen: torch.Generator,
+) -> dict[str, _ConvPlan]:
+    """Every convolution's positions, drawn layer by layer (forward order), then batch by batch
+    (``sizes``: the batch lengths), then chunk by chunk — the per-layer path's order."""
+    plans = {}
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Linear):
+            continue
+        p = math.prod(shapes[name][2:])
+        features = layer.weight[0].numel()
+        chunks = [_chunks(b, features, p) for b in sizes]
+        plans[name] = _ConvPlan(p, chunks, [_draw(c, p, locations, gen) for c in chunks])
+    return plans
+
+
+def _record_targets(
+    original: nn.Module,
+    x: Tensor,
+    layers: Mapping[str, nn.Module],
+    kept: Mapping[str, Tensor],
+    plans: Mapping[str, _ConvPlan],
+    bounds: Sequence[tuple[int, int]],
+    device: torch.device,
+) -> dict[str, list]:
+    """One pass of ``original`` over the batches ``bounds`` of ``x``.
+
+    Per layer, per batch: the first call's output at the kept indices, ``(b, ..., O)`` for
+    Linear, per unfold chunk ``(c, O, m)`` at the planned positions for convolutions — on
+    ``device``. Each forward stops once every layer has run.
+    """
+    targets: dict[str, list] = {name: [] for name in layers}
+    seen: set[str] = set()
+    current = [0]
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple, out: object) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            if not isinstance(out, Tensor):
+                raise MippError(f"{type(mod).__name__} returned {type(out).__name__}, not a tensor")
+            y = _kept_part(mod, out.detach(), kept[name]).to(device)
+            plan = plans.get(name)
+            if plan is not None:
+                if y.flatten(2).shape[2] != plan.p:
+                    raise MippError(
+                        f"layer {name!r}: {y.flatten(2).shape[2]} output positions in the "
+                        f"original network but {plan.p} in the pruned one; the layers' "
+                        f"geometries differ"
+                    )
+                chunks, picks, _ = plan.of(current[0])
+                y = _conv_targets(y, chunks, picks)
+            targets[name].append(y)
+            if len(seen) == len(layers):
+                raise _Stop
+
+        return hook
+
+    dev = _device(original, x.device)
+    handles = []
+    with eval_mode(original), torch.no_grad():
+        try:
+            for name, module in layers.items():
+                handles.append(module.register_forward_hook(make(name)))
+            for b, (i, j) in enumerate(bounds):
+                seen.clear()
+                current[0] = b
+                with contextlib.suppress(_Stop):
+                    original(x[i:j].to(dev))
+                missing = [n for n in layers if n not in seen]
+                if missing:
+                    raise MippError(
+                        f"layer {missing[0]!r} did not run in the forward pass of "
+                        f"{type(original).__name__} (the original model); it cannot be captured"
+                    )
+        finally:
+            for h in handles:
+                h.remove()
+    return targets
+
+
+def _caller_state() -> Callable[[], contextlib.AbstractContextManager]:
+    """Re-enters, in a worker thread, the calling thread's thread-local settings that a forward
+    may depend on (the per-layer path runs in the caller's thread and sees them): autocast
+    per device type, the default device (``torch.set_default_device`` / ``with
+    torch.device(...)``) and the current CUDA device."""
+    active = []
+    for device_type in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                active.append((device_type, torch.get_autocast_dtype(device_type)))
+        except (AttributeError, RuntimeError, TypeError):  # older torch / unknown device type
+            continue
+    get_default = getattr(torch, "get_default_device", None)
+    default = get_default() if get_default is not None else None
+    cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if cuda is not None:
+            stack.enter_context(torch.cuda.device(cuda))
+        if default is not None and default != torch.device("cpu"):
+            stack.enter_context(torch.device(default))
+        for device_type, dtype in active:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        return stack
+
+    return enter
+
+
+class _Worker:
+    """One batch's forward in its own thread (see :func:`_lockstep`)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self.resume = threading.Semaphore(0)
+        self.stop = False
+        self.seen: set[str] = set()
+        self.thread: threading.Thread | None = None
+        self.finished = False
+
+
+@contextlib.contextmanager
+def _lockstep(
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[Tensor], device
+) -> Iterator[Callable[[int], tuple[str, Tensor] | None]]:
+    """Within the block, ``advance(b)`` runs batch b's forward through ``model`` on to the
+    first call of the next of ``layers`` and returns ``(name, input)`` (the forward waits
+    there, before the layer runs), or None when its forward ended without reaching one.
+
+    Every batch's forward runs in its own thread (no grad, :func:`_caller_state`), and only
+    one runs at a time: ``advance`` waits until the resumed forward arrives. An exception
+    in a forward is raised by ``advance``. On exit every waiting forward is stopped, its
+    thread joined, and the hooks removed, even on error.
+    """
+    local = threading.local()
+    reports: queue.SimpleQueue = queue.SimpleQueue()
+    workers = [_Worker(xb) for xb in batches]
+    state = _caller_state()
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            w = getattr(local, "worker", None)
+            if w is None or name in w.seen:
+                return
+            w.seen.add(name)
+            if w.stop:
+                raise _Stop
+            reports.put(("layer", name, args[0].detach()))
+            w.resume.acquire()
+            if w.stop:
+                raise _Stop
+
+        return hook
+
+    def body(w: _Worker) -> None:
+        local.worker = w
+        try:
+            with torch.no_grad(), state():
+                model(w.x.to(device))
+            reports.put(("end", None, None))
+        except _Stop:
+            reports.put(("stopped", None, None))
+        except BaseException as e:  # handed to the controlling thread
+            reports.put(("error", None, e))
+
+    def advance(b: int) -> tuple[str, Tensor] | None:
+        w = workers[b]
+        if w.finished:
+            return None
+        if w.thread is None:
+            w.thread = threading.Thread(
+                target=body, args=(w,), name=f"mipp-compensation-{b}", daemon=True
+            )
+            w.thread.start()
+        else:
+            w.resume.release()
+        kind, name, payload = reports.get()
+        if kind == "layer":
+            return name, payload
+        w.finished = True
+        if kind == "error":
+            raise payload
+        return None
+
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(make(name)))
+        yield advance
+    finally:
+        for w in workers:
+            if w.thread is not None:
+                if not w.finished:
+                    w.stop = True
+                    w.resume.release()
+                w.thread.join()
+        for h in handles:
+            h.remove()
+        while not reports.empty():
+            reports.get()
+
+
+def _single_pass(
+    original: nn.Module,
+    pruned: nn.Module,
+    x: Tensor,
+    names: Sequence[str],
+    kept: Mapping[str, Tensor],
+    probe: _Probe,
+    *,
+    ridge: float,
+    locations: int,
+    batch_size: int,
+    gen: torch.Generator,
+    announce: Callable[[LayerFit], None],
+) -> list[LayerFit]:
+    orig = dict(original.named_modules())
+    mine = dict(pruned.named_modules())
+    reasons = {name: _skip_reason(mine[name]) for name in names}
+    todo = [name for name in names if reasons[name] is None]
+    bounds = [(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
+    dev_mine = _device(pruned, x.device)
+    targets: dict[str, list] = {}
+    plans: dict[str, _ConvPlan] = {}
+    if todo:
+        plans = _plan_positions(
+            {n: mine[n] for n in todo}, probe.shapes, [j - i for i, j in bounds], locations, gen
+        )
+        targets = _record_targets(
+            original, x, {n: orig[n] for n in todo}, kept, plans, bounds, dev_mine
+        )
+    fits = []
+    batches = [x[i:j] for i, j in bounds]
+    with eval_mode(pruned), _lockstep(pruned, {n: mine[n] for n in todo}, batches, dev_mine) as go:
+        for name in names:
+            layer = mine[name]
+            if reasons[name] is not None:
+                fit = _skipped(name, layer, reasons[name])
+            else:
+                ne = _accumulator(layer)
+                plan = plans.get(name)
+                for b in range(len(bounds)):
+                    arrived = go(b)
+                    if arrived is None:
+                        raise MippError(
+                            f"layer {name!r} did not run in the forward pass of batch {b} "
+                            f"through {type(pruned).__name__}; it cannot be captured"
+                        )
+                    if arrived[0] != name:
+                        raise MippError(
+                            f"the forward pass of batch {b} reached layer {arrived[0]!r} before "
+                            f"{name!r}, unlike the probe's order; the single pass needs the "
+                            f"same layer order in every batch: use path='per-layer'"
+                        )
+                    tgt = targets[name][b]
+                    targets[name][b] = None
+                    _add_batch(ne, layer, arrived[1], tgt, None if plan is None else plan.of(b))
+                    del arrived, tgt
+                targets.pop(name)
+                fit = _solve(name, layer, ne, ridge)
+            announce(fit)
+            fits.append(fit)
+    return fits
+
+
+def _single_pass_bytes(
+    probe: _Probe,
+    layers: Mapping[str, nn.Module],
+    n: int,
+    locations: int,
+    element_size: int,
+) -> int:
+    """Estimated memory of the single pass: the probe's live activations per sample × n, plus
+    the targets and sampled positions it keeps (see the module docstring)."""
+    total = n * probe.live
+    for name, layer in layers.items():
+        if _skip_reason(layer) is not None:
+            continue
+        shape = probe.shapes.get(name)
+        if shape is None:
+            continue
+        if isinstance(layer, nn.Linear):
+            total += n * math.prod(shape[1:]) * element_size
+        else:
+            p = math.prod(shape[2:])
+            m = min(p, locations)
+            total += n * m * _out_width(layer) * element_size + (n * m * 8 if p > m else 0)
+    return total
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free now on ``device``: CUDA's free memory, Linux's MemAvailable; else None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def compensate(
@@ -378,6 +927,8 @@ def compensate(
     locations: int = 16,
     batch_size: int = 256,
     seed: int = 0,
+    path: str = "auto",
+    memory_budget: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> list[LayerFit]:
     """Re-fit the consumers of pruned units of ``pruned`` in place (see the module docstring).
@@ -393,12 +944,26 @@ def compensate(
         layers: names of the layers to re-fit (Conv1d/Conv2d/Linear, present in both models).
             Default: every such layer of ``pruned`` whose input width differs from the
             original's — the consumers of pruned groups. They are always fitted in forward
-            order.
+            order (of their first call; a layer called more than once is fitted on its
+            first call's input and output).
         ridge: relative ridge penalty, λ = ridge · (mean diagonal of Σ x xᵀ); finite, >= 0.
         locations: output positions sampled per image for convolutions, >= 1.
         batch_size: calibration samples per forward pass, >= 1.
         seed: seeds the position sampling (a private ``torch.Generator``).
-        progress: receives one ``"compensation"`` event per layer (also logged).
+        path: ``"single-pass"`` (cost linear in depth; memory ≈ one forward at batch n
+            plus the targets), ``"per-layer"`` (quadratic in depth; memory of one batch) or
+            ``"auto"``: the single pass when its estimate fits ``memory_budget``. Both give
+            the same weights (see the module docstring). The single pass runs the pruned
+            model's forwards in worker threads (grad off; the caller's autocast, default
+            device and CUDA device re-entered); a model whose forward depends on other
+            thread-local state, or runs its layers in a different order for different
+            batches, needs ``"per-layer"``.
+        memory_budget: bytes the single pass may use under ``path="auto"``, estimated as
+            n × (activations alive per sample where the forward pauses, measured on one
+            sample) + targets. None: half of the memory free on the pruned model's device
+            now (CUDA's free memory; Linux's MemAvailable for CPU; no limit where unknown).
+        progress: receives one ``"compensation"`` event per layer (also logged); its fields
+            are the :class:`LayerFit`'s and ``path``, the path taken.
 
     Returns:
         One :class:`LayerFit` per layer, in the order fitted. Layers with ``groups != 1`` or
@@ -409,10 +974,17 @@ def compensate(
         MippError: a layer name missing from either model, or ``kept_out`` inconsistent with
             the layer widths.
     """
-    _check_options(x, ridge, locations, batch_size, seed)
+    _check_options(x, ridge, locations, batch_size, seed, path, memory_budget)
     if original is pruned:
         raise ValueError("original and pruned must be different modules (deepcopy before pruning)")
-    names = _select_layers(original, pruned, x, layers)
+    chosen = _select_layers(original, pruned, layers)
+    if not chosen:
+        return []
+    probe = _probe(pruned, x[:1], chosen)
+    missing = [n for n in chosen if n not in probe.order]
+    if missing and layers is not None:
+        raise MippError(f"layers {missing} did not run in the pruned model's forward pass")
+    names = probe.order
     orig = dict(original.named_modules())
     mine = dict(pruned.named_modules())
     unknown = [n for n in kept_out if n not in orig or n not in mine]
@@ -421,34 +993,61 @@ def compensate(
             f"kept_out names layers missing from the original or pruned model: {unknown}"
         )
     kept = {n: _kept_index(n, orig[n], mine[n], kept_out) for n in names}
-    gen = torch.Generator().manual_seed(seed)
+    chosen_path = path
+    if path == "auto":
+        dev = _device(pruned, x.device)
+        budget = memory_budget
+        if budget is None:
+            free = _free_bytes(dev)
+            budget = None if free is None else free // 2
+        param = next(original.parameters(), None)
+        size = x.element_size() if param is None else param.element_size()
+        need = _single_pass_bytes(probe, {n: mine[n] for n in names}, len(x), locations, size)
+        chosen_path = "single-pass" if budget is None or need <= budget else "per-layer"
+        if chosen_path == "per-layer":
+            _log.info(
+                "compensation: the single pass would need about %.3g GB (budget %.3g GB); "
+                "fitting layer by layer instead",
+                need / 1e9,
+                budget / 1e9,
+            )
     report = Reporter(progress, __name__)
-    fits = []
-    for name in names:
-        fit = _fit_layer(
-            name,
-            original,
-            pruned,
-            x,
-            kept[name],
-            ridge=ridge,
-            locations=locations,
-            batch_size=batch_size,
-            gen=gen,
-        )
+
+    def announce(fit: LayerFit) -> None:
         if fit.skipped:
-            report("compensation", f"compensation: {name} skipped ({fit.skipped})", layer=name)
+            report(
+                "compensation",
+                f"compensation: {fit.layer} skipped ({fit.skipped})",
+                layer=fit.layer,
+                path=chosen_path,
+            )
         else:
             note = " (fewer rows than features)" if fit.rows < fit.features else ""
             report(
                 "compensation",
-                f"compensation: {name}: {fit.rows} rows × {fit.features} features → "
+                f"compensation: {fit.layer}: {fit.rows} rows × {fit.features} features → "
                 f"{fit.outputs} outputs, error {fit.error_before:.4g} → {fit.error_after:.4g}"
                 + note,
                 **dataclasses.asdict(fit),
+                path=chosen_path,
             )
-        fits.append(fit)
-    return fits
+
+    gen = torch.Generator().manual_seed(seed)
+    run = _single_pass if chosen_path == "single-pass" else _per_layer
+    extra = {"probe": probe} if run is _single_pass else {}
+    return run(
+        original,
+        pruned,
+        x,
+        names,
+        kept,
+        ridge=ridge,
+        locations=locations,
+        batch_size=batch_size,
+        gen=gen,
+        announce=announce,
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------- BatchNorm

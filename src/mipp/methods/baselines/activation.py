@@ -128,8 +128,11 @@ class _Sampled(ScoredMethod):
         samples: int = 128,
         rounds: int = 1,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
         self.samples = _check_samples(samples)
 
     def options(self) -> dict[str, Any]:

@@ -229,8 +229,11 @@ class SNIP(ScoredMethod):
         allocation: Allocation | None = None,
         rounds: int = 1,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         ctx.require_labels(self.name)
@@ -270,8 +273,11 @@ class GraSP(ScoredMethod):
         rounds: int = 1,
         temperature: float = 200.0,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
         self.temperature = _check_temperature(temperature)
 
     def options(self) -> dict[str, Any]:
@@ -317,8 +323,11 @@ class SynFlow(ScoredMethod):
         allocation: Allocation | None = None,
         rounds: int = 100,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         net = copy.deepcopy(ctx.model).eval().double()
@@ -352,8 +361,11 @@ class IterativeSNIP(SNIP):
         allocation: Allocation | None = None,
         rounds: int = 10,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
 
 
 class IterativeGraSP(GraSP):
@@ -374,6 +386,7 @@ class IterativeGraSP(GraSP):
         rounds: int = 10,
         temperature: float = 200.0,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
         super().__init__(
             allocation=allocation, rounds=rounds, temperature=temperature, normalize=normalize
@@ -414,8 +427,11 @@ class SOSPH(ScoredMethod):
         allocation: Allocation | None = None,
         rounds: int = 1,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         ctx.require_labels(self.name)

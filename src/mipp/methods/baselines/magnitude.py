@@ -35,8 +35,11 @@ class RandomScores(ScoredMethod):
         allocation: Allocation | None = None,
         rounds: int = 1,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         # the round counter lives in the run's context: the same instance gives the same
@@ -92,8 +95,11 @@ class IMP(L1Norm):
         epochs: int = 1,
         lr: float = 0.01,
         normalize: Normalize = "mean",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
         if not (isinstance(epochs, int) and epochs >= 1):
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
         if not (isinstance(lr, int | float) and lr > 0):

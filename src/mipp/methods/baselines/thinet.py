@@ -258,8 +258,11 @@ class ThiNet(ScoredMethod):
         refit: bool = True,
         rounds: int = 1,
         normalize: Normalize = "none",
+        cost_aware: bool = False,
     ) -> None:
-        super().__init__(allocation=allocation, rounds=rounds, normalize=normalize)
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
         for key, v in (("samples_per_image", samples_per_image), ("images", images)):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
