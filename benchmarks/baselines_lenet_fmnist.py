@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                     base,
                     train_ds,
                     test,
-                    method=MIPP() if name == "mipp" else make_method(name, allocation=allocation),
+                    method=MIPP(estimator="linear", reconstruct=False)
+                    if name == "mipp"
+                    else make_method(name, allocation=allocation),
                     retrain=tune,
                     sparsity=s if name == "mipp" else None,
                     match=None if name == "mipp" else reference,

@@ -196,7 +196,8 @@ def part_ratio(prof: dict) -> list[dict]:
         forward_time(net, x[:256])  # warm-up
         before = forward_time(net, x)
         t = time.perf_counter()
-        result = prune(net, x, sparsity=0.5, calib_samples=n, batch_size=256)
+        result = prune(net, x, method=MIPP(estimator="linear", reconstruct=False), sparsity=0.5,
+                       calib_samples=n, batch_size=256)  # fmt: skip
         total = time.perf_counter() - t
         after = forward_time(net, x)
         floor = min(before, after)
@@ -243,7 +244,8 @@ def part_lenet(prof: dict, train_ds, test_ds) -> tuple[list[dict], dict]:
             out = {}
             for est in ("linear", "mlp"):
                 t = time.perf_counter()
-                res = prune(base, train_ds, method=MIPP(estimator=est), sparsity=s, seed=seed,
+                how = MIPP(estimator=est, reconstruct=False)  # as committed: no repair
+                res = prune(base, train_ds, method=how, sparsity=s, seed=seed,
                             calib_samples=prof["lenet_calib"], tolerance=0.01,
                             progress=say if est == "mlp" else None)  # fmt: skip
                 elapsed = time.perf_counter() - t
@@ -315,7 +317,10 @@ def part_oneshot(prof: dict, lenet_cache: dict, train_ds, test_ds) -> list[dict]
             for s in (0.7, 0.9):
                 for variant, opts in VARIANTS.items():
                     t = time.perf_counter()
-                    res = prune(net, tr, method=method, sparsity=s,
+                    how = (
+                        MIPP(estimator="linear", reconstruct=False) if method == "mipp" else method
+                    )
+                    res = prune(net, tr, method=how, sparsity=s,
                                 calib_samples=prof["oneshot_calib"], **opts)  # fmt: skip
                     elapsed = time.perf_counter() - t
                     acc = evaluate(res.model, te).top1

@@ -292,8 +292,8 @@ def test_prune_bad_values_are_one_line(tmp_path, fake_fmnist, capsys):
             [
                 "prune",
                 ckpt,
-                "--sparsity",
-                "0.5",
+                "--confidence",
+                "0.9",
                 "--calib-samples",
                 "50",
                 "--data-root",

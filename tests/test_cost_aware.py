@@ -102,3 +102,65 @@ def test_units_budget_is_cost_blind_by_default():
 def test_cost_aware_option_is_checked():
     with pytest.raises(ValueError, match="cost_aware must be True, False or None"):
         MIPP(cost_aware="yes")
+
+
+# ------------------------------------------------------------------------- latency target
+
+
+def _table_for(net, x):
+    from mipp.surgery.costs import LatencyTable
+
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    # a made-up table (times are a benchmark's business): 1 ms per layer, 1 ms fixed
+    return LatencyTable({n: 1e-3 for n in names}, 1e-3 * (len(names) + 1), 64, "cpu")
+
+
+def test_predicted_latency_is_bilinear_in_the_kept_widths():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(4, 4)
+    st = build_structure(net, x)
+    costs = CostModel(st, x, latency=_table_for(net, x))
+    none = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in st.groups}
+    assert costs.latency(none) == pytest.approx(costs.latency_before)
+    half = {k: v.clone() for k, v in none.items()}
+    half["0"][:4] = True  # layer 0 keeps 4 of 8 outputs, layer 2 reads 4 of 8 inputs
+    # 1 ms fixed + layer 0: 1 ms × 4/8 + layer 2: 1 ms × 4/8 + layer 4: 1 ms
+    assert costs.latency(half) == pytest.approx(1e-3 * (1 + 0.5 + 0.5 + 1))
+    per = costs.unit_costs(none, "latency")
+    for g in st.groups:
+        trial = {k: v.clone() for k, v in none.items()}
+        trial[g.name][0] = True
+        saved = costs.latency(none) - costs.latency(trial)
+        assert saved == pytest.approx(float(per[g.name][0]))
+
+
+def test_measured_latency_table_has_every_layer_and_restores_the_model():
+    from mipp.surgery.costs import measure_layer_latency
+
+    with mipp.seeded(0):
+        net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    net.train()
+    table = measure_layer_latency(net, torch.randn(3, 1, 28, 28), batch_size=5, repeats=2)
+    layers = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert layers <= set(table.per_layer) and table.batch_size == 5
+    assert all(v >= 0 for v in table.per_layer.values()) and table.total > 0
+    assert net.training and not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        measure_layer_latency(net, torch.randn(3, 1, 28, 28), batch_size=0)
+
+
+def test_a_latency_target_is_met_on_the_predicted_latency():
+    with mipp.seeded(0):
+        net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    x = torch.randn(300, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    rep = mipp.prune(net, x, sparsity=0.3, target="latency", latency_batch=8).report
+    assert set(rep.achieved) == {"units", "params", "macs", "latency"}
+    assert abs(rep.achieved["latency"] - 0.3) <= 0.03 or any(
+        "could not be met" in n for n in rep.notes
+    )
+    assert rep.options["latency_batch"] == 8 and rep.options["cost_aware"] == "latency"
+    l1 = mipp.prune(net, x, method="l1", match=rep, target="latency", latency_batch=8).report
+    assert "latency" in l1.achieved
+    with pytest.raises(ValueError, match="latency_batch must be an integer >= 1"):
+        mipp.prune(net, x, sparsity=0.3, target="latency", latency_batch=0)

@@ -216,11 +216,16 @@ def test_gaussian_test_ignores_the_ridge_on_exact_duplicates() -> None:
     assert needed.pvalue < 1e-12
 
 
-def test_linear_needs_more_samples_than_features() -> None:
-    x, y = layer_data(n=20, units=7, b=3)  # D = 21 features, 20 samples
+def test_linear_f_test_needs_more_samples_than_features() -> None:
+    """D = 21 features, 20 samples: Δ_i still comes from the ridge (threshold and target
+    modes), the F-test has no residual degrees of freedom, so the p-value is NaN and the
+    estimator asks for D + 2 samples when a test is wanted."""
+    x, y = layer_data(n=20, units=7, b=3)
     state = LinearEstimator().start(LinearEstimator().prepare(x, y))
-    with pytest.raises(ValueError, match="at least 23 samples"):
-        state.delta(0)
+    d = state.delta(0)
+    assert math.isfinite(d.value) and math.isnan(d.pvalue)
+    assert LinearEstimator().min_samples(21, 2) == 23
+    assert LinearEstimator().min_samples(21, 2, test=False) == 2
 
 
 def test_linear_delta_rejects_removed_unit() -> None:

@@ -161,6 +161,16 @@ def test_pat_starts_from_the_trained_base_and_pai_from_the_initialisation(swept)
     assert runs["mlp-synthetic-pai-mipp-0.30-seed0"]["accuracy_one_shot"] < 0.3
 
 
+def test_a_cached_base_records_its_dataset_and_runs_record_their_repair(swept):
+    _, out, _ = swept
+    sidecar = json.loads(next(out.glob("bases/*/trained.json")).read_text())
+    assert sidecar["extra"]["dataset"]["name"] == "synthetic"  # usable by `mipp prune`
+    runs = finished(out)
+    # MIPP reconstructs by default, the baselines do not (mipp.prune's method defaults)
+    assert runs["mlp-synthetic-pat-mipp-0.30-seed0"]["repair"] is True
+    assert runs["mlp-synthetic-pat-l1-0.30-seed0"]["repair"] is False
+
+
 def test_rerunning_a_finished_sweep_redoes_nothing(swept):
     tmp, out, _ = swept
     before = stamps(out)
@@ -328,7 +338,7 @@ def _with(**changes):
         ({"grid__methods": ["mipp", "l2"]}, r"'l2' is neither a method .* \[methods.l2\]"),
         ({"grid__methods": ["l1"]}, r"prune.reference 'mipp' is not in grid.methods"),
         ({"grid__method": ["l1"]}, r"unknown key\(s\) \['method'\] in \[grid\]"),
-        ({"prune__target": "flops"}, r"prune.target must be units, params or macs"),
+        ({"prune__target": "flops"}, r"prune.target must be units, params, macs or latency"),
         ({"train__epochs": 0}, r"\[train\]: epochs must be an integer >= 1"),
         (
             {"finetune__epochs": 2, "finetune__fraction": 0.5},
@@ -462,6 +472,10 @@ def test_profiles_are_deep_merged_and_a_missing_profile_is_named(tmp_path):
     assert spec.grid["methods"] == ["mipp", "l1"]  # untouched by the profile
     with pytest.raises(MippError, match=r"profile 'full' is not in the config; .*\['quick'\]"):
         resolve(raw, profile="full")
+
+
+def test_a_latency_target_is_accepted_by_a_sweep_config():
+    assert resolve(_with(prune__target="latency")).config["prune"]["target"] == "latency"
 
 
 def test_a_fixed_fine_tuning_budget_replaces_the_fraction_in_a_profile():

@@ -242,14 +242,29 @@ def test_without_a_budget_mipp_applies_the_papers_test_at_095():
 
 
 def test_too_small_calibration_set_says_how_many_are_needed():
+    """The significance test (confidence mode) needs more samples than features; Δ alone
+    (threshold / target modes) does not: the ridge keeps it defined."""
     model, x = make_model("lenet5", n=100)
     # gaussian (the default) needs the 84-column target's covariance too: 120 + 84 + 2
     with pytest.raises(ValueError, match=r"group 'fc1' has 120 units .* at least 206 samples"):
-        prune(model, x, sparsity=0.5)
+        prune(model, x, method=MIPP(confidence=0.9))
     with pytest.raises(ValueError, match=r"group 'fc1' has 120 units .* at least 122 samples"):
-        prune(model, x, sparsity=0.5, method=MIPP(estimator="linear"))
+        prune(model, x, method=MIPP(estimator="linear", confidence=0.9))
     with pytest.raises(ValueError, match="calibration set is empty"):
         prune(model, x[:0], sparsity=0.5)
+
+
+@pytest.mark.parametrize("estimator", ["linear", "gaussian"])
+def test_wide_layers_with_fewer_samples_than_features_work_in_target_mode(estimator):
+    """64 samples for fc1's 120 features: Δ comes from the ridge, the target is met, and the
+    pruned network is the original with the reported units removed."""
+    model, x = make_model("lenet5", n=64)
+    method = MIPP(estimator=estimator, reconstruct=False)
+    result = prune(model, x, method=method, sparsity=0.7)
+    assert abs(result.report.achieved["units"] - 0.7) <= 0.01
+    _check_equivalent(model, result, x[:8])
+    res = MIPP(estimator=estimator, reconstruct=False, threshold=0.01)
+    assert prune(model, x, method=res).report.units_after < result.report.units_before
 
 
 def test_non_finite_activations_name_the_layer_and_leave_the_model_alone():

@@ -31,7 +31,7 @@ from mipp.progress import ProgressCallback, Reporter
 from mipp.registry import lookup
 from mipp.report import GroupReport, PruneReport
 from mipp.surgery.calibration import calibration_inputs
-from mipp.surgery.costs import CostModel
+from mipp.surgery.costs import CostModel, measure_layer_latency
 from mipp.surgery.repair import finish
 from mipp.surgery.structure import SCOPES, Scope, build_structure
 from mipp.zoo.data import ImageDataset
@@ -48,7 +48,15 @@ class PruneResult:
 
 
 def _check(
-    sparsity, target, scope, calib_samples, tolerance, batch_size, compensate, recalibrate_bn
+    sparsity,
+    target,
+    scope,
+    calib_samples,
+    tolerance,
+    batch_size,
+    compensate,
+    recalibrate_bn,
+    latency_batch=64,
 ) -> None:
     if sparsity is not None and not (
         isinstance(sparsity, int | float) and not isinstance(sparsity, bool) and 0 <= sparsity < 1
@@ -66,6 +74,10 @@ def _check(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
     if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(latency_batch, bool) or not (
+        isinstance(latency_batch, int) and latency_batch >= 1
+    ):
+        raise ValueError(f"latency_batch must be an integer >= 1, got {latency_batch!r}")
     for label, flag in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
         if flag is not None and not isinstance(flag, bool):
             raise ValueError(
@@ -117,6 +129,7 @@ def prune(
     recalibrate_bn: bool | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    latency_batch: int = 64,
     progress: ProgressCallback | None = None,
 ) -> PruneResult:
     """Prune a copy of ``model`` with MIPP or a baseline; the input model is never modified.
@@ -142,8 +155,11 @@ def prune(
         match: a :class:`~mipp.report.PruneReport` whose *achieved* ``target`` sparsity this
             run requests (equal-sparsity comparisons; also gives ``allocation="widths"`` its
             per-layer widths); replaces ``sparsity``.
-        target: what ``sparsity`` counts: ``"units"`` (the paper's PR), ``"params"`` or
-            ``"macs"``.
+        target: what ``sparsity`` counts: ``"units"`` (the paper's PR), ``"params"``,
+            ``"macs"`` or ``"latency"``: the forward time predicted from a per-layer table
+            measured on the calibration inputs at ``latency_batch`` on the model's device
+            (:func:`mipp.surgery.costs.measure_layer_latency`; each layer's time scaled by
+            its kept widths — a model of the time: measure the result too).
         calib_samples: calibration set size (shared by every method).
         scope: ``"internal"`` prunes single-producer groups (block-internal in residual
             nets, every layer in plain ones); ``"all"`` also prunes residual streams.
@@ -159,6 +175,8 @@ def prune(
             ``None``: the method's choice, as for ``compensate``.
         batch_size: calibration samples per forward pass.
         seed: calibration subset, random orders and scores, the stochastic estimators.
+        latency_batch: batch size of the latency table (``target="latency"``), e.g. 1 for
+            single-sample serving, 64 for throughput.
         progress: a callable receiving :class:`~mipp.progress.ProgressEvent` objects (phases,
             bisection steps, rounds, per-layer results); everything is also logged (logger
             ``mipp.pipeline`` and the modules doing the work).
@@ -182,7 +200,15 @@ def prune(
     t0 = time.perf_counter()
     report = Reporter(progress, __name__)
     _check(
-        sparsity, target, scope, calib_samples, tolerance, batch_size, compensate, recalibrate_bn
+        sparsity,
+        target,
+        scope,
+        calib_samples,
+        tolerance,
+        batch_size,
+        compensate,
+        recalibrate_bn,
+        latency_batch,
     )
     m = _method(method)
     own_compensate, own_recalibrate = m.default_repairs()
@@ -205,6 +231,10 @@ def prune(
     x = x.to(device=param.device, dtype=param.dtype)
     y = None if y is None else y.to(param.device)
     structure = build_structure(work, x[:2])
+    table = None
+    if target == "latency":
+        report("latency", f"measuring per-layer latency at batch {latency_batch}", transient=True)
+        table = measure_layer_latency(work, x, batch_size=latency_batch)
     groups = structure.in_scope(scope)
     if not groups:
         raise MippError(f"{type(model).__name__} has no prunable unit groups in scope {scope!r}")
@@ -212,7 +242,7 @@ def prune(
         model=work,
         structure=structure,
         groups=groups,
-        costs=CostModel(structure, x[:2]),
+        costs=CostModel(structure, x[:2], latency=table),
         inputs=x,
         labels=y,
         batch_size=batch_size,
@@ -268,6 +298,7 @@ def prune(
             "sparsity": sparsity,
             "compensate": compensate,
             "recalibrate_bn": recalibrate_bn,
+            **({"latency_batch": latency_batch} if table is not None else {}),
         },
         input_shape=list(x.shape[1:]),
         groups=[_group_report(g, decision, physical, collapsed) for g in groups],

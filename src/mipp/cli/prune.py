@@ -103,8 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--target",
         choices=TARGETS,
         default="units",
-        help="what --sparsity counts: units removed (the paper's PR), parameters or MACs "
-        "(default units)",
+        help="what --sparsity counts: units removed (the paper's PR), parameters, MACs, or "
+        "latency predicted from a per-layer table measured here (default units)",
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=int,
+        default=64,
+        help="batch size of the latency table for --target latency (default 64; 1 for "
+        "single-sample serving)",
     )
     p.add_argument(
         "--method",
@@ -271,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         "compensate": args.compensate,
         "recalibrate_bn": args.recalibrate_bn,
         "seed": args.seed,
+        "latency_batch": args.latency_batch,
     }
     with rendering(make_console(stderr=True), enabled=not args.no_progress) as progress:
         result = pipeline.prune(

@@ -124,10 +124,12 @@ class Estimator(ABC):
     def start(self, prepared: Any, columns: Tensor | None = None) -> EstimatorState:
         """A state with S = all units, for target columns ``columns`` (None = all)."""
 
-    def min_samples(self, features: int, target_columns: int) -> int:
+    def min_samples(self, features: int, target_columns: int, *, test: bool = True) -> int:
         """Samples needed for a layer with ``features`` = U·b features in all and a target of
         ``target_columns`` columns: by default ``features + 2`` (a regression on every
-        feature plus an intercept must be determined)."""
+        feature plus an intercept must be determined). ``test=False``: only Δ_i is needed
+        (threshold and target modes), not its significance test; estimators whose Δ stays
+        defined with fewer samples (a ridge) ask for less."""
         return features + 2
 
     def confidence_folds(self) -> int:

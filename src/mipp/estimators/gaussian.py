@@ -78,9 +78,12 @@ class GaussianEstimator(ClosedFormEstimator):
 
     name = "gaussian"
 
-    def min_samples(self, features: int, target_columns: int) -> int:
+    def min_samples(self, features: int, target_columns: int, *, test: bool = True) -> int:
         """``features + target_columns + 2``: the joint covariance of (X_S, Y) must be
-        determined, not only X_S's."""
+        determined, not only X_S's. ``test=False`` (threshold and target modes): 2, the
+        ridges keep both log-determinants finite."""
+        if not test:
+            return 2
         return max(features + target_columns + 2, 2 * check_folds(self.folds))
 
 

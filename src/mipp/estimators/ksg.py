@@ -218,7 +218,7 @@ class KSGEstimator(Estimator):
             f"chunk_rows={self.chunk_rows}, seed={self.seed})"
         )
 
-    def min_samples(self, features: int, target_columns: int) -> int:
+    def min_samples(self, features: int, target_columns: int, *, test: bool = True) -> int:
         """``k + 2`` whatever the layer's size: every sample needs k neighbours."""
         return self.k + 2
 

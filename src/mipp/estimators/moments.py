@@ -655,8 +655,12 @@ class ClosedFormEstimator(Estimator):
         is None, 0 (in-sample test) when it is 0."""
         return DEFAULT_FOLDS if self.folds is None else check_folds(self.folds)
 
-    def min_samples(self, features: int, target_columns: int) -> int:
-        """``features + 2``, and at least 2 rows per fold (2K) with ``folds=K``."""
+    def min_samples(self, features: int, target_columns: int, *, test: bool = True) -> int:
+        """``features + 2``, and at least 2 rows per fold (2K) with ``folds=K``. Without the
+        test (``test=False``: threshold and target modes) 2: the ridge keeps every Δ_i
+        defined however wide the layer; fewer samples only make it noisier."""
+        if not test:
+            return 2
         return max(features + 2, 2 * check_folds(self.folds))
 
     def prepare(self, x: Tensor, y: Tensor) -> Moments:

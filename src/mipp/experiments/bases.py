@@ -153,7 +153,14 @@ class Bases:
         train(net, train_ds, tcfg, device=self.device, progress=self.report.callback)
         seconds = time.perf_counter() - t
         acc = evaluate(net, test_ds, device=self.device).top1
-        save_checkpoint(d / "trained.safetensors", net, spec=mspec)
+        d_cfg = self.spec.config["data"]
+        dataset_meta = {  # lets `mipp prune` / `mipp eval` find the data of a cached base
+            "name": dataset,
+            "pad_to_32": d_cfg["pad_to_32"],
+            "channels": d_cfg["channels"],
+            "train_subset": d_cfg["train_subset"],
+        }
+        save_checkpoint(d / "trained.safetensors", net, spec=mspec, extra={"dataset": dataset_meta})
         meta = {**self.key(model, dataset, seed), "accuracy": acc, "train_s": seconds}
         write_json(d / "base.json", meta)
         self.report(

@@ -131,6 +131,17 @@ def _regime_section(
             lines += [f"**{what}**", ""]
             table = _accuracy_table(cells, present, sparsities, value, primary, _target(rows))
             lines += [*table, ""]
+    repaired = [m for m in present if all(r.get("repair") for r in rows if r["method"] == m)]
+    if regime == "pat" and len(repaired) > 1 and len(repaired) < len(present):
+        lines += [
+            "**One-shot accuracy, every method with the same repair** (least-squares re-fit of "
+            "the consumers + BatchNorm recalibration on the calibration data; no re-training)",
+            "",
+            *_accuracy_table(
+                cells, repaired, sparsities, "accuracy_one_shot", primary, _target(rows)
+            ),
+            "",
+        ]
     duels = [
         b
         for b in best

@@ -82,7 +82,7 @@ REGIME_NAMES = {
     "pai": ("PaI", "prune at initialisation, then train from scratch"),
 }
 #: axis and table wording of what a sweep's sparsity counts
-TARGETS = {"units": "units", "params": "parameters", "macs": "MACs"}
+TARGETS = {"units": "units", "params": "parameters", "macs": "MACs", "latency": "latency"}
 #: the ``method_name`` of MIPP runs (the prune report's ``method``)
 MIPP_METHOD = "mipp"
 _REQUIRED = ("model", "dataset", "regime", "method", "sparsity", "seed")
@@ -121,6 +121,10 @@ def load_sweep(sweep_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[
         if missing:
             raise MippError(f"{path} is not a run's metrics: missing {', '.join(missing)}")
         row.setdefault("run_id", run_dir.name)
+        if "repair" not in row:  # whether the one-shot re-fit ran (older runs: from the report)
+            report = run_dir / "report.json"
+            options = _read_object(report).get("options", {}) if report.is_file() else {}
+            row["repair"] = bool(options.get("compensate", False))
         rows.append(row)
     if not rows:
         raise MippError(

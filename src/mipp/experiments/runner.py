@@ -232,6 +232,7 @@ def _execute(
         "final_epochs": tcfg.epochs,
         "extra_training_epochs": cell.extra_training_epochs,
         "notes": list(report.notes),
+        "repair": bool(report.options.get("compensate", False)),
     }
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from mipp.errors import MippError
-from mipp.methods import METHOD_NAMES, MIPP, Budget, Method, make_method
+from mipp.methods import METHOD_NAMES, MIPP, TARGETS, Budget, Method, make_method
 from mipp.zoo import data as mdata
 from mipp.zoo import models
 from mipp.zoo.config import TrainConfig
@@ -296,8 +296,8 @@ def resolve(
     p = cfg["prune"]
     if p["reference"] == "":
         p["reference"] = None
-    if p["target"] not in ("units", "params", "macs"):
-        raise MippError(f"prune.target must be units, params or macs, got {p['target']!r}")
+    if p["target"] not in TARGETS:
+        raise MippError(f"prune.target must be units, params, macs or latency, got {p['target']!r}")
     for key in ("calib_samples", "batch_size"):
         if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1:
             raise MippError(f"prune.{key} must be an integer >= 1, got {p[key]!r}")

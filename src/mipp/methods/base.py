@@ -30,11 +30,12 @@ from mipp.progress import Reporter
 from mipp.surgery.costs import CostModel
 from mipp.surgery.structure import ModelStructure, UnitGroup
 
-__all__ = ["TARGETS", "Budget", "Decision", "Method", "PruneContext", "Target"]
+__all__ = ["TARGETS", "Budget", "Decision", "Method", "PruneContext", "Target", "sparsities"]
 
-Target = Literal["units", "params", "macs"]
-#: what a sparsity can count: units removed (the paper's "PR"), parameters or MACs
-TARGETS: tuple[str, ...] = ("units", "params", "macs")
+Target = Literal["units", "params", "macs", "latency"]
+#: what a sparsity can count: units removed (the paper's "PR"), parameters, MACs, or the
+#: forward latency predicted from a measured per-layer table (:mod:`mipp.surgery.costs`)
+TARGETS: tuple[str, ...] = ("units", "params", "macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,23 @@ class Budget:
             f"requested {self.target} sparsity {self.sparsity:.4f} could not be met within "
             f"{self.tolerance}; achieved {achieved[self.target]:.4f} ({closest})"
         )
+
+
+def sparsities(
+    costs: CostModel, groups: list[UnitGroup], removed: Mapping[str, Tensor]
+) -> dict[str, float]:
+    """Shares of units, params, MACs (and predicted latency, when ``costs`` has a latency
+    table) that removing ``removed[group]`` (bool masks) takes away."""
+    params, macs = costs(removed)
+    gone = sum(int(removed[g.name].sum()) for g in groups if g.name in removed)
+    out = {
+        "units": gone / sum(g.size for g in groups),
+        "params": 1 - params / costs.params_before,
+        "macs": 1 - macs / costs.macs_before,
+    }
+    if costs.latency_before:
+        out["latency"] = 1 - costs.latency(removed) / costs.latency_before
+    return out
 
 
 @dataclass
@@ -110,13 +128,7 @@ class PruneContext:
     def measure(self, removed: Mapping[str, Tensor]) -> dict[str, float]:
         """Sparsity of units, params and MACs if the units marked in ``removed[group]``
         (bool masks) went; a fully removed group counts as fully removed (layer collapse)."""
-        params, macs = self.costs(removed)
-        gone = sum(int(removed[g.name].sum()) for g in self.groups if g.name in removed)
-        return {
-            "units": gone / self.units_total,
-            "params": 1 - params / self.costs.params_before,
-            "macs": 1 - macs / self.costs.macs_before,
-        }
+        return sparsities(self.costs, self.groups, removed)
 
     def batches(self, n: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         """The first ``n`` (default all) calibration samples in ``batch_size`` chunks."""

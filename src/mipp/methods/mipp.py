@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mipp.errors import CalibrationError
 from mipp.estimators import ESTIMATOR_NAMES, Estimator, make_estimator
-from mipp.methods.base import Budget, Decision, Method, PruneContext
+from mipp.methods.base import Budget, Decision, Method, PruneContext, sparsities
 from mipp.methods.bisection import bisect_threshold, fill_to
 from mipp.methods.selection import DEFAULT_CONFIDENCE, ORDERS, Order, SelectionResult, terc
 from mipp.methods.targets import GroupData, StreamedMoments, group_columns, group_data
@@ -225,7 +225,10 @@ class MIPP(Method):
         )
         confidence, threshold = self.stopping_rule(budget)
         gdata = self._statistics(
-            ctx, est, folds=est.confidence_folds() if confidence is not None else 0
+            ctx,
+            est,
+            folds=est.confidence_folds() if confidence is not None else 0,
+            test=confidence is not None,
         )
         units_total = ctx.units_total
 
@@ -332,15 +335,20 @@ class MIPP(Method):
             min_keep,
         )
 
-    def _statistics(self, ctx: PruneContext, est: Estimator, *, folds: int = 0) -> list[GroupData]:
+    def _statistics(
+        self, ctx: PruneContext, est: Estimator, *, folds: int = 0, test: bool = True
+    ) -> list[GroupData]:
         """Every group's prepared estimator statistics, in walk order (output → input).
+
+        ``test``: whether Δ_i's significance test will be used (confidence mode): it decides
+        how many calibration samples the estimator needs (:meth:`Estimator.min_samples`).
 
         ``folds``: K folds of moments for the held-out test (confidence mode with a closed
         form, :meth:`~mipp.estimators.Estimator.confidence_folds`); 0 (threshold and target
         modes) accumulates none, exactly as without the option."""
         work, structure, groups, x = ctx.model, ctx.structure, ctx.groups, ctx.inputs
         layers = {n: m for n, m in work.named_modules() if n in structure.readers}
-        _check_samples(ctx, est, layers, self.pool)
+        _check_samples(ctx, est, layers, self.pool, test=test)
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))
         if est.streams:
@@ -432,7 +440,9 @@ class _CostScale:
         return cost / self.mean
 
 
-def _check_samples(ctx: PruneContext, est: Estimator, layers: dict, pool: Pool) -> None:
+def _check_samples(
+    ctx: PruneContext, est: Estimator, layers: dict, pool: Pool, *, test: bool = True
+) -> None:
     """Refuse a calibration set too small for the estimator on the widest group, from a
     two-sample probe of the layer sizes — before the statistics pass."""
     n = len(ctx.inputs)
@@ -446,7 +456,7 @@ def _check_samples(ctx: PruneContext, est: Estimator, layers: dict, pool: Pool) 
     stream_activations(ctx.model, [ctx.inputs[:2]], layers, pool=pool, on_batch=probe)
     need, worst = 0, None
     for g, (units, features, q) in zip(ctx.groups, shapes, strict=True):
-        req = est.min_samples(units * features, q)
+        req = est.min_samples(units * features, q, test=test)
         if req > need:
             need, worst = req, (g, units, features, q)
     if worst is not None and n < need:
@@ -462,13 +472,14 @@ def _sparsity(
     kept: list[Tensor], data: list[GroupData], ctx: PruneContext, units_total: int
 ) -> dict[str, float]:
     """Achieved sparsity of a selection (units counted as 1 − kept / total)."""
-    params, macs = ctx.costs({d.group.name: ~k for d, k in zip(data, kept, strict=True)})
+    out = sparsities(
+        ctx.costs,
+        [d.group for d in data],
+        {d.group.name: ~k for d, k in zip(data, kept, strict=True)},
+    )
     units = sum(int(k.sum()) for k in kept)
-    return {
-        "units": 1 - units / units_total,
-        "params": 1 - params / ctx.costs.params_before,
-        "macs": 1 - macs / ctx.costs.macs_before,
-    }
+    out["units"] = 1 - units / units_total
+    return out
 
 
 def _group_fields(d: GroupData, res: SelectionResult) -> dict[str, Any]:

@@ -140,6 +140,12 @@ def terc(
             continue
         d = state.delta(unit)
         deltas[unit], relative[unit], pvalues[unit] = d.value, d.relative, d.pvalue
+        if confidence is not None and math.isnan(d.pvalue):
+            raise ValueError(
+                f"confidence mode needs a p-value for every Δ_i, and this estimator gives none "
+                f"for unit {unit} (fewer calibration samples than features?): add samples or "
+                f"use a threshold or a sparsity budget"
+            )
         if confidence is not None:
             redundant = not d.pvalue < 1 - confidence
         else:
