@@ -66,7 +66,7 @@ import scipy.special
 import torch
 from torch import Tensor
 
-from mipp.estimators.moments import Moments, ridge_scale, ridged, spd_inverse
+from mipp.estimators.moments import Moments, UnitSlots, ridge_scale, ridged, spd_inverse
 
 __all__ = ["HeldOutTest", "one_sided_t_pvalue"]
 
@@ -190,7 +190,7 @@ class HeldOutTest:
         self.ridges = torch.tensor(lams, dtype=torch.float64)
         self._b_norm = (self._bm**2).sum((1, 2))  # ‖B‖² per fold
         self._loss = torch.tensor(losses, dtype=torch.float64)
-        self._active = torch.ones(self.n_units, dtype=torch.bool)
+        self._slots = UnitSlots(self.n_units, 1)  # which units are still in S
         self._block: _FoldBlock | None = None
 
     # ------------------------------------------------------------------------------ queries
@@ -237,14 +237,14 @@ class HeldOutTest:
             blk.remove(i)
         else:
             self._apply(torch.arange(i * self._b, (i + 1) * self._b))
-        self._active[i] = False
+        self._slots.remove(i)
 
     def prefetch(self, units: list[int]) -> None:
         """Announce the next units to test: their rows of P, B, V, Z (and P B, P P) are cached
         per fold and kept exact under removals among them; the removals reach the full
         matrices together when a unit outside the block is queried."""
         self._flush()
-        units = [int(u) for u in units if 0 <= int(u) < self.n_units and self._active[int(u)]]
+        units = [int(u) for u in units if self._slots.is_active(int(u))]
         if len(units) < 2:
             return
         b = self._b
@@ -264,12 +264,7 @@ class HeldOutTest:
     # ------------------------------------------------------------------------------ internals
 
     def _check(self, i: int) -> int:
-        i = int(i)
-        if not 0 <= i < self.n_units:
-            raise ValueError(f"unit index must be in 0..{self.n_units - 1}, got {i}")
-        if not self._active[i]:
-            raise ValueError(f"unit {i} is not in the kept set S (already removed)")
-        return i
+        return self._slots.check(i)
 
     def _rows(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Unit i's ``(P_ii, B_i, V_i, Z_ii, P_i· B, P_i· P_·i)`` per fold, batched over K."""

@@ -161,32 +161,17 @@ class CostModel:
             self._fixed_params -= sum(p.numel() for p in m.parameters(recurse=False))
 
     def __call__(self, removed: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        def gone_out(group: str | None) -> int:
-            if group is None or group not in removed:
-                return 0
-            return int(removed[group].sum())
-
         params = self._fixed_params
         macs = 0
         for m, layer_macs, ins, out_group in self._layers:
             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
                 out = m.num_features
-                out_a = out - gone_out(out_group)
+                out_a = out - _gone(removed, out_group)
                 params += (2 * out_a) if m.affine else 0
                 macs += layer_macs * out_a // out if out else 0
                 continue
-            if isinstance(m, nn.Linear):
-                in_, out = m.in_features, m.out_features
-                area = 1
-            else:
-                in_, out = m.in_channels, m.out_channels
-                area = math.prod(m.kernel_size)
-            in_gone = 0
-            for group, sizes in ins:
-                mask = removed.get(group)
-                if mask is not None:
-                    in_gone += sum(s for s, r in zip(sizes, mask.tolist(), strict=True) if r)
-            in_a, out_a = in_ - in_gone, out - gone_out(out_group)
+            in_, out, area = _widths(m)
+            in_a, out_a = in_ - _in_gone(removed, ins), out - _gone(removed, out_group)
             params += out_a * in_a * area + (out_a if m.bias is not None else 0)
             macs += layer_macs * in_a * out_a // (in_ * out)
         return params, macs
@@ -233,11 +218,6 @@ class CostModel:
             raise ValueError("latency costs need a LatencyTable (CostModel(..., latency=))")
         out: dict[str, torch.Tensor] = {}
 
-        def gone(group: str | None) -> int:
-            if group is None or group not in removed:
-                return 0
-            return int(removed[group].sum())
-
         def add(group: str, values) -> None:
             if group not in self._group_size:
                 return
@@ -256,16 +236,8 @@ class CostModel:
                 size = self._group_size[out_group]
                 add(out_group, [per] * size if m.num_features == size else [0.0] * size)
                 continue
-            if isinstance(m, nn.Linear):
-                in_, out_, area = m.in_features, m.out_features, 1
-            else:
-                in_, out_, area = m.in_channels, m.out_channels, math.prod(m.kernel_size)
-            in_gone = 0
-            for group, sizes in ins:
-                mask = removed.get(group)
-                if mask is not None:
-                    in_gone += sum(s for s, r in zip(sizes, mask.tolist(), strict=True) if r)
-            in_a, out_a = in_ - in_gone, out_ - gone(out_group)
+            in_, out_, area = _widths(m)
+            in_a, out_a = in_ - _in_gone(removed, ins), out_ - _gone(removed, out_group)
             unit_mac = layer_macs / (in_ * out_) if in_ * out_ else 0.0  # MACs per (in, out) pair
             if out_group is not None:  # a producer: one output row per unit
                 if kind == "params":
