@@ -7,8 +7,8 @@ All take tensors — activations ``x`` ``(n, U, b)`` of U units with b features 
 ============  ====================================================  =======================
 name          Δ_i                                                   unit of ``Delta.value``
 ============  ====================================================  =======================
-``linear``    rise in ridge-regression loss, closed form (default)  share of target variance
-``gaussian``  Gaussian conditional MI, log-det closed form          nats
+``linear``    ridge-loss rise, closed form (paper=True)             share of target variance
+``gaussian``  Gaussian conditional MI, log-det (MIPP's default)     nats
 ``mlp``       rise in held-out loss of a trained MLP (the paper's)  share of target variance
 ``ksg``       k-nearest-neighbour conditional MI (Frenzel–Pompe)    nats
 ============  ====================================================  =======================
@@ -58,7 +58,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "ksg": KSGEstimator,
 }
 
-#: the registered estimator names, in the order shown to users (the default first)
+#: the registered estimator names, in the order shown to users (the paper's closed form first;
+#: MIPP's default is ``gaussian``, see :class:`~mipp.methods.mipp.MIPP`)
 ESTIMATOR_NAMES: tuple[str, ...] = tuple(ESTIMATORS)
 
 
