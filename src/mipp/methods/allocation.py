@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mipp.errors import MippError
 
-__all__ = ["allocate", "normalise"]
+__all__ = ["allocate", "normalise", "remove_while_closer"]
 
 Measure = Callable[[list[Tensor]], dict[str, float]]
 
@@ -104,22 +104,45 @@ def _fill(
     """
     if best is None or below is None or abs(best[1][target] - sparsity) <= tolerance:
         return best
-    removed = [r.clone() for r in below[0]]
-    ach = below[1]
+    removed, ach, _ = remove_while_closer(
+        below[0], below[1], order, measure, sparsity, target,
+        stop=tolerance / 4, min_keep=[1] * len(below[0]),
+    )  # fmt: skip
+    if abs(ach[target] - sparsity) < abs(best[1][target] - sparsity):
+        return removed, ach
+    return best
+
+
+def remove_while_closer(
+    removed: list[Tensor],
+    achieved: dict[str, float],
+    order: list[tuple[int, int]],
+    measure: Measure,
+    sparsity: float,
+    target: str,
+    *,
+    stop: float,
+    min_keep: list[int],
+) -> tuple[list[Tensor], dict[str, float], int]:
+    """From the removal masks ``removed`` (achieving ``achieved``), remove the units of
+    ``order`` ((group, unit) pairs) one at a time, each only if it brings the ``target``
+    sparsity closer to ``sparsity`` and leaves group g at least ``min_keep[g]`` units; stop
+    once within ``stop``. Returns the new masks, their sparsity and how many units went.
+    Shared by the baselines' allocation and MIPP's fill after its bisection."""
+    removed = [r.clone() for r in removed]
+    ach, count = achieved, 0
     for gi, u in order:
-        if abs(ach[target] - sparsity) <= tolerance / 4:
+        if abs(ach[target] - sparsity) <= stop:
             break
-        if removed[gi][u] or int((~removed[gi]).sum()) <= 1:
+        if removed[gi][u] or int((~removed[gi]).sum()) <= min_keep[gi]:
             continue
         removed[gi][u] = True
         trial = measure(removed)
         if abs(trial[target] - sparsity) < abs(ach[target] - sparsity):
-            ach = trial
-        else:
+            ach, count = trial, count + 1
+        else:  # no closer (or overshoots): keep it, a cheaper unit later may fit
             removed[gi][u] = False
-    if abs(ach[target] - sparsity) < abs(best[1][target] - sparsity):
-        return removed, ach
-    return best
+    return removed, ach, count
 
 
 def allocate(

@@ -36,7 +36,8 @@ def bisect_threshold(
     evaluation is appended to ``trace`` and passed to ``on_step(tau, achieved)``. Returns the
     best ``(kept, results, achieved, tau)``. When ``below`` is a list, the evaluation with the
     highest achieved sparsity not above the request is left in it as its one element (the
-    start of :func:`fill_to` when achieved(τ) jumps over the request).
+    start of MIPP's fill (:func:`~mipp.methods.allocation.remove_while_closer`) when
+    achieved(τ) jumps over the request).
     """
     best = None
     low = None
@@ -124,38 +125,3 @@ def bisect_threshold(
                 f_lo /= 2
             side = 1
     return best
-
-
-def fill_to(
-    kept: list[torch.Tensor],
-    order: list[tuple[int, int]],
-    measure: Callable[[list[torch.Tensor]], dict[str, float]],
-    sparsity: float,
-    target: str,
-    tolerance: float,
-    min_keep: list[int],
-) -> tuple[list[torch.Tensor], dict[str, float], int]:
-    """Close the gap a jump of achieved(τ) leaves below the request.
-
-    From the keep masks ``kept`` (achieved sparsity below ``sparsity``), units are removed one
-    at a time in ``order`` ((group, unit) pairs, least informative first), never leaving a
-    group with fewer than ``min_keep[group]`` units, while that brings the achieved sparsity
-    closer to the request; it stops once within ``tolerance``. Returns the new masks, their
-    achieved sparsity and the number of units removed.
-    """
-    kept = [k.clone() for k in kept]
-    ach = measure(kept)
-    removed = 0
-    for g, u in order:
-        if abs(ach[target] - sparsity) <= tolerance:
-            break
-        if not kept[g][u] or int(kept[g].sum()) <= min_keep[g]:
-            continue
-        kept[g][u] = False
-        trial = measure(kept)
-        if abs(trial[target] - sparsity) < abs(ach[target] - sparsity):
-            ach = trial
-            removed += 1
-        else:  # overshoots (or no better): keep it, a cheaper unit later may fit
-            kept[g][u] = True
-    return kept, ach, removed

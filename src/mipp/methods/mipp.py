@@ -36,8 +36,9 @@ from torch import Tensor
 
 from mipp.errors import CalibrationError
 from mipp.estimators import ESTIMATOR_NAMES, Estimator, make_estimator
+from mipp.methods.allocation import remove_while_closer
 from mipp.methods.base import Budget, Decision, Method, PruneContext, sparsities
-from mipp.methods.bisection import bisect_threshold, fill_to
+from mipp.methods.bisection import bisect_threshold
 from mipp.methods.selection import DEFAULT_CONFIDENCE, ORDERS, Order, SelectionResult, terc
 from mipp.methods.targets import GroupData, StreamedMoments, group_columns, group_data
 from mipp.modules import first_parameter
@@ -325,15 +326,21 @@ class MIPP(Method):
         order = [(g, u) for _, g, u in sorted(pairs)]
         min_keep = [min(self.min_keep, d.group.size) for d in gdata]
         units_total = ctx.units_total
-        return fill_to(
-            kept,
+
+        def measure(removed: list[Tensor]) -> dict[str, float]:
+            return _sparsity([~r for r in removed], gdata, ctx, units_total)
+
+        removed, achieved, count = remove_while_closer(
+            [~k for k in kept],
+            candidate[2],
             order,
-            lambda masks: _sparsity(masks, gdata, ctx, units_total),
+            measure,
             budget.sparsity,
             budget.target,
-            budget.tolerance,
-            min_keep,
+            stop=budget.tolerance,
+            min_keep=min_keep,
         )
+        return [~r for r in removed], achieved, count
 
     def _statistics(
         self, ctx: PruneContext, est: Estimator, *, folds: int = 0, test: bool = True
