@@ -24,14 +24,15 @@ data:
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set MIPP_DATA"; exit 1; fi
 
 # Train LeNet-5 on Fashion-MNIST, prune 90 % of its units with MIPP, fine-tune one epoch,
-# and compare accuracy, parameters, MACs, latency and per-layer widths.
+# and compare accuracy, parameters, MACs, latency and per-layer widths (--force: a second
+# `make demo` replaces the previous demo's run directories).
 demo: install data
 	$(VENV)/bin/mipp train --model lenet5 --dataset fashion-mnist --epochs 3 \
-		--latency-repeats 0 --out $(DEMO_OUT)/trained
+		--latency-repeats 0 --out $(DEMO_OUT)/trained --force
 	$(VENV)/bin/mipp prune $(DEMO_OUT)/trained/model.safetensors --sparsity 0.9 \
-		--out $(DEMO_OUT)/pruned
+		--out $(DEMO_OUT)/pruned --force
 	$(VENV)/bin/mipp finetune $(DEMO_OUT)/pruned/model.safetensors --epochs 1 \
-		--out $(DEMO_OUT)/finetuned
+		--out $(DEMO_OUT)/finetuned --force
 	$(VENV)/bin/mipp compare $(DEMO_OUT)/trained/model.safetensors \
 		$(DEMO_OUT)/pruned/model.safetensors $(DEMO_OUT)/finetuned/model.safetensors
 
@@ -45,9 +46,11 @@ results-quick: install data
 test: install
 	$(PY) -m pytest
 
-# Tests marked slow or needing the real Fashion-MNIST (CI runs these explicitly too).
+# Tests marked slow or needing the real Fashion-MNIST (CI runs these explicitly too), then
+# the bad-input property suite with 400 random examples per property instead of 25.
 test-slow: install data
-	$(PY) -m pytest -m "slow or data"
+	$(PY) -m pytest -m "slow or data" --durations=15
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest tests/test_bad_inputs.py -q
 
 test-all: test test-slow
 

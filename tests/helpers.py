@@ -10,6 +10,7 @@ from torch import nn
 from mipp.methods.base import PruneContext
 from mipp.surgery.costs import CostModel
 from mipp.surgery.structure import build_structure
+from mipp.surgery.verify import zero_consumer_inputs
 from mipp.zoo import models
 from mipp.zoo.training import seeded
 
@@ -77,13 +78,7 @@ def make_model(name: str, *, n: int = 4, input_size: int = 32) -> tuple[nn.Modul
 
 def zero_consumers(model: nn.Module, structure, removed: dict[str, list[int]]) -> None:
     """Zero, in place, every consumer weight reading a removed unit (the masked reference)."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for g in structure.groups:
-            for c in g.consumers:
-                cols = [i for j in removed.get(g.name, []) for i in c.index[j]]
-                if cols:
-                    modules[c.layer].weight[:, cols] = 0
+    zero_consumer_inputs(model, structure, removed)
 
 
 def make_ctx(

@@ -490,3 +490,40 @@ def test_linear_prefetched_blocks_equal_the_per_unit_path(unit_size):
     # the incrementally tracked I(X_S; Y) equals a fresh fit on the kept units alone
     fresh = est.start(est.prepare(x[:, fast.support], y))
     assert fast.info_kept == pytest.approx(fresh.information(), rel=1e-9)
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
+    """Threshold mode (no p-values: block downdates of P and Q, I(X_S; Y) by the chain rule)
+    removes the same units with the same Δs as the path that keeps the χ² test's terms, and
+    the tracked I(X_S; Y) equals a fresh fit on the kept units; asking for p-values again
+    afterwards gives the in-sample test of a fresh state."""
+    from mipp.methods.selection import terc
+
+    g = torch.Generator().manual_seed(6)
+    n, units = 3000, 150
+    z = torch.randn(n, 40, generator=g, dtype=torch.float64)
+    x = (z @ torch.randn(40, units * unit_size, generator=g, dtype=torch.float64)).view(
+        n, units, unit_size
+    )
+    x = x + 0.3 * torch.randn(n, units, unit_size, generator=g, dtype=torch.float64)
+    y = z[:, :12] + 0.5 * torch.randn(n, 12, generator=g, dtype=torch.float64)
+    est = GaussianEstimator(ridge=0.0)
+    prepared = est.prepare(x, y)
+    fast_state = est.start(prepared)
+    fast = terc(fast_state, threshold=1e-3)
+    assert not fast_state.pvalues and torch.isnan(fast.pvalues).all()
+    slow_state = est.start(prepared)  # terc sets the wrapper's pvalues, not this state's
+    slow = terc(_NoPrefetch(slow_state), threshold=1e-3)
+    assert slow_state.pvalues
+    assert 20 < fast.n_kept < units - 20  # removals happen inside and across blocks
+    assert torch.equal(fast.support, slow.support)
+    assert torch.allclose(fast.deltas, slow.deltas, rtol=1e-8, atol=1e-12, equal_nan=True)
+    assert fast.info_kept == pytest.approx(slow.info_kept, rel=1e-9)
+    fresh = est.start(est.prepare(x[:, fast.support], y))
+    assert fast.info_kept == pytest.approx(fresh.information(), rel=1e-9)
+    # p-values asked for again: B, E and G rebuilt from P give the fresh state's χ² test
+    fast_state.pvalues = True
+    kept = fast.support.nonzero().flatten().tolist()
+    for j, unit in enumerate(kept[:5]):
+        assert fast_state.delta(unit).pvalue == pytest.approx(fresh.delta(j).pvalue, rel=1e-6)

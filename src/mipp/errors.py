@@ -10,13 +10,20 @@ __all__ = [
     "CalibrationError",
     "CorruptDatasetError",
     "DatasetNotFoundError",
+    "InvalidOptionError",
     "MippError",
+    "PruningVerificationError",
+    "TrainingDivergedError",
     "UnknownNameError",
 ]
 
 
 class MippError(Exception):
     """Base class of every error mipp raises on purpose."""
+
+
+class TrainingDivergedError(MippError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the rate."""
 
 
 class UnknownNameError(MippError, ValueError):
@@ -34,3 +41,14 @@ class DatasetNotFoundError(MippError, FileNotFoundError):
 
 class CorruptDatasetError(MippError, ValueError):
     """A dataset file is corrupt or truncated; the message names the file and the fault."""
+
+
+class PruningVerificationError(MippError):
+    """The pruned model is not the original with exactly the removed units switched off (a
+    channel mapping the structural backend got wrong); the message names the group and how
+    to exclude it. No model is returned."""
+
+
+class InvalidOptionError(MippError, ValueError):
+    """An option has a value it does not accept; the message names the value and what is
+    valid."""

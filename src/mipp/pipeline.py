@@ -6,6 +6,12 @@ any group the decision empties (layer collapse), removes the units physically, r
 optional repairs and writes the :class:`~mipp.report.PruneReport`. MIPP and every baseline
 go through exactly these steps; they differ only in the decision.
 
+Between removal and repairs the removal is *verified*: a few calibration samples run through
+the pruned model and through the model the removal started from with the removed units
+switched off, and the two must agree (:mod:`mipp.surgery.verify`); otherwise a
+:class:`~mipp.errors.PruningVerificationError` names the group whose channels the structural
+backend mapped wrongly, and no model is returned.
+
 How much to prune: ``sparsity=`` (a share of units, parameters or MACs: ``target=``),
 ``match=`` another run's report (its achieved share, for equal-sparsity comparisons), or —
 for MIPP only — neither, letting its confidence test (or fixed threshold) decide.
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mipp.errors import MippError
+from mipp.errors import InvalidOptionError, MippError
 from mipp.methods import METHODS, TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.metrics import count_macs, count_params
 from mipp.modules import first_parameter, restore_modes, training_modes
@@ -33,7 +39,15 @@ from mipp.report import GroupReport, PruneReport
 from mipp.surgery.calibration import calibration_inputs
 from mipp.surgery.costs import CostModel, measure_layer_latency
 from mipp.surgery.repair import finish
-from mipp.surgery.structure import SCOPES, Scope, build_structure
+from mipp.surgery.structure import (
+    SCOPES,
+    ModelStructure,
+    ReusedModuleError,
+    Scope,
+    build_structure,
+)
+from mipp.surgery.verify import VERIFY_SAMPLES, verify_removal
+from mipp.validation import check_labels, check_match, check_model_input
 from mipp.zoo.data import ImageDataset
 
 __all__ = ["PruneResult", "matched_sparsity", "prune"]
@@ -61,26 +75,26 @@ def _check(
     if sparsity is not None and not (
         isinstance(sparsity, int | float) and not isinstance(sparsity, bool) and 0 <= sparsity < 1
     ):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        raise InvalidOptionError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise InvalidOptionError(f"target must be one of {TARGETS}, got {target!r}")
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise InvalidOptionError(f"scope must be one of {SCOPES}, got {scope!r}")
     if isinstance(calib_samples, bool) or not (
         isinstance(calib_samples, int) and calib_samples >= 1
     ):
-        raise ValueError(f"calib_samples must be an integer >= 1, got {calib_samples!r}")
+        raise InvalidOptionError(f"calib_samples must be an integer >= 1, got {calib_samples!r}")
     if not (isinstance(tolerance, int | float) and 0 < tolerance < 1):
-        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+        raise InvalidOptionError(f"tolerance must be in (0, 1), got {tolerance!r}")
     if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(latency_batch, bool) or not (
         isinstance(latency_batch, int) and latency_batch >= 1
     ):
-        raise ValueError(f"latency_batch must be an integer >= 1, got {latency_batch!r}")
+        raise InvalidOptionError(f"latency_batch must be an integer >= 1, got {latency_batch!r}")
     for label, flag in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
         if flag is not None and not isinstance(flag, bool):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{label} must be True, False or None (the method's default), got {flag!r}"
             )
 
@@ -90,13 +104,13 @@ def matched_sparsity(match: PruneReport, target: str, scope: str) -> float:
     if not isinstance(match, PruneReport):
         raise TypeError(f"match must be a PruneReport, got {type(match).__name__}")
     if target not in match.achieved:
-        raise ValueError(
+        raise InvalidOptionError(
             f"the report to match has no achieved {target!r} sparsity; it has "
             f"{sorted(match.achieved) or 'none'}"
         )
     their = match.options.get("scope", "internal")
     if their != scope:
-        raise ValueError(
+        raise InvalidOptionError(
             f"the report to match was made with scope={their!r}; run with scope={their!r} so "
             f"both count the same units (got scope={scope!r})"
         )
@@ -130,6 +144,9 @@ def prune(
     batch_size: int = 256,
     seed: int = 0,
     latency_batch: int = 64,
+    exclude: Iterable[str] = (),
+    verify: bool = True,
+    allow_degenerate: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PruneResult:
     """Prune a copy of ``model`` with MIPP or a baseline; the input model is never modified.
@@ -139,8 +156,12 @@ def prune(
             :func:`mipp.surgery.structure.build_structure` for what it may contain).
         data: calibration source — an :class:`~mipp.zoo.data.ImageDataset` or a pair
             ``(inputs, labels)`` (a seeded subset of ``calib_samples`` is drawn), a tensor
-            of inputs, or an iterable of batches. Methods that use the loss (SNIP, GraSP,
-            SOSP-H, IMP's re-training) need labels.
+            or numpy array of inputs, an iterable of batches, or per-sample ``(input,
+            label)`` pairs; every accepted form and what is refused is listed in
+            :mod:`mipp.surgery.calibration`. The inputs must have the shape the model takes
+            (checked with two samples before any work: :class:`~mipp.errors.MippError`
+            naming both). Methods that use the loss (SNIP, GraSP, SOSP-H, IMP's
+            re-training) need integer class labels in range (checked likewise).
         method: a registered name (``"mipp"``, the default, or a baseline: see
             :data:`mipp.methods.METHOD_NAMES`) with its default options, or a configured
             method object — ``MIPP(estimator="gaussian")``, ``make_method("l1",
@@ -177,9 +198,33 @@ def prune(
         seed: calibration subset, random orders and scores, the stochastic estimators.
         latency_batch: batch size of the latency table (``target="latency"``), e.g. 1 for
             single-sample serving, 64 for throughput.
+        exclude: names of Conv/Linear/BatchNorm layers (as in ``model.named_modules()``;
+            a group's name in the report is its first producer) whose units are never
+            removed: every group a named layer produces or normalises is kept whole and
+            left out of the report. A named *reused* module (one called more than once per
+            forward, which is refused otherwise) is left exactly as it is: the groups it
+            reads are kept whole too.
+        verify: check, after removal and before any repair, that the pruned model is the
+            model the removal started from with exactly the removed units switched off
+            (:func:`mipp.surgery.verify.verify_removal`: 8 calibration samples, outputs
+            equal within 1e-4 × their largest magnitude, 1e-2 for 16-bit floats); on
+            mismatch a :class:`~mipp.errors.PruningVerificationError` names the group and no
+            model is returned. Costs one extra copy of the model and two small forwards.
+            ``False`` skips it — for advanced use only: the result is then *unverified*
+            (the report says so) and may silently compute something else.
+        allow_degenerate: prune on degenerate calibration data anyway — a single distinct
+            input, or fewer distinct inputs than half the samples
+            (:func:`mipp.surgery.calibration.degenerate_reason`), which is refused by
+            default: MIPP would find almost every unit redundant on it.
         progress: a callable receiving :class:`~mipp.progress.ProgressEvent` objects (phases,
             bisection steps, rounds, per-layer results); everything is also logged (logger
             ``mipp.pipeline`` and the modules doing the work).
+
+    Raises:
+        PruningVerificationError: the removal did not give the original with exactly the
+            removed units switched off (see ``verify``).
+        ReusedModuleError: a Conv/Linear/BatchNorm module runs more than once in one
+            forward and is not in ``exclude``.
 
     Returns:
         :class:`PruneResult` with the pruned copy (each submodule in the train/eval mode
@@ -210,6 +255,9 @@ def prune(
         recalibrate_bn,
         latency_batch,
     )
+    if not isinstance(verify, bool):
+        raise InvalidOptionError(f"verify must be True or False, got {verify!r}")
+    exclude = _exclude_names(exclude)
     m = _method(method)
     own_compensate, own_recalibrate = m.default_repairs()
     compensate = own_compensate if compensate is None else compensate
@@ -217,27 +265,38 @@ def prune(
     widths = None
     if match is not None:
         if sparsity is not None:
-            raise ValueError("give either sparsity= or match=, not both")
+            raise InvalidOptionError("give either sparsity= or match=, not both")
         sparsity = matched_sparsity(match, target, scope)
         widths = {g.name: g.width_after for g in match.groups}
     budget = Budget(sparsity=sparsity, target=target, tolerance=tolerance, widths=widths)
     m.check(budget)
 
     # calibrate → copy → structure
-    x, y = calibration_inputs(data, calib_samples, seed=seed)
+    if not isinstance(allow_degenerate, bool):
+        raise InvalidOptionError(
+            f"allow_degenerate must be True or False, got {allow_degenerate!r}"
+        )
+    x, y = calibration_inputs(data, calib_samples, seed=seed, allow_degenerate=allow_degenerate)
     modes = training_modes(model)
     work = copy.deepcopy(model).eval()
     param = first_parameter(work)
     x = x.to(device=param.device, dtype=param.dtype)
     y = None if y is None else y.to(param.device)
+    classes = check_model_input(work, x)  # one line naming the shapes, before any real work
     structure = build_structure(work, x[:2])
+    frozen = _frozen_groups(structure, exclude, model)
     table = None
     if target == "latency":
         report("latency", f"measuring per-layer latency at batch {latency_batch}", transient=True)
         table = measure_layer_latency(work, x, batch_size=latency_batch)
-    groups = structure.in_scope(scope)
+    groups = [g for g in structure.in_scope(scope) if g.name not in frozen]
     if not groups:
-        raise MippError(f"{type(model).__name__} has no prunable unit groups in scope {scope!r}")
+        raise MippError(
+            f"{type(model).__name__} has no prunable unit groups in scope {scope!r}"
+            + (f" outside exclude={sorted(exclude)}" if exclude else "")
+        )
+    if match is not None:  # another model's report would prune this one to its share
+        check_match(match, input_shape=x.shape[1:], groups=[g.name for g in groups])
     ctx = PruneContext(
         model=work,
         structure=structure,
@@ -252,6 +311,7 @@ def prune(
     )
     if m.needs_labels:
         ctx.require_labels(m.name)
+        check_labels(y, classes, n=len(x), method=m.name)
     timings = ctx.timings
     timings["structure"] = time.perf_counter() - t0
 
@@ -268,8 +328,17 @@ def prune(
         if g.name in collapsed:
             gone[decision.placeholder(g.name)] = False
         physical[g.name] = gone.nonzero().flatten().tolist()
+    before = copy.deepcopy(work) if verify else None
     structure.remove(physical)
     timings["removal"] = time.perf_counter() - t
+
+    # verify: the removal must be exact before any repair changes weights
+    if before is not None:
+        t = time.perf_counter()
+        report("verify", "checking the pruned model against the masked original", transient=True)
+        verify_removal(before, work, structure, physical, x[:VERIFY_SAMPLES])
+        del before
+        timings["verify"] = time.perf_counter() - t
 
     # repair
     fits, repair_times = finish(
@@ -299,6 +368,8 @@ def prune(
             "compensate": compensate,
             "recalibrate_bn": recalibrate_bn,
             **({"latency_batch": latency_batch} if table is not None else {}),
+            **({"exclude": sorted(exclude)} if exclude else {}),
+            **({} if verify else {"verify": False}),
         },
         input_shape=list(x.shape[1:]),
         groups=[_group_report(g, decision, physical, collapsed) for g in groups],
@@ -318,6 +389,11 @@ def prune(
         compensation=fits,
         notes=list(decision.notes),
     )
+    if not verify:
+        result.notes.append(
+            "unverified: verify=False skipped the check that the pruned model is the original "
+            "with exactly the removed units switched off"
+        )
     if collapsed:
         result.notes.append(
             f"layer collapse: every unit of {', '.join(collapsed)} was removed; the network "
@@ -343,6 +419,44 @@ def prune(
         **result.achieved,
     )
     return PruneResult(model=work, report=result)
+
+
+def _exclude_names(exclude: Iterable[str]) -> frozenset[str]:
+    if isinstance(exclude, str) or not isinstance(exclude, Iterable):
+        raise InvalidOptionError(
+            f"exclude must be a list of layer names, got {exclude!r}"
+            + (f"; write exclude=[{exclude!r}]" if isinstance(exclude, str) else "")
+        )
+    names = list(exclude)
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidOptionError(f"exclude must hold layer names (str), got {name!r}")
+    return frozenset(names)
+
+
+def _frozen_groups(
+    structure: ModelStructure, exclude: frozenset[str], model: nn.Module
+) -> set[str]:
+    """Groups kept whole because of ``exclude``; refuses unknown names and reused layers."""
+    layers = structure.calls
+    for name in sorted(exclude):
+        if name not in layers:
+            listed = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
+            raise InvalidOptionError(
+                f"exclude names {name!r}, which is not a Conv/Linear/BatchNorm layer of "
+                f"{type(model).__name__}; its layers are: {listed}"
+            )
+    modules = dict(structure.model.named_modules())
+    for name, n in structure.reused.items():
+        if name not in exclude:
+            raise ReusedModuleError(
+                f"module {name!r} ({type(modules[name]).__name__}) is called {n} times in one "
+                f"forward; a reused module cannot be pruned — exclude it: exclude=[{name!r}]"
+            )
+    reused = exclude & set(structure.reused)
+    return structure.touching(reused) | {
+        g.name for g in structure.groups if exclude & {*g.producers, *g.norms}
+    }
 
 
 def _check_decision(decision: Decision, groups: list, method: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mipp._io import write_json
 from mipp.errors import MippError
 from mipp.metrics import count_macs, count_params, layer_widths, measure_latency
 from mipp.progress import ProgressEvent
+from mipp.validation import check_device, check_input_shape, expected_input_shape
 from mipp.zoo.checkpoint import Checkpoint
 from mipp.zoo.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from mipp.zoo.data import ImageDataset, list_datasets, load_dataset
@@ -32,17 +34,23 @@ from mipp.zoo.data import ImageDataset, list_datasets, load_dataset
 __all__ = [
     "ProgressRenderer",
     "add_data_flags",
+    "add_force_flag",
     "add_train_flags",
+    "check_data_fits",
     "checkpoint_data",
+    "device",
     "fmt_int",
     "fmt_ratio",
     "fraction",
+    "holdout_fraction",
     "input_shape",
     "make_console",
     "model_numbers",
+    "non_negative_int",
     "pool",
     "positive_int",
     "rendering",
+    "seed",
     "size_table",
     "train_config",
     "widths",
@@ -76,6 +84,17 @@ def fmt_int(n: int) -> str:
 def fmt_ratio(before: float, after: float) -> str:
     """``after / before`` as ``"0.025x"``; ``"-"`` when ``before`` is 0."""
     return f"{after / before:.3f}x" if before else "-"
+
+
+def add_force_flag(p: argparse.ArgumentParser) -> None:
+    """``--force``: let ``--out`` replace a directory that already holds files."""
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it already holds files (never when it holds this command's "
+        "input); the directory is swapped in whole at the end, so it holds the old run or the "
+        "new one, never a mixture",
+    )
 
 
 def write_run_json(path: Path, obj: Any) -> None:
@@ -191,12 +210,66 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    """A number; its range is checked by the library (one-line error naming it)."""
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0."""
     try:
-        return float(text)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+#: seeds are 0 .. 2**32 - 1 (what every RNG mipp seeds accepts)
+MAX_SEED = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    """A seed: a whole number in [0, 2**32 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def holdout_fraction(text: str) -> float:
+    """A share of a set held out: a number in [0, 1)."""
+    try:
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``): checked by
+    :func:`mipp.validation.check_device` before anything is created."""
+    try:
+        check_device(text)
+    except MippError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def fraction(text: str) -> float:
+    """A finite number; its range is checked by the library (one-line error naming it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+#: a finite number (learning rate, momentum, weight decay: TrainConfig checks the ranges)
+finite_float = fraction
 
 
 def pool(text: str) -> str | int:
@@ -215,11 +288,14 @@ def pool(text: str) -> str | int:
 def widths(text: str) -> tuple[int, ...]:
     """``6,16,120,84`` → ``(6, 16, 120, 84)``."""
     try:
-        return tuple(int(w) for w in text.split(","))
+        out = tuple(int(w) for w in text.split(","))
     except ValueError:
+        out = ()
+    if not out or any(w < 1 for w in out):
         raise argparse.ArgumentTypeError(
-            f"widths are comma-separated whole numbers (e.g. 6,16,120,84), got {text!r}"
-        ) from None
+            f"widths are comma-separated whole numbers >= 1 (e.g. 6,16,120,84), got {text!r}"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- flag groups
@@ -268,10 +344,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> No
         default="sgd",
         help="optimizer (default sgd, with momentum and Nesterov)",
     )
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--lr", type=finite_float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument(
-        "--weight-decay", type=float, default=5e-4, help="L2 weight decay (default 5e-4)"
+        "--weight-decay", type=finite_float, default=5e-4, help="L2 weight decay (default 5e-4)"
     )
     p.add_argument(
         "--schedule",
@@ -288,21 +364,29 @@ def add_train_flags(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> No
     )
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=holdout_fraction,
         default=0.0,
         help="hold out this fraction of the training set for per-epoch validation "
         "(default 0: none)",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seed of model initialisation, shuffling and augmentation (default 0)",
     )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`~mipp.zoo.config.TrainConfig` of :func:`add_train_flags`' flags."""
+    """The :class:`~mipp.zoo.config.TrainConfig` of :func:`add_train_flags`' flags; a value it
+    refuses (``--lr 0``, ``--momentum 1``) is one :class:`~mipp.errors.MippError` line."""
+    try:
+        return _train_config(args)
+    except (TypeError, ValueError) as e:
+        raise MippError(" ".join(str(e).split())) from None
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -337,6 +421,18 @@ def checkpoint_data(ckpt: Checkpoint, path: str, *, split: str, root: str | None
 def input_shape(ds: ImageDataset) -> tuple[int, ...]:
     """Shape of one input of ``ds`` (no batch dimension)."""
     return tuple(ds.x.shape[1:])
+
+
+def check_data_fits(ckpt: Checkpoint, path: str, ds: ImageDataset) -> None:
+    """Refuse (one line, both shapes) a dataset whose inputs the checkpoint's model cannot
+    take, before any forward pass."""
+    check_input_shape(
+        input_shape(ds),
+        expected_input_shape(ckpt.spec),
+        what=f"dataset {ds.name!r}",
+        model=f"{ckpt.spec.name} of {path}",
+        flatten=ckpt.spec.name == "mlp",
+    )
 
 
 def model_numbers(

@@ -13,8 +13,18 @@ from typing import Any
 
 from rich.table import Table
 
-from mipp.cli._common import checkpoint_data, fmt_ratio, input_shape, make_console, model_numbers
+from mipp.cli._common import (
+    check_data_fits,
+    checkpoint_data,
+    fmt_ratio,
+    input_shape,
+    make_console,
+    model_numbers,
+    non_negative_int,
+)
+from mipp.errors import MippError
 from mipp.metrics import compare_latency
+from mipp.validation import expected_input_shape
 from mipp.zoo.checkpoint import load_checkpoint
 from mipp.zoo.training import evaluate
 
@@ -29,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
     p.add_argument(
         "--latency-repeats",
-        type=int,
+        type=non_negative_int,
         default=20,
         help="timed runs per batch size for CPU latency; 0 skips it (default 20)",
     )
@@ -45,9 +55,18 @@ def run(args: argparse.Namespace) -> int:
     console = make_console()
     rows: list[dict[str, Any]] = []
     loaded = []
-    for path in args.checkpoints:
-        ckpt = load_checkpoint(path)
+    checkpoints = [(path, load_checkpoint(path)) for path in args.checkpoints]
+    shapes = {path: expected_input_shape(c.spec) for path, c in checkpoints}
+    first = args.checkpoints[0]
+    for path, shape in shapes.items():
+        if shape != shapes[first]:  # one latency timing and one set of ratios need one input
+            raise MippError(
+                f"compare needs checkpoints that take the same input: {first} takes "
+                f"{shapes[first]}, {path} takes {shape}; compare them separately"
+            )
+    for path, ckpt in checkpoints:
         test = checkpoint_data(ckpt, path, split="test", root=args.data_root)
+        check_data_fits(ckpt, path, test)
         result = evaluate(ckpt.model, test)
         numbers = model_numbers(ckpt.model, input_shape(test), latency_repeats=0)
         rows.append({"checkpoint": str(path), "test_top1": result.top1, **numbers})

@@ -11,7 +11,14 @@ import json
 import time
 from typing import get_args
 
-from mipp.cli._common import add_data_flags, fmt_int, make_console, size_table
+from mipp.cli._common import (
+    add_data_flags,
+    check_data_fits,
+    device,
+    fmt_int,
+    make_console,
+    size_table,
+)
 from mipp.errors import MippError
 from mipp.zoo.checkpoint import load_checkpoint
 from mipp.zoo.data import load_dataset
@@ -31,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="test",
         help="which split to evaluate on (default test)",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.set_defaults(func=run)
 
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         pad_to_32=pad,
         channels=channels,
     )
+    check_data_fits(ckpt, args.checkpoint, ds)
     t0 = time.perf_counter()
     result = evaluate(ckpt.model, ds, device=args.device)
     seconds = time.perf_counter() - t0

@@ -1,7 +1,10 @@
 """``mipp finetune CHECKPOINT``: re-train a (pruned) checkpoint on its dataset and save it.
 
 The pruned architecture travels with the checkpoint (its sidecar's replay records), so the
-fine-tuned checkpoint loads like the pruned one.
+fine-tuned checkpoint loads like the pruned one. The run directory (``config.json``,
+``metrics.json``, the checkpoint) is built whole under a temporary name and swapped into
+place at the end (:func:`mipp._io.run_directory`): ``--out`` must not contain the input
+checkpoint and, unless ``--force``, must be missing or empty (the default too).
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import argparse
 from pathlib import Path
 
 from mipp import __version__
+from mipp._io import run_directory
 from mipp.cli._common import (
+    add_force_flag,
     add_train_flags,
     checkpoint_data,
+    device,
     make_console,
     rendering,
     size_table,
@@ -21,7 +27,7 @@ from mipp.cli._common import (
 )
 from mipp.metrics import count_params
 from mipp.zoo import training
-from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from mipp.zoo.data import train_val_split
 
 __all__ = ["register", "run"]
@@ -32,15 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="path to a .safetensors checkpoint with its .json sidecar")
     add_train_flags(p, epochs=1, lr=0.05)
     p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", default="runs/finetuned", help="run directory (default runs/finetuned)")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--out",
+        default="runs/finetuned",
+        help="run directory (default runs/finetuned); one that holds files is refused without "
+        "--force",
+    )
+    add_force_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     console = make_console()
-    out = Path(args.out)
+    inputs = [args.checkpoint, sidecar_path(args.checkpoint), args.data_root]
+    rundir = run_directory(args.out, force=args.force, inputs=inputs)  # refuses now
     ckpt = load_checkpoint(args.checkpoint)
     config = train_config(args)
     full = checkpoint_data(ckpt, args.checkpoint, split="train", root=args.data_root)
@@ -54,17 +67,13 @@ def run(args: argparse.Namespace) -> int:
         f"fine-tuning [bold]{ckpt.spec.name}[/] ({count_params(ckpt.model):,} params) for "
         f"{config.epochs} epoch(s); test accuracy before {before.top1:.4f}"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_json(
-        out / "config.json",
-        {
-            "command": "finetune",
-            "checkpoint": str(args.checkpoint),
-            "train": config.to_dict(),
-            "mipp_version": __version__,
-            "device": args.device,
-        },
-    )
+    run_config = {
+        "command": "finetune",
+        "checkpoint": str(args.checkpoint),
+        "train": config.to_dict(),
+        "mipp_version": __version__,
+        "device": args.device,
+    }
     with rendering(console, enabled=not args.no_progress) as progress:
         history = training.train(
             ckpt.model, train_ds, config, val_data=val_ds, device=args.device, progress=progress
@@ -79,16 +88,19 @@ def run(args: argparse.Namespace) -> int:
         "history": history.to_dict()["epochs"],
         "params": count_params(ckpt.model),
     }
-    write_run_json(out / "metrics.json", metrics)
     extra = dict(ckpt.meta.get("extra", {}))
     extra.update(parent=str(args.checkpoint), finetune=config.to_dict(), test_top1=after.top1)
-    path = save_checkpoint(
-        out / "model.safetensors",
-        ckpt.model,
-        spec=ckpt.spec,
-        extra=extra,
-        pruning=ckpt.meta.get("pruning", []),
-    )
+    with rundir as out:  # built under a temporary name, swapped into place at the end
+        write_run_json(out / "config.json", run_config)
+        write_run_json(out / "metrics.json", metrics)
+        save_checkpoint(
+            out / "model.safetensors",
+            ckpt.model,
+            spec=ckpt.spec,
+            extra=extra,
+            pruning=ckpt.meta.get("pruning", []),
+        )
+    path = Path(args.out) / "model.safetensors"
     console.print(
         size_table(
             f"{ckpt.spec.name} fine-tuned",

@@ -7,7 +7,9 @@ The method is built once, from the registry: the method flags that were given
 flags are :func:`mipp.prune`'s. The run directory holds ``config.json`` (command, checkpoint,
 the method's resolved options, every pipeline option, versions), ``report.json`` (the
 :class:`~mipp.report.PruneReport`), ``metrics.json`` and the pruned checkpoint, whose sidecar
-carries the replay record.
+carries the replay record. It is built whole under a temporary name and swapped into place
+at the end (:func:`mipp._io.run_directory`): ``--out`` must not contain the input checkpoint
+and, unless ``--force``, must be missing or empty (the default ``runs/pruned`` too).
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from mipp import __version__, pipeline
+from mipp._io import run_directory
 from mipp.cli._common import (
+    add_force_flag,
+    check_data_fits,
     checkpoint_data,
     fraction,
     make_console,
     pool,
     positive_int,
     rendering,
+    seed,
     write_run_json,
 )
 from mipp.errors import MippError
@@ -46,7 +52,8 @@ from mipp.methods import (
 from mipp.methods.selection import ORDERS
 from mipp.report import PruneReport
 from mipp.surgery.structure import SCOPES
-from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mipp.validation import check_match_model
+from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from mipp.zoo.training import evaluate
 
 __all__ = ["register", "run"]
@@ -108,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--latency-batch",
-        type=int,
+        type=positive_int,
         default=64,
         help="batch size of the latency table for --target latency (default 64; 1 for "
         "single-sample serving)",
@@ -184,7 +191,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=fraction,
         default=0.01,
         help="allowed |achieved - requested| sparsity (default 0.01)",
     )
@@ -204,10 +211,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: as --compensate)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the calibration subset etc. (default 0)"
+        "--seed", type=seed, default=0, help="seed of the calibration subset etc. (default 0)"
+    )
+    p.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="prune even on a degenerate calibration set (one distinct image, or fewer "
+        "distinct images than half the samples), which is refused otherwise",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="never remove units of this Conv/Linear/BatchNorm layer (as named in the report's "
+        "groups or model.named_modules()); repeat for several",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the check that the pruned model is the original with exactly the removed "
+        "units switched off (advanced: the result is then unverified)",
     )
     p.add_argument("--data-root", default=None, help="dataset directory (default: as trained)")
-    p.add_argument("--out", default="runs/pruned", help="run directory (default runs/pruned)")
+    p.add_argument(
+        "--out",
+        default="runs/pruned",
+        help="run directory (default runs/pruned); one that holds files is refused without --force",
+    )
+    add_force_flag(p)
     p.add_argument("--no-eval", action="store_true", help="skip test accuracy before/after")
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.set_defaults(func=run)
@@ -244,13 +276,30 @@ def _options_text(options: dict[str, Any]) -> str:
     return escape(", ".join(f"{k} {v}" for k, v in options.items() if v is not None))
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The ranges :func:`mipp.prune` checks, checked before anything is loaded (one line)."""
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        raise MippError(f"sparsity must be in [0, 1), got {args.sparsity!r}")
+    if not 0 < args.tolerance < 1:
+        raise MippError(f"tolerance must be in (0, 1), got {args.tolerance!r}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     console = make_console()
-    out = Path(args.out)
+    inputs = [args.checkpoint, sidecar_path(args.checkpoint), args.match, args.data_root]
+    rundir = run_directory(args.out, force=args.force, inputs=inputs)  # refuses now
     method = build_method(args)
     ckpt = load_checkpoint(args.checkpoint)
     match = PruneReport.load(args.match) if args.match else None
     train_ds = checkpoint_data(ckpt, args.checkpoint, split="train", root=args.data_root)
+    check_data_fits(ckpt, args.checkpoint, train_ds)
+    if match is not None:
+        try:
+            check_match_model(match, ckpt.model, train_ds.x[:2])
+        except MippError as e:
+            raise MippError(f"--match {args.match}: {e}") from None
+    calib_samples = min(args.calib_samples, len(train_ds))  # what the pipeline can draw
     test_ds = None
     if not args.no_eval:
         test_ds = checkpoint_data(ckpt, args.checkpoint, split="test", root=args.data_root)
@@ -267,18 +316,26 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"pruning [bold]{ckpt.spec.name}[/] with {method.name} "
         f"({_options_text(method.options())}), {mode}, "
-        f"{args.calib_samples} calibration samples"
+        f"{calib_samples:,} calibration samples"
     )
+    if calib_samples < args.calib_samples:
+        console.print(
+            f"[yellow]note:[/] --calib-samples {args.calib_samples:,} is more than the "
+            f"{len(train_ds):,} training samples; using all {calib_samples:,}"
+        )
     options = {
         "sparsity": args.sparsity,
         "target": args.target,
-        "calib_samples": args.calib_samples,
+        "calib_samples": calib_samples,
         "scope": args.scope,
         "tolerance": args.tolerance,
         "compensate": args.compensate,
         "recalibrate_bn": args.recalibrate_bn,
         "seed": args.seed,
         "latency_batch": args.latency_batch,
+        **({"allow_degenerate": True} if args.allow_degenerate else {}),
+        **({"exclude": sorted(set(args.exclude))} if args.exclude else {}),
+        **({"verify": False} if args.no_verify else {}),
     }
     with rendering(make_console(stderr=True), enabled=not args.no_progress) as progress:
         result = pipeline.prune(
@@ -304,9 +361,6 @@ def run(args: argparse.Namespace) -> int:
         "mipp_version": __version__,
         "torch_version": torch.__version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out / "config.json", run_config)
-    report.save(out / "report.json")
     metrics = {
         "method": report.method,
         "collapsed": report.collapsed,
@@ -320,18 +374,22 @@ def run(args: argparse.Namespace) -> int:
         "timings": report.timings,
         "test_top1": None if before is None else [before.top1, after.top1],
     }
-    write_run_json(out / "metrics.json", metrics)
     extra = dict(ckpt.meta.get("extra", {}))
     extra.update(parent=str(args.checkpoint), pruned=metrics)
     if after is not None:
         extra["test_top1"] = after.top1
-    path = save_checkpoint(
-        out / "model.safetensors",
-        result.model,
-        spec=ckpt.spec,
-        extra=extra,
-        pruning=[*ckpt.meta.get("pruning", []), report.replay_record()],
-    )
+    with rundir as out:  # built under a temporary name, swapped into place at the end
+        write_run_json(out / "config.json", run_config)
+        report.save(out / "report.json")
+        write_run_json(out / "metrics.json", metrics)
+        save_checkpoint(
+            out / "model.safetensors",
+            result.model,
+            spec=ckpt.spec,
+            extra=extra,
+            pruning=[*ckpt.meta.get("pruning", []), report.replay_record()],
+        )
+    path = Path(args.out) / "model.safetensors"
     console.print(_groups_table(report, ckpt.spec.name))
     rows = [
         ("units", f"{report.units_before:,}", f"{report.units_after:,}"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mipp.cli._common import make_console, rendering
+from mipp.cli._common import device, make_console, rendering
 from mipp.errors import MippError
 from mipp.experiments.report import write_report
 from mipp.experiments.runner import run_sweep
@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="a TOML config, e.g. experiments/lenet5_fmnist.toml")
     p.add_argument("--profile", default=None, help="a [profiles.NAME] of the config, e.g. quick")
     p.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/<name>)")
-    p.add_argument("--device", default="cpu", help="torch device for every run (default cpu)")
+    p.add_argument(
+        "--device", type=device, default="cpu", help="torch device for every run (default cpu)"
+    )
     p.add_argument(
         "--bases",
         default=None,

@@ -1,8 +1,13 @@
 """``mipp train``: train a zoo model on a dataset and save a run directory.
 
-The run directory holds ``config.json`` (written before training), ``metrics.json`` (test
-accuracy and loss, per-epoch history, parameters, MACs, CPU latency) and the checkpoint
-``model.safetensors`` with its sidecar ``model.json``.
+The run directory holds ``config.json``, ``metrics.json`` (test accuracy and loss, per-epoch
+history, parameters, MACs, CPU latency) and the checkpoint ``model.safetensors`` with its
+sidecar ``model.json``. It is built whole under a temporary name and swapped into place at
+the end (:func:`mipp._io.run_directory`); ``--out`` must be missing or empty unless
+``--force`` (the default ``runs/train`` too).
+
+Vector datasets (``synthetic``) take ``--model mlp`` only; the model is built with
+``in_channels`` = the feature count and ``input_size`` 1, as a sweep builds it.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ from pathlib import Path
 import torch
 
 from mipp import __version__
+from mipp._io import run_directory
 from mipp.cli._common import (
     add_data_flags,
+    add_force_flag,
     add_train_flags,
+    device,
     fmt_int,
     input_shape,
     make_console,
     model_numbers,
+    non_negative_int,
     rendering,
     size_table,
     train_config,
@@ -48,15 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_flags(p, required=True)
     add_train_flags(p, epochs=3, lr=0.05)
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--out",
         default="runs/train",
-        help="run directory for checkpoint, config and metrics (default runs/train)",
+        help="run directory for checkpoint, config and metrics (default runs/train); one "
+        "that holds files is refused without --force",
     )
+    add_force_flag(p)
     p.add_argument(
         "--latency-repeats",
-        type=int,
+        type=non_negative_int,
         default=20,
         help="timed runs per batch size for CPU latency; 0 skips it (default 20)",
     )
@@ -66,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = make_console()
-    out = Path(args.out)
+    rundir = run_directory(args.out, force=args.force, inputs=[args.data_root])  # refuses now
     config = train_config(args)
     data_options = {"root": args.data_root, "pad_to_32": args.pad_to_32, "channels": args.channels}
     full = load_dataset(args.dataset, split="train", **data_options)
@@ -75,13 +86,15 @@ def run(args: argparse.Namespace) -> int:
         train_ds, val_ds = train_val_split(full, val_fraction=args.val_fraction, seed=args.seed)
     else:
         train_ds, val_ds = full, None
-    if full.input_size is None:
-        raise MippError(f"dataset {args.dataset!r} holds vectors; use --model mlp with it")
+    if full.input_size is None and args.model != "mlp":
+        raise MippError(
+            f"dataset {args.dataset!r} holds vectors; it takes --model mlp, not {args.model!r}"
+        )
     spec = ModelSpec(
         args.model,
         num_classes=full.num_classes,
-        in_channels=full.in_channels,
-        input_size=full.input_size,
+        in_channels=full.in_channels,  # the feature count of vector data (with input_size 1)
+        input_size=full.input_size or 1,
         widths=args.widths,
     )
     with training.seeded(args.seed):
@@ -106,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
         "train": config.to_dict(),
         "device": args.device,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out / "config.json", run_config)
     with rendering(console, enabled=not args.no_progress) as progress:
         history = training.train(
             model, train_ds, config, val_data=val_ds, device=args.device, progress=progress
@@ -123,17 +134,21 @@ def run(args: argparse.Namespace) -> int:
         "history": history.to_dict()["epochs"],
         **numbers,
     }
-    write_run_json(out / "metrics.json", metrics)
-    ckpt = save_checkpoint(
-        out / "model.safetensors",
-        model,
-        spec=spec,
-        extra={
-            "dataset": run_config["dataset"],
-            "train": config.to_dict(),
-            "test_top1": result.top1,
-        },
-    )
+    with rundir as tmp:  # built under a temporary name, swapped into place at the end
+        write_run_json(tmp / "config.json", run_config)
+        write_run_json(tmp / "metrics.json", metrics)
+        save_checkpoint(
+            tmp / "model.safetensors",
+            model,
+            spec=spec,
+            extra={
+                "dataset": run_config["dataset"],
+                "train": config.to_dict(),
+                "test_top1": result.top1,
+            },
+        )
+    out = Path(args.out)
+    ckpt = out / "model.safetensors"
     rows = [
         ("test accuracy (top-1)", f"{result.top1:.4f}"),
         ("test loss", f"{result.loss:.4f}"),

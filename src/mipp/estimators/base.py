@@ -51,6 +51,11 @@ class EstimatorState(ABC):
     """
 
     n_units: int
+    #: whether :meth:`delta` must answer ``Delta.pvalue``. :func:`~mipp.methods.selection.terc`
+    #: sets it False in threshold mode, where only Δ_i decides: a state may then answer NaN
+    #: and skip its test's work (``gaussian``'s χ² test costs a q×q factorisation per Δ_i).
+    #: Setting it back to True must give the p-values again.
+    pvalues: bool = True
 
     @property
     @abstractmethod

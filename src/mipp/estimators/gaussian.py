@@ -17,7 +17,9 @@ T = n·[log det R(S∖i) − log det R(S)], R(S) = Cov(Y − X_S B) + λ_y I, B 
 T → 2·n·Δ_i as the ridge → 0, but unlike 2·n·Δ_i it does not count the ridge's own effect
 (the ridge acts like independent noise on every feature, so an exact duplicate of a kept unit
 would carry Δ_i > 0, significant whenever Y is nearly determined by X). R is kept up to date
-with rank-b corrections; each test costs one q×q Cholesky factorisation.
+with rank-b corrections; each test costs one q×q Cholesky factorisation. Threshold mode asks
+for no test (``EstimatorState.pvalues`` False): R is then not maintained, and the removals of
+the units TERC announces are applied to P and Q as one block downdate [ours].
 
 When Y is a deterministic linear function of X (logits of the penultimate layer) the MI is
 unbounded and only the ridge keeps it finite: compare Δ_i with the layer's current I(X_S; Y)
@@ -112,17 +114,25 @@ class GaussianState(ClosedFormState):
         # for the test: penalised residual covariance E = C_yy − Σ_yS B and G = BᵀB, (q, q)
         self._e = cyy - sxy.T @ self._bm
         self._g = self._bm.T @ self._bm
+        # False once a removal skipped B, E and G (``pvalues`` off): rebuilt from P on demand
+        self._test_current = True
+        self._block: _Block | None = None
         self._info: float | None = None
         self._logdet_r: float | None = None
 
     def information(self) -> float:
-        """I(X_S; Y) in nats under the Gaussian model (ridged covariances)."""
+        """I(X_S; Y) in nats under the Gaussian model (ridged covariances).
+
+        Computed from Q_yy once; each removal then subtracts the unit's Δ_i (the chain rule
+        I(X_S; Y) = I(X_{S∖i}; Y) + I(X_i; Y | X_{S∖i}) holds exactly for the ridged Gaussian),
+        so no removal needs a q×q factorisation."""
         if self._q == 0:
             return 0.0
         if self._info is None:
+            self._flush()
             q_yy = self._qinv[-self._q :, -self._q :]
-            self._info = max(self._half_logdet_cyy + 0.5 * logdet_spd(q_yy), 0.0)
-        return self._info
+            self._info = self._half_logdet_cyy + 0.5 * logdet_spd(q_yy)
+        return max(self._info, 0.0)
 
     def single_scores(self) -> Tensor:
         """float64 ``(U,)``: I(X_i; Y) in nats of each unit alone,
@@ -141,23 +151,53 @@ class GaussianState(ClosedFormState):
         return slice(i * self._b, (i + 1) * self._b)
 
     def prefetch(self, units: list[int]) -> None:
-        """Passed on to the held-out test (its block caches); the in-sample path ignores it."""
+        """Passed on to the held-out test (its block caches). Without p-values
+        (``pvalues`` False) the announced units' blocks of P and Q are also cached, their
+        removals kept exact there, and the full matrices downdated once per block (one GEMM
+        instead of one O((D + q)²) pass per removal); with p-values every removal also needs
+        B, E and G, so the full matrices are downdated in place as before."""
         if self.heldout is not None:
             self.heldout.prefetch(units)
+        self._flush()
+        if self.pvalues:
+            return
+        units = [int(u) for u in units if self._slots.is_active(int(u))]
+        if len(units) < 2:
+            return
+        rows = torch.cat([torch.arange(u * self._b, (u + 1) * self._b) for u in units])
+        self._block = _Block(
+            units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
+            rows=rows,
+            mats=[self._p[rows][:, rows].clone(), self._qinv[rows][:, rows].clone()],
+        )
+
+    def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
+        """Unit i's diagonal blocks ``(P_ii, Q_ii)``, from the block caches when prefetched."""
+        blk = self._block
+        if blk is not None and i in blk.units:
+            r = blk.units[i]
+            return blk.mats[0][r, r], blk.mats[1][r, r]
+        self._flush()
+        r = self._rows(i)
+        return self._p[r, r], self._qinv[r, r]
 
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) in nats and its p-value (the held-out test's when the
-        state has one, else the χ² likelihood-ratio test's); i must be in S."""
+        state has one, else the χ² likelihood-ratio test's; NaN when ``pvalues`` is False);
+        i must be in S."""
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        r = self._rows(i)
-        value = 0.5 * (logdet_spd(self._qinv[r, r]) - logdet_spd(self._p[r, r]))
-        value = max(value, 0.0)
+        p_ii, q_ii = self._blocks(i)
+        value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
         info = self.information()
         relative = value / info if info > 0 else 0.0
+        if not self.pvalues:
+            return Delta(value=value, relative=relative, pvalue=math.nan)
         if self.heldout is not None:
             return Delta(value=value, relative=relative, pvalue=self.heldout.pvalue(i))
+        self._refresh_test()
+        r = self._rows(i)
         # likelihood-ratio statistic on the plain (unpenalised) residual covariances
         if self._logdet_r is None:
             self._logdet_r = logdet_spd(self._e - self.ridge_x * self._g)
@@ -169,28 +209,59 @@ class GaussianState(ClosedFormState):
         return Delta(value=value, relative=relative, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
-        """S ← S ∖ {i} by in-place Schur-complement downdates of P, B and Q,
-        O(D²·b + D·b·q + q²·b)."""
+        """S ← S ∖ {i} by Schur-complement downdates of P and Q, O((D + q)²·b) in place
+        (deferred to one block downdate when prefetched); with ``pvalues`` also of B, E and G,
+        O(D·b·q + q²·b). Without, those are marked stale and rebuilt if a p-value is asked
+        for later."""
         i = self._slots.check(i)
-        r = self._rows(i)
-        d_e, d_g = self._removal_terms(r)
-        self._e = self._e + d_e
-        self._g = self._g + d_g
-        p_ri = self._p[:, r].clone()  # (D, b)
-        p_ii = p_ri[r]
-        self._bm -= p_ri @ torch.linalg.solve(p_ii, self._bm[r])
-        self._p -= p_ri @ torch.linalg.solve(p_ii, p_ri.T)
-        q_ri = self._qinv[:, r].clone()
-        self._qinv -= q_ri @ torch.linalg.solve(q_ri[r], q_ri.T)
-        for m in (self._p, self._qinv):
-            m[r] = 0.0
-            m[:, r] = 0.0
-        self._bm[r] = 0.0
+        if self._info is not None and not self._const_units[i] and self._q:
+            p_ii, q_ii = self._blocks(i)
+            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
+        blk = self._block
+        if blk is not None and i in blk.units and not self.pvalues:
+            blk.remove(i)
+        else:
+            self._flush()
+            r = self._rows(i)
+            if self.pvalues:
+                self._refresh_test()
+                d_e, d_g = self._removal_terms(r)
+                self._e = self._e + d_e
+                self._g = self._g + d_g
+                p_ri = self._p[:, r]
+                self._bm -= p_ri @ torch.linalg.solve(p_ri[r], self._bm[r])
+                self._bm[r] = 0.0
+            else:
+                self._test_current = False
+            for m in (self._p, self._qinv):
+                _downdate(m, r)
         self._slots.remove(i)
-        self._info = None
         self._logdet_r = None
         if self.heldout is not None:
             self.heldout.remove(i)
+
+    def _flush(self) -> None:
+        """Apply a block's deferred removals R to the full P and Q at once:
+        M ← M − M_·R M_RR⁻¹ M_R· (M as at the block start), then zero R's rows and columns."""
+        blk, self._block = self._block, None
+        if blk is None or not blk.removed:
+            return
+        rows = torch.cat([blk.rows[blk.units[u]] for u in blk.removed])
+        for m in (self._p, self._qinv):
+            _downdate(m, rows)
+        self._test_current = False
+
+    def _refresh_test(self) -> None:
+        """Rebuild B = P Σ_Sy, E and G from P after removals that skipped them,
+        O(D²·q + D·q²): removed rows of P are 0, so P Σ_Sy is B_S padded with zeros."""
+        self._flush()
+        if self._test_current:
+            return
+        self._bm = self._p @ self._sxy
+        self._e = self._cyy - self._sxy.T @ self._bm
+        self._g = self._bm.T @ self._bm
+        self._test_current = True
+        self._logdet_r = None
 
     def _removal_terms(self, r: slice) -> tuple[Tensor, Tensor]:
         """Changes of E and G = BᵀB when unit rows ``r`` leave S, each ``(q, q)``.
@@ -209,6 +280,29 @@ class GaussianState(ClosedFormState):
         hc = h @ coef
         d_g = coef.T @ gram @ coef - b_i.T @ b_i - hc - hc.T
         return (d_e + d_e.T) / 2, (d_g + d_g.T) / 2
+
+
+def _downdate(m: Tensor, rows: Tensor | slice) -> None:
+    """In place, M ← M − M_·R M_RR⁻¹ M_R· for a symmetric M, then R's rows and columns = 0."""
+    m_r = m[:, rows].clone()
+    m -= m_r @ torch.linalg.solve(m_r[rows], m_r.T)
+    m[rows] = 0.0
+    m[:, rows] = 0.0
+
+
+class _Block:
+    """Restrictions of P and Q to K prefetched units, kept exact under their removals:
+    for a symmetric M and a removed unit m, M'_KK = M_KK − M_Km M_mm⁻¹ M_mK."""
+
+    def __init__(self, units: dict[int, slice], rows: Tensor, mats: list[Tensor]) -> None:
+        self.units, self.rows, self.mats = units, rows, mats
+        self.removed: list[int] = []
+
+    def remove(self, i: int) -> None:
+        r = self.units[i]
+        for m in self.mats:
+            _downdate(m, r)
+        self.removed.append(i)
 
 
 def _batched_logdet(a: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 Layout of a sweep directory::
 
     sweep.json                    what was run: name, command, resolved config, protocol
+    .mipp.lock                    held (flock) while a sweep runs here
     bases/<model>-<data>-seed<s>-<hash>/   (unless ``bases=`` names a shared cache)
         init.safetensors          the seeded initialisation (PaI starts here)
         trained.safetensors       the trained network (PaT starts here), trained once
@@ -17,7 +18,10 @@ A run is finished when its ``metrics.json`` exists; every file is written atomic
 (temporary file + rename), so killing a sweep loses at most the run in flight, whose
 directory is cleared and redone on the next invocation. A finished run whose stored settings
 differ from the current config is an error (mixing protocols in one sweep would be silent
-corruption); growing the grid (another seed, another sparsity) just adds runs.
+corruption); growing the grid (another seed, another sparsity) just adds runs. A running
+sweep holds a lock on its directory (:func:`mipp._io.lock_directory`): a second sweep on the
+same directory fails at once with :class:`~mipp._io.DirectoryLockedError`; the lock goes
+with the process, however it ends.
 
 Protocol, the same for every method of a sweep (also written into ``sweep.json``):
 
@@ -52,7 +56,7 @@ from typing import Any
 import torch
 
 import mipp
-from mipp._io import atomic_write_bytes, read_json, write_json
+from mipp._io import atomic_write_bytes, lock_directory, read_json, write_json
 from mipp.errors import MippError
 from mipp.experiments.bases import Bases, SweepData
 from mipp.experiments.cell import run_cell
@@ -274,8 +278,24 @@ def run_sweep(
     docstring); ``on_run_done(run_id)`` is called after each finished run. ``bases`` is the
     base-network cache directory (default ``out/bases``); a shared one lets every sweep of
     the same (model, data, recipe, seed) reuse one trained base.
+
+    Raises :class:`~mipp._io.DirectoryLockedError` at once when another sweep is running in
+    ``out``.
     """
     out = Path(out)
+    with lock_directory(out, what="sweep directory"):
+        return _run_sweep(spec, out, device, command, progress, on_run_done, bases)
+
+
+def _run_sweep(
+    spec: SweepSpec,
+    out: Path,
+    device: str | torch.device,
+    command: str | None,
+    progress: ProgressCallback | None,
+    on_run_done: Callable[[str], None] | None,
+    bases: str | Path | None,
+) -> SweepResult:
     report = Reporter(progress, __name__)
     device = torch.device(device)
     runs = spec.runs()

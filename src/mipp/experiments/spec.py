@@ -217,6 +217,9 @@ def _list(cfg: Mapping[str, Any], key: str) -> list:
     value = cfg["grid"].get(key)
     if not isinstance(value, list) or not value:
         raise MippError(f"grid.{key} must be a non-empty list, got {value!r}")
+    nested = [v for v in value if isinstance(v, list | dict)]
+    if nested:
+        raise MippError(f"grid.{key} must list names or numbers, not {nested[0]!r}")
     if len(set(map(str, value))) != len(value):
         raise MippError(f"grid.{key} lists a value twice: {value!r}")
     return value
@@ -258,6 +261,9 @@ def resolve(
                     }
         body = _merge(body, over)
     cfg = _merge(DEFAULTS, body)
+    for key, default in DEFAULTS.items():
+        if isinstance(default, dict) and not isinstance(cfg[key], Mapping):
+            raise MippError(f"[{key}] in {where} must be a table, got {cfg[key]!r}")
     if "epochs" not in cfg["finetune"]:
         cfg["finetune"].setdefault("fraction", 0.67)
     name = cfg["name"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from mipp.errors import InvalidOptionError, MippError
 from mipp.methods.base import TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.methods.baselines import BASELINES
 from mipp.methods.mipp import MIPP
@@ -94,18 +95,23 @@ def make_method(name: str, **options: Any) -> Method:
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the names).
-        ValueError: an option the method does not take (the message lists the valid ones),
-            or a bad value (the method's message).
+        InvalidOptionError: (a ValueError) an option the method does not take (the message
+            lists the valid ones), or a bad value (the method's message).
     """
     cls = lookup(METHODS, name, kind="method")
     valid = method_options(name)
     bad = sorted(set(options) - set(valid))
     if bad:
-        raise ValueError(
+        raise InvalidOptionError(
             f"method {name!r} has no option(s) {', '.join(bad)}; valid options: "
             f"{', '.join(valid) or 'none'}"
         )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as e:  # the method's own check of a value: one MippError line
+        if isinstance(e, MippError):
+            raise
+        raise InvalidOptionError(f"method {name!r}: {e}") from None
 
 
 def describe_method(name: str) -> str:

@@ -47,7 +47,8 @@ class SelectionResult:
         order: int64 ``(U,)``, the order the units were tested in.
         deltas: float64 ``(U,)``, Δ_i when unit i was tested (NaN if it was not tested).
         relative_deltas: float64 ``(U,)``, ``Delta.relative`` at that moment (NaN if untested).
-        pvalues: float64 ``(U,)``, ``Delta.pvalue`` at that moment (NaN if untested).
+        pvalues: float64 ``(U,)``, ``Delta.pvalue`` at that moment (NaN if untested; all
+            NaN in threshold mode, which decides on Δ_i alone and asks for no test).
         info_full: I(X_S; Y) before any removal.
         info_kept: I(X_S; Y) for the kept units.
     """
@@ -117,6 +118,7 @@ def terc(
                 f"scale must be {n_units} finite values >= 0 (one per unit), got shape "
                 f"{tuple(scale.shape)}"
             )
+    state.pvalues = confidence is not None  # threshold mode tests nothing: Δ_i decides
     scores = state.single_scores().double()
     if order == "mi":
         ranked = torch.sort(scores, stable=True).indices
@@ -139,7 +141,9 @@ def terc(
         if not active[unit]:
             continue
         d = state.delta(unit)
-        deltas[unit], relative[unit], pvalues[unit] = d.value, d.relative, d.pvalue
+        deltas[unit], relative[unit] = d.value, d.relative
+        if confidence is not None:
+            pvalues[unit] = d.pvalue
         if confidence is not None and math.isnan(d.pvalue):
             raise ValueError(
                 f"confidence mode needs a p-value for every Δ_i, and this estimator gives none "

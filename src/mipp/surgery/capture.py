@@ -16,6 +16,9 @@ happens later, when units are mapped to their input indices (see :mod:`mipp.surg
 or output (a hook raises a private exception that ends the forward early), so a capture
 costs only the part of the network up to the layer.
 
+A module called more than once in one forward (a shared layer, which :func:`mipp.prune`
+accepts only when told to leave it whole) is recorded at its first call.
+
 Hooks exist only inside the ``with`` block and are removed even when the forward raises.
 """
 
@@ -39,8 +42,10 @@ __all__ = [
     "Pool",
     "capture_activations",
     "capture_inputs",
+    "count_calls",
     "forward_until",
     "pool_channels",
+    "record_first_inputs",
     "record_forward_order",
     "stream_activations",
 ]
@@ -120,6 +125,27 @@ def record_forward_order(modules: Mapping[str, nn.Module]) -> Iterator[list[str]
 
 
 @contextlib.contextmanager
+def count_calls(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, int]]:
+    """Within the block, count in the yielded dict how often each module's forward runs."""
+    calls = dict.fromkeys(modules, 0)
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[name] += 1
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make(name)))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _recording(
     model: nn.Module, layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
 ) -> Iterator[tuple[dict[str, list[Tensor]], list[Tensor]]]:
@@ -127,6 +153,7 @@ def _recording(
     chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
     outputs: list[Tensor] = []
     first_pass = {"on": True, "seen": {}, "keep": []}
+    ran: set[str] = set()  # layers seen in the current forward: a reused one counts once
     handles = []
 
     def make(name: str, module: nn.Module):
@@ -134,6 +161,9 @@ def _recording(
 
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
+            if name in ran:  # a shared layer's later calls: its first input is recorded
+                return
+            ran.add(name)
             if first_pass["on"]:
                 acts.order.append(name)
                 key = id(x)
@@ -158,6 +188,7 @@ def _recording(
     def out_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
         first_pass["on"] = False
         first_pass["keep"].clear()
+        ran.clear()
         if not isinstance(out, Tensor):
             raise MippError(f"the model returned {type(out).__name__}; expected a logits tensor")
         outputs.append(out.detach().float().cpu().reshape(out.shape[0], -1))
@@ -292,6 +323,39 @@ def capture_inputs(
 
 class _StopForward(Exception):
     """Raised by a :func:`forward_until` hook to end a forward pass; caught right here."""
+
+
+def record_first_inputs(
+    model: nn.Module, x: Tensor, layers: Mapping[str, nn.Module]
+) -> tuple[dict[str, Tensor], Exception | None]:
+    """Run ``x`` once (eval mode, no grad) keeping the first input of each layer, unpooled.
+
+    An exception raised by the forward is returned instead of raised, together with the
+    inputs recorded until then (which layers ran shows where it failed).
+    """
+    seen: dict[str, Tensor] = {}
+    handles = []
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if name not in seen:
+                seen[name] = args[0].detach()
+
+        return hook
+
+    error: Exception | None = None
+    with eval_mode(model):
+        try:
+            for name, module in layers.items():
+                handles.append(module.register_forward_pre_hook(make(name)))
+            with torch.no_grad():
+                model(x)
+        except Exception as e:  # the caller reports it
+            error = e
+        finally:
+            for h in handles:
+                h.remove()
+    return seen, error
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ from torch import nn
 
 from mipp.errors import MippError
 from mipp.modules import first_parameter
-from mipp.report import PruneReport
+from mipp.report import PruneReport, check_replay_record
 from mipp.surgery.structure import build_structure
+from mipp.validation import check_model_input
 
 __all__ = ["apply_report"]
 
@@ -45,9 +46,10 @@ def apply_report(model: nn.Module, report: PruneReport | Mapping[str, Any]) -> n
     elif "format" in report:
         record = PruneReport.from_dict(dict(report)).replay_record()
     else:
-        record = report
+        record = check_replay_record(report)
     param = first_parameter(model)
     example = torch.zeros((2, *record["input_shape"]), dtype=param.dtype, device=param.device)
+    check_model_input(model, example)  # a report of another input shape: one line
     structure = build_structure(model, example)
     sizes = {g.name: g.size for g in structure.groups}
     for name, width in record["widths"].items():

@@ -31,11 +31,12 @@ from torch import nn
 
 from mipp.errors import MippError
 from mipp.modules import eval_mode
-from mipp.surgery.capture import record_forward_order
+from mipp.surgery.capture import count_calls, record_forward_order
 
 __all__ = [
     "Consumer",
     "ModelStructure",
+    "ReusedModuleError",
     "Scope",
     "UnitGroup",
     "UnsupportedModuleError",
@@ -51,6 +52,11 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 class UnsupportedModuleError(MippError, TypeError):
     """The model holds a module mipp cannot prune around; the message names it and its type."""
+
+
+class ReusedModuleError(UnsupportedModuleError):
+    """A Conv/Linear/BatchNorm module runs more than once in one forward (a shared layer);
+    the message names it, its call count and how to exclude it."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,23 @@ class ModelStructure:
     #: layer → (group name, consumer record) for each group whose units it reads
     readers: dict[str, list[tuple[str, Consumer]]]
     example_shape: tuple[int, ...]
+    #: Conv/Linear/BatchNorm layer → how often it ran in one forward (more than 1: reused)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reused(self) -> dict[str, int]:
+        """Layers called more than once in one forward (a shared module), with their count."""
+        return {name: n for name, n in self.calls.items() if n > 1}
+
+    def touching(self, layers: Sequence[str] | set[str]) -> set[str]:
+        """Names of the groups that ``layers`` produce, read or normalise (keeping all of
+        them whole leaves those layers with their exact shapes)."""
+        wanted = set(layers)
+        return {
+            g.name
+            for g in self.groups
+            if wanted & ({*g.producers, *g.norms} | {c.layer for c in g.consumers})
+        }
 
     def group(self, name: str) -> UnitGroup:
         for g in self.groups:
@@ -284,8 +307,13 @@ def build_structure(
         raise UnsupportedModuleError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear layers to prune"
         )
+    tracked = {n: m for n, m in model.named_modules() if isinstance(m, _UNIT_LAYERS + _NORMS)}
     with eval_mode(model):
-        with torch.no_grad(), record_forward_order({n: m for m, n in names.items()}) as order:
+        with (
+            torch.no_grad(),
+            record_forward_order({n: m for m, n in names.items()}) as order,
+            count_calls(tracked) as calls,
+        ):
             model(example_input)
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
@@ -353,4 +381,5 @@ def build_structure(
         next_layers=_next_layers(graph, names),
         readers=readers,
         example_shape=tuple(example_input.shape[1:]),
+        calls=dict(calls),
     )

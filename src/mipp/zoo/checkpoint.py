@@ -9,7 +9,9 @@
 
 Both files are written to a temporary name in the same directory, flushed to disk, and then
 renamed into place, so an interrupted save never leaves a half-written checkpoint; the
-sidecar's checksum catches a weights file that does not belong to its sidecar.
+sidecar's checksum catches a weights file that does not belong to its sidecar. The weights
+file's bytes depend only on the tensors (its header is written in one canonical order), so
+saving the same state dict twice gives the same file and the same checksum.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from torch import nn
 from mipp._io import atomic_write_bytes
 from mipp.errors import MippError
 from mipp.metrics import count_params, layer_widths
+from mipp.report import ReportError, check_replay_record
 from mipp.surgery.replay import apply_report
 from mipp.types import ModelSpec
 from mipp.zoo import models
@@ -104,7 +108,7 @@ def save_checkpoint(
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    blob = st_save(tensors, metadata={"format": FORMAT, "model": spec.name})
+    blob = _canonical(st_save(tensors, metadata={"format": FORMAT, "model": spec.name}))
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -120,6 +124,27 @@ def save_checkpoint(
     atomic_write_bytes(path, blob)
     atomic_write_bytes(sidecar_path(path), text.encode())
     return path
+
+
+def _canonical(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its header in one canonical form, so that the same
+    tensors always give the same bytes (and the sidecar's SHA-256 is reproducible).
+
+    safetensors writes the ``__metadata__`` entries in hash-map order, which changes from
+    one save to the next. The header is re-encoded here: ``__metadata__`` first with its keys
+    sorted, then the tensor entries in the order safetensors wrote them (their data offsets
+    are relative to the end of the header, so they stay valid), compact JSON padded with
+    spaces to a multiple of 8 bytes, as safetensors pads it.
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    out: dict[str, Any] = {}
+    if "__metadata__" in header:
+        out["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    out.update(header)
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -141,7 +166,62 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{side} has checkpoint format version {meta.get('version')!r}; "
             f"this mipp reads version {VERSION}"
         )
+    _check_sidecar(meta, side)
     return meta
+
+
+def _short(value: Any) -> str:
+    text = " ".join(json.dumps(value, default=str).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_sidecar(meta: dict[str, Any], side: Path) -> None:
+    """The fields loading reads have the right types: ``model`` (the spec), ``pruning`` (a
+    list of replay records), ``extra`` (an object; its ``dataset`` an object with a string
+    ``name``), ``sha256``. Raises :class:`CheckpointError` naming the field."""
+
+    def bad(field: str, want: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{side}: field {field!r} must be {want}, got {_short(value)}")
+
+    if not isinstance(meta.get("sha256"), str):
+        raise bad("sha256", "the weights' SHA-256 as a string", meta.get("sha256"))
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise bad("model", "an object (the model spec: name, num_classes, ...)", model)
+    if not isinstance(model.get("name"), str):
+        raise bad("model.name", "a model name", model.get("name"))
+    for key in ("num_classes", "in_channels", "input_size"):
+        v = model.get(key)
+        if key in model and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad(f"model.{key}", "an integer >= 1", v)
+    w = model.get("widths")
+    if w is not None and (
+        not isinstance(w, list)
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w)
+    ):
+        raise bad("model.widths", "null or a list of integers >= 1", w)
+    pruning = meta.get("pruning", [])
+    if not isinstance(pruning, list):
+        raise bad("pruning", "a list of replay records", pruning)
+    for j, record in enumerate(pruning):
+        try:
+            check_replay_record(record, where=f"{side}: pruning[{j}]")
+        except ReportError as e:
+            raise CheckpointError(str(e)) from None
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise bad("extra", "an object", extra)
+    dataset = extra.get("dataset", {})
+    if not isinstance(dataset, dict):
+        raise bad("extra.dataset", "an object (name, root, pad_to_32, channels)", dataset)
+    for key, ok, want in (
+        ("name", lambda v: isinstance(v, str) and v, "a dataset name"),
+        ("root", lambda v: isinstance(v, str), "a directory or null"),
+        ("pad_to_32", lambda v: isinstance(v, bool), "true or false"),
+        ("channels", lambda v: v in (1, 3) and not isinstance(v, bool), "1, 3 or null"),
+    ):
+        if dataset.get(key) is not None and not ok(dataset[key]):
+            raise bad(f"extra.dataset.{key}", want, dataset[key])
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -169,7 +249,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         tensors = st_load(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{sidecar_path(path)} has a bad model description: {' '.join(str(e).split())}"
+        ) from None
     for record in meta.get("pruning", []):
         apply_report(model, record)
     try:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from mipp.errors import TrainingDivergedError
 from mipp.modules import eval_mode
 from mipp.progress import ProgressCallback, ProgressEvent, Reporter
 from mipp.zoo.config import TrainConfig
@@ -180,7 +181,7 @@ def train(
             logits = model(x)
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDivergedError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
                     f"lower the learning rate (lr={config.lr})"
                 )

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from mipp.errors import InvalidOptionError, MippError
 from mipp.registry import lookup
 from mipp.zoo.models.blocks import BasicBlock, Bottleneck
 from mipp.zoo.models.lenet import LeNet5, lenet5
@@ -105,7 +106,8 @@ def create(
             minimum 1 for ``mlp``, 12 for ``lenet5``, 8 for the VGGs and ResNets).
         widths: Layer widths for ``mlp`` (hidden widths), ``lenet5`` (conv1, conv2, fc1,
             fc2) and ``vgg*`` (one per conv layer). Passing it to a ResNet raises
-            ``ValueError``.
+            :class:`~mipp.errors.InvalidOptionError` (a ``ValueError``), as does any value
+            the model refuses.
 
     Returns:
         A module mapping ``(n, in_channels, input_size, input_size)`` to
@@ -123,12 +125,17 @@ def create(
             accepting = ", ".join(
                 n for n, f in MODELS.items() if "widths" in inspect.signature(f).parameters
             )
-            raise ValueError(
+            raise InvalidOptionError(
                 f"model {name!r} does not accept widths (got {tuple(widths)!r}); "
                 f"models that do: {accepting}"
             )
         options["widths"] = widths
-    return factory(**options)
+    try:
+        return factory(**options)
+    except ValueError as e:  # the model's own check of an option: one MippError line
+        if isinstance(e, MippError):
+            raise
+        raise InvalidOptionError(str(e)) from None
 
 
 def output_layer(model: nn.Module) -> nn.Linear:
