@@ -111,7 +111,7 @@ def make_method(name: str, **options: Any) -> Method:
     except ValueError as e:  # the method's own check of a value: one MippError line
         if isinstance(e, MippError):
             raise
-        raise InvalidOptionError(f"method {name!r}: {e}") from None
+        raise InvalidOptionError(str(e)) from None
 
 
 def describe_method(name: str) -> str:
