@@ -484,3 +484,45 @@ def test_calib_samples_beyond_the_set_are_clamped_and_the_banner_says_so(tmp_pat
 def test_range_flags_are_usage_errors_naming_the_value(argv, needle, capsys):
     err = _usage_error(argv, capsys)
     assert needle in err
+
+
+def test_degenerate_rule_counts_distinct_inputs_exactly():
+    """The projection behind the rule counts distinct rows as a row sort does: 3 distinct
+    images among 8 is degenerate, 5 among 8 is not, and near-duplicates count as distinct."""
+    from mipp.surgery.calibration import degenerate_reason
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 1, 6, 6, generator=g)
+    three = base[torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])]
+    five = base[torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])]
+    assert degenerate_reason(three) == "only 3 distinct inputs among 8 samples"
+    assert degenerate_reason(five) is None
+    near = base[:1].repeat(4, 1, 1, 1)
+    near[1:, 0, 0, 0] += torch.tensor([1e-6, 2e-6, 3e-6])
+    assert degenerate_reason(near) is None
+
+
+def test_a_group_constant_on_the_data_is_degenerate_unless_allowed():
+    """Distinct inputs, but a hidden layer that does not read them (zero weights): every unit
+    of its group is constant, so the data cannot tell them apart — refused naming the group,
+    pruned with allow_degenerate=True; the same net with live weights prunes."""
+    from mipp.errors import CalibrationError
+
+    with seeded(0):
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8),
+            torch.nn.ReLU(),
+            torch.nn.Linear(8, 6),
+            torch.nn.ReLU(),
+            torch.nn.Linear(6, 3),
+        )
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
+    assert mipp.prune(net, x, method="l1", sparsity=0.5).model is not None
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.uniform_(0.5, 1.0)
+    with pytest.raises(CalibrationError, match=r"every unit of 2, 0 is constant") as err:
+        mipp.prune(net, x, sparsity=0.5)
+    assert "\n" not in str(err.value) and "allow_degenerate=True" in str(err.value)
+    result = mipp.prune(net, x, method="l1", sparsity=0.5, allow_degenerate=True)
+    assert all(g.width_after >= 1 for g in result.report.groups)

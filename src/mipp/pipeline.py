@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mipp.errors import InvalidOptionError, MippError
+from mipp.errors import CalibrationError, InvalidOptionError, MippError
 from mipp.methods import METHODS, TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.metrics import count_macs, count_params
 from mipp.modules import first_parameter, restore_modes, training_modes
 from mipp.progress import ProgressCallback, Reporter
 from mipp.registry import lookup
 from mipp.report import GroupReport, PruneReport
-from mipp.surgery.calibration import calibration_inputs
+from mipp.surgery.calibration import calibration_inputs, constant_groups
 from mipp.surgery.costs import CostModel, measure_layer_latency
 from mipp.surgery.repair import finish
 from mipp.surgery.structure import (
@@ -212,10 +212,12 @@ def prune(
             model is returned. Costs one extra copy of the model and two small forwards.
             ``False`` skips it — for advanced use only: the result is then *unverified*
             (the report says so) and may silently compute something else.
-        allow_degenerate: prune on degenerate calibration data anyway — a single distinct
-            input, or fewer distinct inputs than half the samples
-            (:func:`mipp.surgery.calibration.degenerate_reason`), which is refused by
-            default: MIPP would find almost every unit redundant on it.
+        allow_degenerate: prune on degenerate calibration data anyway, which is refused by
+            default (:class:`~mipp.errors.CalibrationError`): a single distinct input, or
+            fewer distinct inputs than half the samples
+            (:func:`mipp.surgery.calibration.degenerate_reason`), or data on which every
+            unit of some group is constant (:func:`~mipp.surgery.calibration.constant_groups`,
+            one forward of 64 samples). MIPP would find almost every unit redundant on it.
         progress: a callable receiving :class:`~mipp.progress.ProgressEvent` objects (phases,
             bisection steps, rounds, per-layer results); everything is also logged (logger
             ``mipp.pipeline`` and the modules doing the work).
@@ -295,6 +297,15 @@ def prune(
             f"{type(model).__name__} has no prunable unit groups in scope {scope!r}"
             + (f" outside exclude={sorted(exclude)}" if exclude else "")
         )
+    if not allow_degenerate:
+        constant = constant_groups(work, x, groups)
+        if constant:
+            raise CalibrationError(
+                f"the calibration data is degenerate for this model: every unit of "
+                f"{', '.join(constant[:3])}{' …' if len(constant) > 3 else ''} is constant over "
+                f"the samples, so nothing tells its units apart; give varied inputs, or pass "
+                f"allow_degenerate=True (mipp prune --allow-degenerate) to prune anyway"
+            )
     if match is not None:  # another model's report would prune this one to its share
         check_match(match, input_shape=x.shape[1:], groups=[g.name for g in groups])
     ctx = PruneContext(

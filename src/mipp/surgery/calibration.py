@@ -170,7 +170,12 @@ def degenerate_reason(x: Tensor) -> str | None:
     n = len(x)
     if n < 2:
         return None
-    distinct = int(torch.unique(x.reshape(n, -1), dim=0).shape[0])
+    # distinct rows by a fixed random projection (O(n·d), no copy of x; two different rows
+    # collide only if they differ below float64 resolution along it), not a row sort
+    flat = x.reshape(n, -1)
+    w = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = torch.cat([chunk.to(torch.float64) @ w.to(chunk.device) for chunk in flat.split(256)])
+    distinct = int(torch.unique(keys).numel())
     if distinct == 1 or 2 * distinct < n:
         return f"only {distinct} distinct input{'s' if distinct > 1 else ''} among {n} samples"
     return None
@@ -261,3 +266,52 @@ def _checked(x: Tensor, *, allow_degenerate: bool) -> Tensor:
             f"allow_degenerate=True (mipp prune --allow-degenerate) to prune anyway"
         )
     return x
+
+
+#: calibration samples :func:`constant_groups` runs through the model
+CONSTANT_CHECK_SAMPLES = 64
+
+
+def constant_groups(model: Any, x: Tensor, groups: Iterable[Any]) -> list[str]:
+    """Names of the unit groups whose every unit is constant over the calibration samples.
+
+    One forward of at most :data:`CONSTANT_CHECK_SAMPLES` samples of ``x`` records every
+    consumer's input (unpooled). A unit is constant when each consumer's input columns it
+    feeds differ across the samples by at most 4 rounding units of their dtype relative to
+    their largest magnitude (exactly 0 for all-zero columns): the same arithmetic on equal
+    values, not a small signal (a layer with tiny weights still varies). A group
+    all of whose units are constant carries no information about anything on this data: MIPP
+    would find every unit redundant and a data-based baseline would rank them at random.
+    """
+    from mipp.surgery.capture import record_first_inputs  # capture holds the forward hooks
+
+    groups = list(groups)
+    modules = dict(model.named_modules())
+    layers = {c.layer: modules[c.layer] for g in groups for c in g.consumers}
+    if len(x) < 2 or not layers:
+        return []
+    seen, error = record_first_inputs(model, x[:CONSTANT_CHECK_SAMPLES], layers)
+    if error is not None:
+        raise error
+    out = []
+    for g in groups:
+        constant = True
+        for c in g.consumers:
+            inp = seen.get(c.layer)
+            if inp is None:
+                constant = False
+                break
+            eps = torch.finfo(inp.dtype).eps if inp.is_floating_point() else 0.0
+            for idx in c.index:
+                cols = inp[:, list(idx)].double()
+                spread = (cols - cols[:1]).abs().max()
+                # NaN compares False: non-finite columns are not "constant" (the statistics
+                # pass then names the layer they come from)
+                if not float(spread) <= 4 * eps * float(cols.abs().max()):
+                    constant = False
+                    break
+            if not constant:
+                break
+        if constant:
+            out.append(g.name)
+    return out
