@@ -159,8 +159,7 @@ def degenerate_reason(x: Tensor) -> str | None:
     The rule: with ``n >= 2`` samples, the set is degenerate when it holds a single distinct
     input (all zeros, one image repeated) or fewer distinct inputs than half the samples.
     On such a set every unit's activations are (nearly) constant, every estimated
-    information is 0 and a pruning method removes units at random (``sparsity=0.5`` on an
-    all-zero set removes 98 % of a LeNet-5's units).
+    information is 0 and a pruning method removes units at random, or almost all of them.
 
     >>> degenerate_reason(torch.zeros(8, 3))
     'only 1 distinct input among 8 samples'
