@@ -384,3 +384,27 @@ def test_train_mlp_on_the_synthetic_vectors(tmp_path, capsys):
     assert main(argv) == 2
     err = _one_line_error(capsys)
     assert "dataset 'synthetic' holds vectors; it takes --model mlp, not 'lenet5'" in err
+
+
+def test_prune_exclude_and_no_verify_flags_reach_the_report(base, tmp_path):
+    """``--exclude LAYER`` keeps that layer's group whole (absent from the report, recorded in
+    its options); ``--no-verify`` is recorded and noted as unverified; by default neither."""
+    ckpt = base / "model.safetensors"
+    assert main(_prune_argv(ckpt, tmp_path / "plain", 0.5)) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    names = [g["name"] for g in plain["groups"]]
+    assert len(names) == 2 and "exclude" not in plain["options"]
+    assert "verify" not in plain["options"]
+    assert not any(n.startswith("unverified") for n in plain["notes"])
+    kept = names[0]
+    argv = _prune_argv(ckpt, tmp_path / "ex", 0.3, "--exclude", kept, "--no-verify")
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / "ex" / "report.json").read_text())
+    assert [g["name"] for g in rep["groups"]] == [n for n in names if n != kept]
+    assert rep["options"]["exclude"] == [kept] and rep["options"]["verify"] is False
+    assert any(n.startswith("unverified") for n in rep["notes"])
+    pruned = dict(load_checkpoint(tmp_path / "ex" / "model.safetensors").model.named_modules())
+    original = dict(load_checkpoint(ckpt).model.named_modules())
+    assert pruned[kept].weight.shape[0] == original[kept].weight.shape[0]  # its units all kept
+    other = next(n for n in names if n != kept)
+    assert pruned[other].weight.shape[0] < original[other].weight.shape[0]
