@@ -408,3 +408,16 @@ def test_prune_exclude_and_no_verify_flags_reach_the_report(base, tmp_path):
     assert pruned[kept].weight.shape[0] == original[kept].weight.shape[0]  # its units all kept
     other = next(n for n in names if n != kept)
     assert pruned[other].weight.shape[0] < original[other].weight.shape[0]
+
+
+def test_the_working_directory_or_a_parent_is_never_a_run_directory(tmp_path, monkeypatch):
+    """``--out .`` (or a parent of the working directory) would delete the user's files on
+    replacement: refused even with --force, nothing touched."""
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(RunDirectoryError, match="working directory"):
+            run_directory(out, force=True)
+    assert (work / "notes.txt").read_text() == "mine"

@@ -296,6 +296,15 @@ class RunDirectory:
         self.target = Path(os.path.realpath(self.path))  # a symlinked --out: its target
         if self.target.parent == self.target:
             raise RunDirectoryError(f"cannot use the root directory {self.path} as a run directory")
+        # replacing a run directory deletes what it held: never the working directory, one
+        # of its ancestors or the home directory, whatever --force says
+        cwd = Path(os.path.realpath(os.getcwd()))
+        home = Path(os.path.realpath(os.path.expanduser("~")))
+        if cwd.is_relative_to(self.target) or self.target == home:
+            raise RunDirectoryError(
+                f"output directory {self.path} is the working directory, one of its parents "
+                f"or the home directory; choose a run directory inside it (e.g. --out runs/x)"
+            )
         for item in inputs:
             if item is None:
                 continue
