@@ -464,20 +464,28 @@ class _NoPrefetch(EstimatorState):
         return self._s.information()
 
 
-@pytest.mark.parametrize("unit_size", [1, 3])
-def test_linear_prefetched_blocks_equal_the_per_unit_path(unit_size):
-    """Deferred block removals (prefetch) give the same Δs, p-values and support as removing
-    one unit at a time, over more units than one block holds."""
-    from mipp.methods.selection import terc
-
-    g = torch.Generator().manual_seed(5)
-    n, units = 3000, 150
+def _redundant_layer(units: int, unit_size: int, *, seed: int):
+    """3,000 samples of ``units`` noisy mixtures of 40 latents (many redundant units) and a
+    12-column target read from the latents."""
+    g = torch.Generator().manual_seed(seed)
+    n = 3000
     z = torch.randn(n, 40, generator=g, dtype=torch.float64)
     x = (z @ torch.randn(40, units * unit_size, generator=g, dtype=torch.float64)).view(
         n, units, unit_size
     )
     x = x + 0.3 * torch.randn(n, units, unit_size, generator=g, dtype=torch.float64)
     y = z[:, :12] + 0.5 * torch.randn(n, 12, generator=g, dtype=torch.float64)
+    return x, y
+
+
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_linear_prefetched_blocks_equal_the_per_unit_path(unit_size):
+    """Deferred block removals (prefetch) give the same Δs, p-values and support as removing
+    one unit at a time, over more units than one block holds."""
+    from mipp.methods.selection import terc
+
+    units = 150
+    x, y = _redundant_layer(units, unit_size, seed=5)
     est = LinearEstimator(ridge=0.0)  # so that a fresh fit on a subset uses the same ridge
     prepared = est.prepare(x, y)
     fast = terc(est.start(prepared), threshold=2e-4)
@@ -500,14 +508,8 @@ def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
     afterwards gives the in-sample test of a fresh state."""
     from mipp.methods.selection import terc
 
-    g = torch.Generator().manual_seed(6)
-    n, units = 3000, 150
-    z = torch.randn(n, 40, generator=g, dtype=torch.float64)
-    x = (z @ torch.randn(40, units * unit_size, generator=g, dtype=torch.float64)).view(
-        n, units, unit_size
-    )
-    x = x + 0.3 * torch.randn(n, units, unit_size, generator=g, dtype=torch.float64)
-    y = z[:, :12] + 0.5 * torch.randn(n, 12, generator=g, dtype=torch.float64)
+    units = 150
+    x, y = _redundant_layer(units, unit_size, seed=6)
     est = GaussianEstimator(ridge=0.0)
     prepared = est.prepare(x, y)
     fast_state = est.start(prepared)

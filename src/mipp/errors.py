@@ -6,6 +6,11 @@ print it as one clear line instead of a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 __all__ = [
     "CalibrationError",
     "CorruptDatasetError",
@@ -15,6 +20,7 @@ __all__ = [
     "PruningVerificationError",
     "TrainingDivergedError",
     "UnknownNameError",
+    "build_checked",
 ]
 
 
@@ -52,3 +58,14 @@ class PruningVerificationError(MippError):
 class InvalidOptionError(MippError, ValueError):
     """An option has a value it does not accept; the message names the value and what is
     valid."""
+
+
+def build_checked(factory: Callable[..., T], /, **options: Any) -> T:
+    """``factory(**options)``, its own ``ValueError`` for a bad value re-raised as one
+    :class:`InvalidOptionError` line (a MippError passes through unchanged)."""
+    try:
+        return factory(**options)
+    except ValueError as e:
+        if isinstance(e, MippError):
+            raise
+        raise InvalidOptionError(str(e)) from None

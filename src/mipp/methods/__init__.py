@@ -46,7 +46,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from mipp.errors import InvalidOptionError, MippError
+from mipp.errors import InvalidOptionError, build_checked
 from mipp.methods.base import TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.methods.baselines import BASELINES
 from mipp.methods.mipp import MIPP
@@ -106,12 +106,7 @@ def make_method(name: str, **options: Any) -> Method:
             f"method {name!r} has no option(s) {', '.join(bad)}; valid options: "
             f"{', '.join(valid) or 'none'}"
         )
-    try:
-        return cls(**options)
-    except ValueError as e:  # the method's own check of a value: one MippError line
-        if isinstance(e, MippError):
-            raise
-        raise InvalidOptionError(str(e)) from None
+    return build_checked(cls, **options)  # the method's own value checks: one line
 
 
 def describe_method(name: str) -> str:

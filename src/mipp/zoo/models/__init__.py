@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from mipp.errors import InvalidOptionError, MippError
+from mipp.errors import InvalidOptionError, build_checked
 from mipp.registry import lookup
 from mipp.zoo.models.blocks import BasicBlock, Bottleneck
 from mipp.zoo.models.lenet import LeNet5, lenet5
@@ -130,12 +130,7 @@ def create(
                 f"models that do: {accepting}"
             )
         options["widths"] = widths
-    try:
-        return factory(**options)
-    except ValueError as e:  # the model's own check of an option: one MippError line
-        if isinstance(e, MippError):
-            raise
-        raise InvalidOptionError(str(e)) from None
+    return build_checked(factory, **options)  # the model's own value checks: one line
 
 
 def output_layer(model: nn.Module) -> nn.Linear:
