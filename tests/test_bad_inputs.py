@@ -28,6 +28,7 @@ import mipp
 from mipp.cli import main
 from mipp.errors import MippError
 from mipp.experiments.spec import load_spec
+from mipp.inputs import Samples
 from mipp.report import PruneReport
 from mipp.surgery.calibration import calibration_inputs
 from mipp.surgery.replay import apply_report
@@ -495,8 +496,13 @@ def test_any_calibration_input_is_accepted_or_one_line(data, n):
     if isinstance(out, MippError):
         return
     x, y = out
-    assert x.is_floating_point() and x.ndim >= 2 and 1 <= len(x) <= n
-    assert y is None or len(y) == len(x)
+    samples = Samples(x)  # a tensor, or a dict / tuple of tensors sharing the batch dimension
+    if isinstance(x, torch.Tensor):
+        assert x.is_floating_point() and x.ndim >= 2
+    else:
+        assert any(t.ndim >= 2 for t in samples.tensors)
+    assert 1 <= len(samples) <= n
+    assert y is None or len(y) == len(samples)
     net = torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)
     )

@@ -34,7 +34,7 @@ def _pruned(model: nn.Module, x: torch.Tensor, removed: dict[str, list[int]]):
         if g.name in removed:
             keep = [j for j in range(g.size) if j not in set(removed[g.name])]
             for p in g.producers:
-                kept_out[p] = [g.producer_index[p][j] for j in keep]
+                kept_out[p] = g.channels(keep, p)
     structure.remove(removed)
     return pruned, kept_out
 

@@ -35,6 +35,7 @@ ALL_MODELS = [
     "resnet18",
     "resnet34",
     "resnet50",
+    "mobilenetv2",
 ]
 
 
@@ -122,7 +123,23 @@ def formula_resnet(depth: int, cin: int, nc: int) -> int:
     return total + linear(prev, nc)
 
 
+def formula_mobilenetv2(cin: int, nc: int) -> int:
+    """Sandler et al. 2018, Table 2, with every conv bias-free and batch-normalised."""
+    stages = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
+    total, prev = conv_bn(cin, 32, 3), 32
+    for t, c, n in stages:
+        for _ in range(n):
+            hidden = prev * t
+            expand = conv_bn(prev, hidden, 1) if t != 1 else 0
+            depthwise = 3 * 3 * hidden + 2 * hidden  # one 3×3 filter per channel + BN
+            total += expand + depthwise + conv_bn(hidden, c, 1)
+            prev = c
+    return total + conv_bn(320, 1280, 1) + linear(1280, nc)
+
+
 def formula(name: str, cin: int, nc: int, size: int = 32) -> int:
+    if name == "mobilenetv2":
+        return formula_mobilenetv2(cin, nc)
     if name == "mlp":
         return formula_mlp(cin * size * size, (300, 100), nc)
     if name == "lenet5":
@@ -149,6 +166,7 @@ EXACT_PARAMS = {
     "resnet18": 11_173_962,
     "resnet34": 21_282_122,
     "resnet50": 23_520_842,
+    "mobilenetv2": 2_236_682,
 }
 
 
@@ -175,7 +193,7 @@ def test_unknown_name_lists_valid_names() -> None:
 
 
 #: the deep ResNets take seconds each: their shapes are checked in the slow tier
-_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56")
+_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56", "mobilenetv2")
 
 
 @pytest.mark.parametrize(
@@ -370,6 +388,9 @@ EXPECTED_GROUPS = {
     "resnet18": 8 + 4,
     "resnet34": 16 + 4,
     "resnet50": 2 * 16 + 4 + 1,
+    # MobileNetV2: each expand conv with its depthwise conv (16), the stem with the first
+    # block's depthwise conv, one stream per stage (7) and the last 1×1 conv.
+    "mobilenetv2": 16 + 1 + 7 + 1,
 }
 
 

@@ -18,6 +18,7 @@ from mipp.report import PruneReport
 from mipp.surgery.capture import NonFiniteActivationError
 from mipp.surgery.replay import apply_report
 from mipp.surgery.structure import UnsupportedModuleError, build_structure
+from mipp.surgery.verify import renormalised
 from mipp.types import ModelSpec
 from mipp.zoo import models
 from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
@@ -29,11 +30,15 @@ from mipp.zoo.training import evaluate, seeded, train
 def _check_equivalent(model: nn.Module, result, x: torch.Tensor) -> None:
     masked = copy.deepcopy(model).double()  # float64: the comparison tests exactness,
     pruned = copy.deepcopy(result.model).double()  # not float32 round-off of deep nets
-    zero_consumers(masked, build_structure(masked, x[:2].double()), result.report.removed)
-    with torch.no_grad():
+    structure = build_structure(masked, x[:2].double())
+    zero_consumers(masked, structure, result.report.removed)
+    with torch.no_grad(), renormalised(masked, structure, result.report.removed):
         assert (pruned(x.double()) - masked(x.double())).abs().max().item() < 1e-5
     assert result.report.params_after == count_params(result.model)
     assert result.report.macs_after == count_macs(result.model, x[:1]).macs
+    rebuilt = apply_report(copy.deepcopy(model), result.report)  # the record replays
+    shapes = {k: v.shape for k, v in result.model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
 
 
 @pytest.mark.parametrize(
@@ -44,6 +49,9 @@ def _check_equivalent(model: nn.Module, result, x: torch.Tensor) -> None:
         ("vgg11-narrow", 300),
         ("resnet20", 600),
         ("tiny-resnet", 400),
+        ("depthwise-net", 400),
+        ("grouped-net", 400),
+        ("norm-net", 400),
     ],
 )
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
@@ -57,6 +65,21 @@ def test_target_sparsity_is_met_and_removal_is_exact(name, n, sparsity):
         assert "could not be met" in report.notes[0]
     assert report.units_after == sum(g.width_after for g in report.groups)
     assert all(g.width_after >= 1 for g in report.groups)
+    _check_equivalent(model, result, x[:8])
+
+
+@pytest.mark.parametrize("sparsity", [0.7, pytest.param(0.9, marks=pytest.mark.slow)])
+def test_mobilenetv2_prunes_each_depthwise_conv_with_its_expand_conv(sparsity):
+    """A random MobileNetV2 with spread-out BatchNorm statistics has many dead units (Δ = 0,
+    removed together at threshold 0: about 57 % of the units), so the targets start at 70 %."""
+    model, x = make_model("mobilenetv2-narrow", n=400, input_size=8)
+    result = prune(model, x, sparsity=sparsity, compensate=False, recalibrate_bn=False)
+    assert abs(result.report.achieved["units"] - sparsity) <= 0.01
+    for block in result.model.features:
+        width = block.expand.out_channels if hasattr(block, "expand") else None
+        if width is not None:
+            assert block.dw.in_channels == block.dw.out_channels == block.dw.groups == width
+            assert block.dw_bn.num_features == block.project.in_channels == width
     _check_equivalent(model, result, x[:8])
 
 
@@ -288,11 +311,39 @@ def test_non_finite_activations_name_the_layer_and_leave_the_model_alone():
 
 
 def test_unsupported_module_is_refused_by_prune():
-    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with pytest.raises(UnsupportedModuleError, match=r"'2' \(LayerNorm\)"):
+    class Mix(nn.Module):  # a weight matrix outside any layer mipp knows
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.eye(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), Mix(), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"'2' \(Mix\)"):
         prune(net, torch.randn(64, 16), sparsity=0.5)
 
 
 def test_a_model_without_parameters_is_refused_by_name():
     with pytest.raises(MippError, match="Sequential has no parameters"):
         prune(nn.Sequential(nn.Flatten(), nn.ReLU()), torch.randn(8, 4), sparsity=0.5)
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer-mha"])
+def test_transformer_ffn_hidden_neurons_are_pruned_attention_left_whole(name):
+    """A Linear applied to every token reads (n, tokens, features): its features are
+    recorded like channels. The FFN hidden layers are internal groups; q/k/v (tied by the
+    attention products) and the residual stream are not, so scope "internal" prunes the FFN
+    neurons only and the attention keeps its width and heads."""
+    model, x = make_model(name, n=512)
+    result = prune(model, x, sparsity=0.5, compensate=False)
+    assert sorted(g.name for g in result.report.groups) == ["blocks.0.fc1", "blocks.1.fc1"]
+    assert abs(result.report.achieved["units"] - 0.5) <= 0.01
+    for block in result.model.blocks:
+        assert block.fc1.out_features == block.fc2.in_features < 64
+        assert block.fc2.out_features == 16
+        if name == "transformer":
+            assert {block.attn.q.out_features, block.attn.o.in_features} == {16}
+        else:
+            assert block.attn.embed_dim == 16 and block.attn.num_heads == 4
+    _check_equivalent(model, result, x[:8])

@@ -357,10 +357,13 @@ def test_calibration_data_forms():
         check_model_input(net, xs)
     # every other form is refused by its type
     for data, needle in [
-        ({"x": x}, "got dict"),
+        ({"x": "images"}, "the calibration inputs['x'] must be a tensor or numpy array, got str"),
+        ({1: x}, "keyword inputs need str keys"),
+        ({"x": x, "m": x[:5]}, "hold different numbers of samples (12, 5)"),
+        ([{"x": x[:4]}, {"y": x[4:]}], "batch 1 holds keyword inputs y (1, 4, 4) float32"),
         ("images", "got str"),
         (3.5, "got float"),
-        ([{"x": x}], "calibration item 0 is dict"),
+        ([{"x"}], "calibration item 0 is set"),
         ([x[:4], (x[0], 1)], "per-sample (input, label) pair but earlier items are batches"),
         ([x[:4], torch.randn(3, 1, 5, 5)], "batch 1 holds inputs of shape (1, 5, 5)"),
         ((x, y[:5]), "give one label per input"),

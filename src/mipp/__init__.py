@@ -11,6 +11,8 @@ and the baselines, one :class:`~mipp.methods.base.Method` contract) → :mod:`mi
 (what touches a module: structure, capture, costs, removal, repairs, replay) →
 :mod:`mipp.pipeline` (:func:`prune`) → :mod:`mipp.report` (the record). The command line
 (:mod:`mipp.cli`) and the experiment sweeps (:mod:`mipp.experiments`) are built on these.
+Interop: ONNX export checked against PyTorch (:func:`export_onnx`, extra ``mipp[onnx]``) and
+MIPP as a Torch-Pruning importance (:class:`mipp.interop.MippImportance`).
 
 >>> import mipp, torch
 >>> model = mipp.create_model("lenet5", in_channels=1, input_size=28)
@@ -23,6 +25,7 @@ True
 
 from mipp.errors import MippError
 from mipp.estimators import make_estimator
+from mipp.export import export_onnx
 from mipp.methods import MIPP, make_method
 from mipp.methods.selection import MIPPSelector
 from mipp.metrics import count_macs, count_params, measure_latency
@@ -58,6 +61,7 @@ __all__ = [
     "count_params",
     "create_model",
     "evaluate",
+    "export_onnx",
     "list_models",
     "load_checkpoint",
     "load_dataset",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mipp.inputs import Samples
 from mipp.modules import eval_mode
 
 __all__ = [
@@ -114,7 +115,7 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def count_macs(model: nn.Module, example: Tensor | Sequence[int]) -> MacCount:
+def count_macs(model: nn.Module, example: Tensor | Samples | Sequence[int]) -> MacCount:
     """Count the multiply-accumulates of one forward pass of **one sample**.
 
     Conventions are in the module docstring: Conv = output elements × (in/groups) × kernel
@@ -126,19 +127,25 @@ def count_macs(model: nn.Module, example: Tensor | Sequence[int]) -> MacCount:
             on its Conv/Linear/BatchNorm modules. Hooks are removed and every submodule's
             train/eval flag is restored afterwards, even if the forward raises.
         example: Either an input tensor ``(n, *sample_shape)`` (the counts are divided by
-            ``n``) or a sample shape without the batch dimension, e.g. ``(3, 32, 32)``, for
-            which a zero input ``(1, *shape)`` is built on the model's device and dtype.
+            ``n``), :class:`~mipp.inputs.Samples` (inputs of any form, run by their
+            ``forward``; divided by n likewise) or a sample shape without the batch
+            dimension, e.g. ``(3, 32, 32)``, for which a zero input ``(1, *shape)`` is built
+            on the model's device and dtype.
 
     >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), (3, 32, 32)).macs == 8 * 32 * 32 * 27
     True
     """
-    if isinstance(example, Tensor):
+    if isinstance(example, Samples):
+        if len(example) < 1:
+            raise ValueError("example must hold at least one sample")
+        x = example
+    elif isinstance(example, Tensor):
         if example.dim() < 1 or example.shape[0] < 1:
             raise ValueError(f"example must have a batch dimension >= 1, got {example.shape}")
         x = example
     else:
         x = _example(model, _check_shape(example), 1)
-    batch = x.shape[0]
+    batch = len(x)
 
     names = {m: name for name, m in model.named_modules() if isinstance(m, _COUNTED)}
     totals = dict.fromkeys(names.values(), 0)
@@ -151,7 +158,10 @@ def count_macs(model: nn.Module, example: Tensor | Sequence[int]) -> MacCount:
         for m in names:
             handles.append(m.register_forward_hook(hook))
         with eval_mode(model), torch.no_grad():
-            model(x)
+            if isinstance(x, Samples):
+                x.run(model)
+            else:
+                model(x)
     finally:
         for h in handles:
             h.remove()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mipp.errors import CalibrationError, InvalidOptionError, MippError
+from mipp.inputs import Forward, Samples, reads_token_ids
 from mipp.methods import METHODS, TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.metrics import count_macs, count_params
 from mipp.modules import first_parameter, restore_modes, training_modes
@@ -130,7 +131,7 @@ def _method(method: str | Method) -> Method:
 
 def prune(
     model: nn.Module,
-    data: ImageDataset | Tensor | tuple[Tensor, Tensor] | Iterable[Any],
+    data: ImageDataset | Tensor | Mapping[str, Tensor] | tuple[Any, Tensor | None] | Iterable[Any],
     *,
     method: str | Method = "mipp",
     sparsity: float | None = None,
@@ -147,6 +148,7 @@ def prune(
     exclude: Iterable[str] = (),
     verify: bool = True,
     allow_degenerate: bool = False,
+    forward: Forward | None = None,
     progress: ProgressCallback | None = None,
 ) -> PruneResult:
     """Prune a copy of ``model`` with MIPP or a baseline; the input model is never modified.
@@ -154,14 +156,24 @@ def prune(
     Args:
         model: a trained (PaT) or freshly initialised (PaI) network (see
             :func:`mipp.surgery.structure.build_structure` for what it may contain).
-        data: calibration source — an :class:`~mipp.zoo.data.ImageDataset` or a pair
-            ``(inputs, labels)`` (a seeded subset of ``calib_samples`` is drawn), a tensor
-            or numpy array of inputs, an iterable of batches, or per-sample ``(input,
-            label)`` pairs; every accepted form and what is refused is listed in
-            :mod:`mipp.surgery.calibration`. The inputs must have the shape the model takes
-            (checked with two samples before any work: :class:`~mipp.errors.MippError`
-            naming both). Methods that use the loss (SNIP, GraSP, SOSP-H, IMP's
-            re-training) need integer class labels in range (checked likewise).
+        data: calibration source — an :class:`~mipp.zoo.data.ImageDataset`, inputs, or a
+            pair ``(inputs, labels)`` (labels may be None; a seeded subset of
+            ``calib_samples`` is drawn), an iterable of batches (a ``DataLoader``) or of
+            per-sample ``(input, label)`` pairs. Inputs are a tensor or numpy array
+            ``(n, ...)`` of any dtype (``model(x)``), a dict of them (keyword arguments,
+            ``model(**x)``) or, as the first element of a pair or batch, a tuple of them
+            (positional arguments, ``model(*x)``), all with the leading dimension n. Floating
+            inputs are moved to the model's device and dtype, integer and bool ones to its
+            device only. Integer inputs stay integers (token ids, masks) except a bare
+            integer tensor for a model without ``nn.Embedding`` / ``nn.EmbeddingBag``: that
+            is taken for unscaled images and converted to float32, with an
+            :class:`~mipp.surgery.calibration.UnscaledInputWarning` above 1. Every accepted
+            form and what is refused is listed in :mod:`mipp.surgery.calibration`. The
+            model must take the inputs (checked with two samples before any work:
+            :class:`~mipp.errors.MippError` naming their shapes and torch's complaint).
+            Labels are optional for MIPP and the weight- or activation-based baselines;
+            methods that use the loss (SNIP, GraSP, SOSP-H, IMP's re-training) need integer
+            class labels in range (checked likewise).
         method: a registered name (``"mipp"``, the default, or a baseline: see
             :data:`mipp.methods.METHOD_NAMES`) with its default options, or a configured
             method object — ``MIPP(estimator="gaussian")``, ``make_method("l1",
@@ -218,6 +230,15 @@ def prune(
             (:func:`mipp.surgery.calibration.degenerate_reason`), or data on which every
             unit of some group is constant (:func:`~mipp.surgery.calibration.constant_groups`,
             one forward of 64 samples). MIPP would find almost every unit redundant on it.
+        forward: ``forward(model, batch) -> Tensor``: how every stage runs a calibration
+            batch (on the model's device, in the form of ``data``: a tensor, tuple or dict)
+            and which output the pruning preserves. Default
+            (:func:`mipp.inputs.default_forward`): ``model(x)``, ``model(*x)`` or
+            ``model(**x)``, and of the result the tensor itself, its ``.logits`` (a Hugging
+            Face ``ModelOutput``) or the first element of a tuple / list; any other output
+            raises one :class:`~mipp.inputs.ModelOutputError` line suggesting ``forward=``.
+            E.g. ``forward=lambda model, batch: model(**batch).pooler_output``. The report's
+            options record its name (``__qualname__``).
         progress: a callable receiving :class:`~mipp.progress.ProgressEvent` objects (phases,
             bisection steps, rounds, per-layer results); everything is also logged (logger
             ``mipp.pipeline`` and the modules doing the work).
@@ -278,11 +299,21 @@ def prune(
         raise InvalidOptionError(
             f"allow_degenerate must be True or False, got {allow_degenerate!r}"
         )
-    x, y = calibration_inputs(data, calib_samples, seed=seed, allow_degenerate=allow_degenerate)
+    if forward is not None and not callable(forward):
+        raise InvalidOptionError(
+            f"forward must be a callable forward(model, batch) -> Tensor, got {forward!r}"
+        )
+    inputs, y = calibration_inputs(
+        data,
+        calib_samples,
+        seed=seed,
+        allow_degenerate=allow_degenerate,
+        keep_integers=reads_token_ids(model),
+    )
     modes = training_modes(model)
     work = copy.deepcopy(model).eval()
     param = first_parameter(work)
-    x = x.to(device=param.device, dtype=param.dtype)
+    x = Samples(inputs, forward=forward).to(param.device, param.dtype)
     y = None if y is None else y.to(param.device)
     classes = check_model_input(work, x)  # one line naming the shapes, before any real work
     structure = build_structure(work, x[:2])
@@ -307,7 +338,7 @@ def prune(
                 f"allow_degenerate=True (mipp prune --allow-degenerate) to prune anyway"
             )
     if match is not None:  # another model's report would prune this one to its share
-        check_match(match, input_shape=x.shape[1:], groups=[g.name for g in groups])
+        check_match(match, input_shape=x.sample_shape, groups=[g.name for g in groups])
     ctx = PruneContext(
         model=work,
         structure=structure,
@@ -381,8 +412,13 @@ def prune(
             **({"latency_batch": latency_batch} if table is not None else {}),
             **({"exclude": sorted(exclude)} if exclude else {}),
             **({} if verify else {"verify": False}),
+            **(
+                {"forward": getattr(forward, "__qualname__", "custom")}
+                if forward is not None
+                else {}
+            ),
         },
-        input_shape=list(x.shape[1:]),
+        input_shape=list(x.sample_shape),
         groups=[_group_report(g, decision, physical, collapsed) for g in groups],
         units_before=ctx.units_total,
         units_after=sum(int((~decision.removed[g.name]).sum()) for g in groups),
@@ -466,7 +502,7 @@ def _frozen_groups(
             )
     reused = exclude & set(structure.reused)
     return structure.touching(reused) | {
-        g.name for g in structure.groups if exclude & {*g.producers, *g.norms}
+        g.name for g in structure.groups if exclude & {*g.producers, *g.norms, *g.channelwise}
     }
 
 

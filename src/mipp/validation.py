@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.report import PruneReport
 from mipp.types import ModelSpec
 
@@ -103,38 +104,46 @@ def check_input_shape(
 
 
 def check_model_input(
-    model: nn.Module, x: Tensor, *, expected: Sequence[int] | None = None
+    model: nn.Module, x: Tensor | Samples, *, expected: Sequence[int] | None = None
 ) -> int | None:
-    """Run two samples of ``x`` through ``model`` (no gradients, eval mode for the pass)
-    before any real work; returns the size of the output's last dimension (the classes of a
-    classifier), or None for an output that is not a tensor.
+    """Run two samples of ``x`` (a tensor or :class:`~mipp.inputs.Samples`) through
+    ``model`` (no gradients, eval mode for the pass) before any real work; returns the size
+    of the output's last dimension (the classes of a classifier; the output is what
+    ``Samples.run`` returns), or None for a 0-dim output.
 
     With ``expected`` (a checkpoint's recorded input shape) the shapes are compared first.
     A forward pass that fails on the data's shape ("mat1 and mat2 shapes cannot be
-    multiplied", "expected input to have 1 channels") is re-raised as one
-    :class:`InputShapeError` line naming the data's sample shape and torch's complaint.
+    multiplied", "expected input to have 1 channels") or arguments ("got an unexpected
+    keyword argument") is re-raised as one :class:`InputShapeError` line naming the data's
+    sample shape and torch's complaint; an output with no tensor to use, as one
+    :class:`~mipp.inputs.ModelOutputError` line.
     """
     name = type(model).__name__
+    x = as_samples(x)
     if expected is not None:
-        check_input_shape(tuple(x.shape[1:]), expected, what="the calibration data", model=name)
+        check_input_shape(x.sample_shape, expected, what="the calibration data", model=name)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[:2])
-    except RuntimeError as e:
+            out = x[:2].run(model)
+    except (RuntimeError, TypeError) as e:
         first = " ".join(str(e).strip().splitlines()[0].split()) if str(e).strip() else ""
+        if isinstance(x.value, Tensor):
+            raise InputShapeError(
+                f"{name} cannot take the data's inputs of shape {_shape(x.sample_shape)} "
+                f"(batch {_shape(x.value[:2].shape)}): {first}; give inputs of the shape the "
+                f"model was built for (a list of per-sample tensors is read as batches: "
+                f"torch.stack it)"
+            ) from None
         raise InputShapeError(
-            f"{name} cannot take the data's inputs of shape {_shape(x.shape[1:])} "
-            f"(batch {_shape(x[:2].shape)}): {first}; give inputs of the shape the model was "
-            f"built for (a list of per-sample tensors is read as batches: torch.stack it)"
+            f"{name} cannot take the data's {x.describe()}: {first}; give the inputs its "
+            f"forward takes, or pass forward=lambda model, batch: ..."
         ) from None
     finally:
         for m, mode in modes:
             m.training = mode
-    if isinstance(out, Tensor) and out.ndim >= 1:
-        return int(out.shape[-1])
-    return None
+    return int(out.shape[-1]) if out.ndim >= 1 else None
 
 
 def check_labels(y: Tensor | None, num_classes: int | None, *, n: int, method: str = "") -> None:

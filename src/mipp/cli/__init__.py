@@ -7,14 +7,15 @@
     mipp prune CHECKPOINT --sparsity S    prune (MIPP or --method NAME): checkpoint + report
     mipp finetune CHECKPOINT              re-train a (pruned) checkpoint
     mipp compare CKPT [CKPT ...]          accuracy, size, latency and widths side by side
+    mipp export CHECKPOINT --out M.onnx   ONNX file, checked against PyTorch (mipp[onnx])
     mipp sweep CONFIG [--profile quick]   run an experiment grid (resumable)
     mipp report SWEEP_DIR                 tables, plots and REPORT.md of a sweep
 
 One module per command (:mod:`~mipp.cli.listing`, :mod:`~mipp.cli.train`,
 :mod:`~mipp.cli.evaluate`, :mod:`~mipp.cli.info`, :mod:`~mipp.cli.prune`,
-:mod:`~mipp.cli.finetune`, :mod:`~mipp.cli.compare`, :mod:`~mipp.cli.sweep`,
-:mod:`~mipp.cli.report`), each with ``register(subparsers)`` (its flags) and ``run(args)``;
-what they share is in :mod:`~mipp.cli._common`.
+:mod:`~mipp.cli.finetune`, :mod:`~mipp.cli.compare`, :mod:`~mipp.cli.export`,
+:mod:`~mipp.cli.sweep`, :mod:`~mipp.cli.report`), each with ``register(subparsers)`` (its
+flags) and ``run(args)``; what they share is in :mod:`~mipp.cli._common`.
 
 Errors a user can cause are printed as one line (``mipp: error: ...``) with exit status 2;
 set ``MIPP_DEBUG=1`` to see the traceback instead. Ctrl-C exits with status 130.
@@ -28,13 +29,13 @@ import sys
 from collections.abc import Sequence
 
 from mipp import __version__
-from mipp.cli import compare, evaluate, finetune, info, listing, prune, report, sweep, train
+from mipp.cli import compare, evaluate, export, finetune, info, listing, prune, report, sweep, train
 from mipp.errors import MippError
 
 __all__ = ["build_parser", "main"]
 
 #: the command modules, in the order ``mipp --help`` lists them
-COMMANDS = (listing, train, evaluate, info, prune, finetune, compare, sweep, report)
+COMMANDS = (listing, train, evaluate, info, prune, finetune, compare, export, sweep, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,9 @@
 
 The first checkpoint is the reference of every ratio. CPU latency is measured for all models
 interleaved (:func:`mipp.metrics.compare_latency`), so the speed-ups hold on a busy machine.
+When onnxruntime is installed (``mipp[onnx]``), each model is also exported to ONNX
+(:func:`mipp.export.to_onnx`, checked against PyTorch) and timed in onnxruntime in the same
+interleaved run: same batch sizes, warm-up, repeats, input and thread count.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from mipp.cli._common import (
@@ -23,6 +27,7 @@ from mipp.cli._common import (
     non_negative_int,
 )
 from mipp.errors import MippError
+from mipp.export import INSTALL_HINT, onnx_available, to_onnx
 from mipp.metrics import compare_latency
 from mipp.validation import expected_input_shape
 from mipp.zoo.checkpoint import load_checkpoint
@@ -43,6 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=20,
         help="timed runs per batch size for CPU latency; 0 skips it (default 20)",
     )
+    p.add_argument(
+        "--onnxruntime",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time each model exported to ONNX in onnxruntime, interleaved with PyTorch "
+        "(same batch sizes, warm-up, repeats and thread count). Default: on when onnx, "
+        "onnxruntime and onnxscript are installed (mipp[onnx]); without them the onnxruntime "
+        "rows are left out silently",
+    )
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     p.set_defaults(func=run)
 
@@ -51,8 +65,25 @@ def _label(row: dict[str, Any]) -> str:
     return Path(row["checkpoint"]).parent.name or row["checkpoint"]
 
 
+def _onnxruntime_modules(
+    models: list[torch.nn.Module], paths: list[str], example: torch.Tensor
+) -> list[torch.nn.Module]:
+    """Each model exported to ONNX (checked against PyTorch on ``example`` and seeded
+    inputs) and loaded in onnxruntime; an export that fails is one line naming the model."""
+    out = []
+    for model, path in zip(models, paths, strict=True):
+        try:
+            out.append(to_onnx(model, example).module())
+        except MippError as e:
+            raise MippError(f"{path}: {e} (--no-onnxruntime compares without it)") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     console = make_console()
+    if args.onnxruntime and not onnx_available():
+        raise MippError(f"--onnxruntime needs onnx, onnxruntime and onnxscript: {INSTALL_HINT}")
+    use_ort = args.onnxruntime is not False and onnx_available()
     rows: list[dict[str, Any]] = []
     loaded = []
     checkpoints = [(path, load_checkpoint(path)) for path in args.checkpoints]
@@ -72,9 +103,14 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"checkpoint": str(path), "test_top1": result.top1, **numbers})
         loaded.append(ckpt.model)
     if args.latency_repeats > 0:  # side by side, so the ratios hold on a busy machine
-        timings = compare_latency(loaded, input_shape(test), repeats=args.latency_repeats)
-        for row, lat in zip(rows, timings, strict=True):
+        timed = list(loaded)
+        if use_ort:
+            timed += _onnxruntime_modules(loaded, args.checkpoints, test.x[:8])
+        timings = compare_latency(timed, input_shape(test), repeats=args.latency_repeats)
+        for row, lat in zip(rows, timings[: len(rows)], strict=True):
             row["latency_ms"] = {str(b): r.median_ms for b, r in lat.items()}
+        for row, lat in zip(rows, timings[len(rows) :], strict=False):
+            row["onnxruntime_latency_ms"] = {str(b): r.median_ms for b, r in lat.items()}
     ref = rows[0]
     table = Table(title="comparison (ratios against the first checkpoint)")
     table.add_column("")
@@ -86,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("MACs / sample", *(f"{r['macs']:,}" for r in rows))
     table.add_row("  ratio", *(fmt_ratio(ref["macs"], r["macs"]) for r in rows))
     for b in ("1", "64"):
-        if "latency_ms" in ref:
-            table.add_row(
-                f"CPU latency b{b} (median)", *(f"{r['latency_ms'][b]:.2f} ms" for r in rows)
-            )
-            table.add_row(
-                "  speed-up", *(fmt_ratio(r["latency_ms"][b], ref["latency_ms"][b]) for r in rows)
-            )
+        for key, label in (
+            ("latency_ms", "CPU latency"),
+            ("onnxruntime_latency_ms", "onnxruntime"),
+        ):
+            if key in ref:
+                table.add_row(f"{label} b{b} (median)", *(f"{r[key][b]:.2f} ms" for r in rows))
+                table.add_row("  speed-up", *(fmt_ratio(r[key][b], ref[key][b]) for r in rows))
     console.print(table)
     widths = Table(title="units per layer")
     widths.add_column("layer")

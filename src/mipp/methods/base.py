@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.progress import Reporter
 from mipp.surgery.costs import CostModel
 from mipp.surgery.structure import ModelStructure, UnitGroup
@@ -90,8 +91,10 @@ class PruneContext:
 
     ``model`` is the working copy (eval mode; the caller's model is never touched). Methods
     that prune in rounds *mask* removed units in it (:meth:`ModelStructure.mask`) and track
-    them in ``alive``. ``inputs`` ``(n, *input_shape)`` and ``labels`` ``(n,)`` (or None)
-    are the calibration set every method shares, on the model's device; ``data`` is what the
+    them in ``alive``. ``inputs`` (:class:`~mipp.inputs.Samples`: n samples of a tensor, a
+    tuple or a dict of tensors, and the ``forward`` that runs them — ``inputs[i:j].run(model)``
+    gives the output; a tensor given here is wrapped) and ``labels`` ``(n,)`` (or None) are
+    the calibration set every method shares, on the model's device; ``data`` is what the
     caller passed to :func:`mipp.prune` (IMP re-trains on it). Methods add the seconds of
     their phases to ``timings`` (see :data:`mipp.report.WORK_PHASES` for the names that
     count as their own work) and report progress through ``report``.
@@ -101,7 +104,7 @@ class PruneContext:
     structure: ModelStructure
     groups: list[UnitGroup]
     costs: CostModel
-    inputs: Tensor
+    inputs: Samples
     labels: Tensor | None
     batch_size: int
     seed: int
@@ -114,6 +117,7 @@ class PruneContext:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.inputs = as_samples(self.inputs)
         if not self.alive:
             self.alive = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
 
@@ -130,7 +134,7 @@ class PruneContext:
         (bool masks) went; a fully removed group counts as fully removed (layer collapse)."""
         return sparsities(self.costs, self.groups, removed)
 
-    def batches(self, n: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def batches(self, n: int | None = None) -> Iterator[tuple[Samples, Tensor | None]]:
         """The first ``n`` (default all) calibration samples in ``batch_size`` chunks."""
         stop = len(self.inputs) if n is None else min(n, len(self.inputs))
         for i in range(0, stop, self.batch_size):

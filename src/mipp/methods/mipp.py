@@ -354,7 +354,12 @@ class MIPP(Method):
         form, :meth:`~mipp.estimators.Estimator.confidence_folds`); 0 (threshold and target
         modes) accumulates none, exactly as without the option."""
         work, structure, groups, x = ctx.model, ctx.structure, ctx.groups, ctx.inputs
-        layers = {n: m for n, m in work.named_modules() if n in structure.readers}
+        # the consumers' inputs (X) and the next layers' (Y; a next layer reading no group,
+        # e.g. one fed by a width that is never pruned, gives its whole input)
+        wanted = set(structure.readers) | {
+            nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
+        }
+        layers = {n: m for n, m in work.named_modules() if n in wanted}
         _check_samples(ctx, est, layers, self.pool, test=test)
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))

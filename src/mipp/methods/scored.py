@@ -236,12 +236,16 @@ def unit_sum(group: UnitGroup, modules: Mapping[str, nn.Module], per_param) -> T
 
     ``per_param(param) -> Tensor`` gives a score tensor shaped like ``param`` (or None to
     skip it). The unit's parameters are every producer's weight rows and bias entries for
-    that unit (dimension 0 of Conv/Linear weights is the output unit).
+    that unit (dimension 0 of Conv/Linear weights is the output unit), over all its channels
+    (several in a group tied by a grouped conv), and its filters in the depthwise convs it
+    passes through.
     """
     total = torch.zeros(group.size, dtype=torch.float64)
-    for p in group.producers:
+    for p in [*group.producers, *group.channelwise]:
         module = modules[p]
-        idx = torch.tensor(group.producer_index[p], dtype=torch.long)
+        index = group.producer_index.get(p, group.producer_index[group.root])
+        owner = torch.tensor([j for j, ix in enumerate(index) for _ in ix], dtype=torch.long)
+        idx = torch.tensor([c for ix in index for c in ix], dtype=torch.long)
         for param in (module.weight, module.bias):
             if param is None:
                 continue
@@ -249,7 +253,7 @@ def unit_sum(group: UnitGroup, modules: Mapping[str, nn.Module], per_param) -> T
             if s is None:
                 continue
             per_out = s.detach().reshape(s.shape[0], -1).sum(1).double().cpu()
-            total += per_out[idx]
+            total.index_add_(0, owner, per_out[idx])
     return total
 
 
@@ -261,12 +265,12 @@ def unit_maps(raw: Tensor, consumer: Consumer) -> Tensor:
     conv channel) and as an ``(m, 1)`` column otherwise (m = 1 for a neuron).
     """
     idx = torch.tensor(consumer.index, dtype=torch.long)  # (U, m)
-    if raw.ndim == 4:
-        if idx.shape[1] != 1:
-            raise MippError("a conv consumer maps one channel per unit; got several")
-        return raw[:, idx[:, 0]]
+    if raw.ndim == 4:  # several channels per unit (tied by a grouped conv): stacked rows
+        n, _, h, w = raw.shape
+        return raw[:, idx].reshape(n, idx.shape[0], idx.shape[1] * h, w)
     if raw.ndim == 3:  # Conv1d input (n, C, L)
-        return raw[:, idx[:, 0]].unsqueeze(-1)
+        n, _, length = raw.shape
+        return raw[:, idx].reshape(n, idx.shape[0], idx.shape[1] * length, 1)
     if raw.ndim != 2:
         raise MippError(f"cannot read unit maps from an input of shape {tuple(raw.shape)}")
     g = raw[:, idx]  # (n, U, m)

@@ -102,6 +102,13 @@ def group_columns(
                     unit += list(range(acts.output.shape[1]))
                 continue
             for nxt in structure.next_layers[c.layer]:
+                if not structure.readers.get(nxt) and (acts.alias.get(nxt, nxt), "") not in seen:
+                    # a layer reading no unit group: its whole input, outside the walk
+                    seen.add((acts.alias.get(nxt, nxt), ""))
+                    whole = acts.of(nxt)
+                    cols.append(whole.reshape(len(whole), -1))
+                    owner += [-2] * cols[-1].shape[1]
+                    unit += list(range(cols[-1].shape[1]))
                 for h_name, h_cons in structure.readers.get(nxt, []):
                     key = (acts.alias.get(nxt, nxt), h_name)
                     if key in seen:

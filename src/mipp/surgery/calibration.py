@@ -1,26 +1,40 @@
 """The calibration set every pruning method shares: inputs and, when known, labels.
 
-What ``data`` may be (:func:`calibration_inputs`; the same list is in :func:`mipp.prune`):
+What ``data`` may be (:func:`calibration_inputs`; the same list is in :func:`mipp.prune`).
+*Inputs* are a tensor or numpy array ``(n, ...)``, a dict of them (keyword arguments:
+``model(**inputs)``) or a tuple of them (positional arguments: ``model(*inputs)``), every
+array with the same leading dimension n:
 
 - an :class:`~mipp.zoo.data.ImageDataset`;
-- a tensor or numpy array of inputs ``(n, ...)``;
-- a pair ``(inputs, labels)`` (a tuple) of tensors or numpy arrays of the same length;
+- inputs: a tensor or numpy array, or a dict of them;
+- a pair ``(inputs, labels)`` (a tuple) with labels a tensor or numpy array of the same
+  length, or None; a tuple (or list) of positional inputs comes only as the first element
+  of a pair or of a batch, e.g. ``((ids, mask), None)``;
 - an iterable of batches (a list, a ``DataLoader``, a generator): each an input tensor or
-  array ``(b, ...)``, or a tuple / list ``(inputs, labels, ...)``;
+  array ``(b, ...)``, a dict of them, or a tuple / list ``(inputs, labels, ...)``;
 - an iterable of per-sample pairs ``(x_i, y_i)`` with a scalar label (``list(zip(x, y))``,
-  a map-style dataset's items): the samples are stacked.
+  a map-style dataset's items): the samples (tensors, or dicts / tuples of them) are stacked.
 
 Bare tensors in an iterable are always read as batches: a list of per-sample tensors cannot
 be told from a list of batches without the model, so stack it yourself (``torch.stack``)
-or pair each sample with its label. Anything else — a dict, a string, a batch of another
-type, batches whose samples differ in shape — raises :class:`~mipp.errors.CalibrationError`
-naming what was found.
+or pair each sample with its label. A tuple ``(a, b, ...)`` of arrays is always read as
+``(inputs, labels, ...)``, as a ``DataLoader`` over a ``TensorDataset(x, y)`` gives it; give
+several positional inputs as its first element, ``((a, b), labels)``. Every entry of a dict
+goes to the model (a Hugging Face ``labels`` entry too); the labels of the loss-based methods
+come from the pair forms. Anything else — a string, a batch of another type, batches whose
+samples differ in shape or keys — raises :class:`~mipp.errors.CalibrationError` naming what
+was found.
 
-Checks on the result: inputs are real numbers with a batch dimension and at least one more,
-all finite; integer inputs (e.g. uint8 images in 0..255) are converted to float32 with a
-:class:`UnscaledInputWarning` (once per call) when they exceed 1, since models are trained on
-scaled inputs; and the set must not be *degenerate* (:func:`degenerate_reason`) unless
-``allow_degenerate=True``.
+Checks on the result: every input has a batch dimension, one input (the only one, for a
+bare tensor) has a sample shape too, all are real numbers and the floating ones finite, and
+the set must not be *degenerate* (:func:`degenerate_reason`) unless
+``allow_degenerate=True``. Integer inputs — the rule: a bare integer tensor given for a model
+without ``nn.Embedding`` / ``nn.EmbeddingBag`` (``keep_integers=False``; in
+:func:`mipp.prune`, :func:`mipp.inputs.reads_token_ids` decides) is taken for unscaled images
+(e.g. uint8 in 0..255) and converted to float32, with an :class:`UnscaledInputWarning` (once
+per call) when its values exceed 1, since models are trained on scaled inputs. Token ids
+(the model has an embedding) and integer entries of a dict or tuple (masks, ids) stay
+integers.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import torch
 from torch import Tensor
 
 from mipp.errors import CalibrationError
+from mipp.inputs import Batch, Samples, describe
 from mipp.zoo.data import ImageDataset, calibration_subset
 
 __all__ = ["UnscaledInputWarning", "calibration_inputs", "degenerate_reason"]
@@ -68,6 +83,77 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, Tensor | np.ndarray)
 
 
+def _is_inputs(value: Any) -> bool:
+    """An array, a dict or a non-empty tuple / list (as a ``DataLoader`` collates a tuple):
+    something read as inputs (checked by :func:`_inputs`)."""
+    return (
+        _is_array(value)
+        or isinstance(value, Mapping)
+        or (isinstance(value, tuple | list) and bool(value))
+    )
+
+
+def _inputs(value: Any, what: str) -> Batch:
+    """Inputs of an array, a dict of arrays (keyword) or a tuple / list of arrays
+    (positional), numpy converted; anything else is refused by type."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise CalibrationError(f"{what} is an empty dict; give its tensors by name")
+        for key in value:
+            if not isinstance(key, str):
+                raise CalibrationError(
+                    f"{what} is a dict with the key {key!r}; keyword inputs need str keys"
+                )
+        return {k: _array(v, f"{what}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, tuple | list) and value:
+        return tuple(_array(v, f"{what}[{i}]") for i, v in enumerate(value))
+    return _array(value, what)
+
+
+def _leaves(x: Batch) -> list[Tensor]:
+    return [x] if isinstance(x, Tensor) else list(x.values() if isinstance(x, Mapping) else x)
+
+
+def _layout(x: Batch, *, batched: bool = True) -> tuple:
+    """What must agree between batches (``batched``: sample shapes) or between per-sample
+    inputs (whole shapes): the keys or positions, and each shape."""
+    start = 1 if batched else 0
+    if isinstance(x, Tensor):
+        return (tuple(x.shape[start:]),)
+    names = list(x) if isinstance(x, Mapping) else list(range(len(x)))
+    return tuple((k, tuple(t.shape[start:])) for k, t in zip(names, _leaves(x), strict=True))
+
+
+def _count(x: Batch, what: str) -> int:
+    """The number of samples of ``x``: the leading dimension every array shares."""
+    leaves = _leaves(x)
+    if any(t.ndim == 0 for t in leaves):
+        if isinstance(x, Tensor):
+            raise CalibrationError(f"{what} are a single number; give (n, ...)")
+        raise CalibrationError(f"{what} hold a single number; every input needs a batch dimension")
+    sizes = [int(t.shape[0]) for t in leaves]
+    if len(set(sizes)) > 1:
+        raise CalibrationError(
+            f"{what} hold different numbers of samples ({', '.join(map(str, sizes))}); every "
+            f"input shares the batch dimension"
+        )
+    return sizes[0]
+
+
+def _join(parts: list[Batch], op) -> Batch:
+    """``op`` (``torch.cat`` / ``torch.stack``) entry by entry over inputs of one layout."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return op(parts)
+    if isinstance(first, Mapping):
+        return {k: op([p[k] for p in parts]) for k in first}
+    return tuple(op([p[i] for p in parts]) for i in range(len(first)))
+
+
+def _take(x: Batch, index: Tensor | slice) -> Batch:
+    return x[index] if isinstance(x, Tensor) else Samples(x)[index].value
+
+
 def _scalar_label(value: Any) -> bool:
     """A per-sample label: a Python / numpy number or a 0-dim tensor / array."""
     if isinstance(value, bool):
@@ -77,10 +163,10 @@ def _scalar_label(value: Any) -> bool:
     return _is_array(value) and value.ndim == 0
 
 
-def _from_iterable(data: Iterable[Any], n: int) -> tuple[Tensor, Tensor | None]:
-    parts: list[Tensor] = []
+def _from_iterable(data: Iterable[Any], n: int) -> tuple[Batch | None, Tensor | None]:
+    parts: list[Batch] = []
     labels: list[Tensor] = []
-    samples: list[Tensor] = []
+    samples: list[Batch] = []
     sample_labels: list[Any] = []
     count = 0
     for k, item in enumerate(data):
@@ -90,35 +176,46 @@ def _from_iterable(data: Iterable[Any], n: int) -> tuple[Tensor, Tensor | None]:
                     f"item {k} of the calibration data is a per-sample (input, label) pair but "
                     f"earlier items are batches; give one kind"
                 )
-            samples.append(_array(item[0], f"the input of calibration item {k}"))
+            samples.append(_inputs(item[0], f"the input of calibration item {k}"))
             sample_labels.append(item[1])
             count += 1
-        elif _is_array(item) or (isinstance(item, tuple | list) and item and _is_array(item[0])):
+        elif (
+            _is_array(item)
+            or isinstance(item, Mapping)
+            or (isinstance(item, tuple | list) and item and _is_inputs(item[0]))
+        ):
             if samples:
                 raise CalibrationError(
                     f"item {k} of the calibration data is a batch but earlier items are "
                     f"per-sample (input, label) pairs; give one kind"
                 )
-            x = _array(item if _is_array(item) else item[0], f"calibration batch {k}")
-            if x.ndim == 0:
+            bare = _is_array(item) or isinstance(item, Mapping)
+            x = _inputs(item if bare else item[0], f"calibration batch {k}")
+            if any(t.ndim == 0 for t in _leaves(x)):
                 raise CalibrationError(
                     f"calibration batch {k} is a single number; batches are (b, ...) arrays"
                 )
-            if parts and x.shape[1:] != parts[0].shape[1:]:
+            b = _count(x, f"the inputs of calibration batch {k}")
+            if parts and _layout(x) != _layout(parts[0]):
+                if isinstance(x, Tensor) and isinstance(parts[0], Tensor):
+                    raise CalibrationError(
+                        f"calibration batch {k} holds inputs of shape {tuple(x.shape[1:])}, "
+                        f"batch 0 of shape {tuple(parts[0].shape[1:])}; all must match"
+                    )
                 raise CalibrationError(
-                    f"calibration batch {k} holds inputs of shape {tuple(x.shape[1:])}, "
-                    f"batch 0 of shape {tuple(parts[0].shape[1:])}; all must match"
+                    f"calibration batch {k} holds {describe(x)}, batch 0 "
+                    f"{describe(parts[0])}; all must match"
                 )
             parts.append(x)
-            if not _is_array(item) and len(item) > 1 and _is_array(item[1]):
+            if not bare and len(item) > 1 and _is_array(item[1]):
                 y = _array(item[1], f"the labels of calibration batch {k}")
-                if y.ndim == 0 or len(y) != len(x):
+                if y.ndim == 0 or len(y) != b:
                     raise CalibrationError(
-                        f"calibration batch {k} has {len(x)} inputs but labels of shape "
+                        f"calibration batch {k} has {b} inputs but labels of shape "
                         f"{tuple(y.shape)}; give one label per input"
                     )
                 labels.append(y)
-            count += len(x)
+            count += b
         else:
             what = (
                 f"a {type(item).__name__} of {len(item)} item(s) starting with a {_type(item[0])}"
@@ -127,18 +224,20 @@ def _from_iterable(data: Iterable[Any], n: int) -> tuple[Tensor, Tensor | None]:
             )
             raise CalibrationError(
                 f"calibration item {k} is {what}; each item must be a batch (a tensor or numpy "
-                f"array, or a tuple (inputs, labels)) or a per-sample pair (input, label)"
+                f"array, a dict of them, or a tuple (inputs, labels)) or a per-sample pair "
+                f"(input, label)"
             )
         if count >= n:
             break
     if samples:
-        shapes = {tuple(s.shape) for s in samples}
-        if len(shapes) > 1:
-            some = ", ".join(map(str, sorted(shapes)[:3]))
+        layouts = {_layout(s, batched=False) for s in samples}
+        if len(layouts) > 1:
+            shown = [lay[0] if isinstance(samples[0], Tensor) else lay for lay in layouts]
+            some = ", ".join(map(str, sorted(shown, key=str)[:3]))
             raise CalibrationError(
                 f"the per-sample calibration inputs differ in shape ({some}); all must match"
             )
-        x = torch.stack(samples)[:n]
+        x = _take(_join(samples, torch.stack), slice(None, n))
         try:
             y = torch.as_tensor(
                 np.asarray([v.item() if _is_array(v) else v for v in sample_labels])
@@ -147,15 +246,16 @@ def _from_iterable(data: Iterable[Any], n: int) -> tuple[Tensor, Tensor | None]:
             raise CalibrationError(f"the per-sample labels are not numbers: {e}") from None
         return x, y
     if not parts:
-        return torch.empty(0), None
-    x = torch.cat(parts)[:n]
+        return None, None
+    x = _take(_join(parts, torch.cat), slice(None, n))
     y = torch.cat(labels)[:n] if labels and len(labels) == len(parts) else None
     return x, y
 
 
-def degenerate_reason(x: Tensor) -> str | None:
+def degenerate_reason(x: Batch) -> str | None:
     """Why ``x`` is a degenerate calibration set, or None if it is not.
 
+    ``x``: inputs ``(n, ...)``, or a dict / tuple of them (a sample is then all its entries).
     The rule: with ``n >= 2`` samples, the set is degenerate when it holds a single distinct
     input (all zeros, one image repeated) or fewer distinct inputs than half the samples.
     On such a set every unit's activations are (nearly) constant, every estimated
@@ -166,14 +266,20 @@ def degenerate_reason(x: Tensor) -> str | None:
     >>> degenerate_reason(torch.randn(8, 3)) is None
     True
     """
-    n = len(x)
+    leaves = _leaves(x)
+    n = len(leaves[0])
     if n < 2:
         return None
     # distinct rows by a fixed random projection (O(n·d), no copy of x; two different rows
     # collide only if they differ below float64 resolution along it), not a row sort
-    flat = x.reshape(n, -1)
-    w = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    keys = torch.cat([chunk.to(torch.float64) @ w.to(chunk.device) for chunk in flat.split(256)])
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.zeros(n, dtype=torch.float64)
+    for t in leaves:
+        flat = t.reshape(n, -1)
+        w = torch.randn(flat.shape[1], generator=gen, dtype=torch.float64)
+        keys += torch.cat(
+            [chunk.to(torch.float64) @ w.to(chunk.device) for chunk in flat.split(256)]
+        ).cpu()
     distinct = int(torch.unique(keys).numel())
     if distinct == 1 or 2 * distinct < n:
         return f"only {distinct} distinct input{'s' if distinct > 1 else ''} among {n} samples"
@@ -181,13 +287,21 @@ def degenerate_reason(x: Tensor) -> str | None:
 
 
 def calibration_inputs(
-    data: Any, n: int, *, seed: int, allow_degenerate: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """The calibration inputs ``(n, *input_shape)`` and their labels (None if unknown).
+    data: Any,
+    n: int,
+    *,
+    seed: int,
+    allow_degenerate: bool = False,
+    keep_integers: bool = False,
+) -> tuple[Batch, Tensor | None]:
+    """The calibration inputs and their labels ``(n,)`` (None if unknown).
 
-    ``data``: one of the forms in the module docstring. An ImageDataset, an input tensor /
-    array or a pair ``(inputs, labels)`` gives a seeded subset of ``n`` (all of it when it
-    holds fewer); an iterable gives its first ``n`` samples.
+    ``data``: one of the forms in the module docstring. An ImageDataset, inputs or a pair
+    ``(inputs, labels)`` give a seeded subset of ``n`` (all of it when it holds fewer); an
+    iterable gives its first ``n`` samples. The inputs come back in their form: a tensor
+    ``(n, *input_shape)``, or a dict / tuple of tensors ``(n, ...)`` (numpy arrays become
+    tensors). ``keep_integers``: a bare integer tensor is token ids, kept as it is (the model
+    reads it with an embedding); otherwise it is converted to float32 (module docstring).
 
     Raises:
         CalibrationError: ``data`` is of no accepted form (the message names its type), is
@@ -195,66 +309,72 @@ def calibration_inputs(
             (:func:`degenerate_reason`) and ``allow_degenerate`` is False.
 
     Warns:
-        UnscaledInputWarning: integer inputs with values above 1 (converted to float32).
+        UnscaledInputWarning: integer inputs converted to float32 with values above 1.
     """
     y: Tensor | None = None
+    x: Batch | None
     if isinstance(data, ImageDataset):
         ds = calibration_subset(data, min(n, len(data)), seed=seed) if len(data) else data
         x, y = ds.x, ds.y
-    elif _is_array(data) or (
-        isinstance(data, tuple) and len(data) == 2 and all(_is_array(t) for t in data)
+    elif (
+        _is_array(data)
+        or isinstance(data, Mapping)
+        or (
+            isinstance(data, tuple)
+            and len(data) == 2
+            and _is_inputs(data[0])
+            and (_is_array(data[1]) or data[1] is None)
+        )
     ):
-        if _is_array(data):
-            x = _array(data, "the calibration inputs")
+        if not isinstance(data, tuple):
+            x = _inputs(data, "the calibration inputs")
         else:
-            x = _array(data[0], "the calibration inputs")
-            y = _array(data[1], "the calibration labels")
-            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+            x = _inputs(data[0], "the calibration inputs")
+            y = None if data[1] is None else _array(data[1], "the calibration labels")
+            if y is not None and (
+                any(t.ndim == 0 for t in _leaves(x))
+                or y.ndim == 0
+                or _count(x, "the calibration inputs") != len(y)
+            ):
+                shape = tuple(x.shape) if isinstance(x, Tensor) else describe(x)
                 raise CalibrationError(
-                    f"the pair (inputs, labels) has inputs of shape {tuple(x.shape)} and labels "
+                    f"the pair (inputs, labels) has inputs of shape {shape} and labels "
                     f"of shape {tuple(y.shape)}; give one label per input"
                 )
-        if x.ndim == 0:
-            raise CalibrationError("the calibration inputs are a single number; give (n, ...)")
-        if len(x) > n:
+        size = _count(x, "the calibration inputs")
+        if size > n:
             gen = torch.Generator().manual_seed(seed)
-            pick = torch.randperm(len(x), generator=gen)[:n].sort().values
-            x = x[pick]
+            pick = torch.randperm(size, generator=gen)[:n].sort().values
+            x = _take(x, pick)
             y = None if y is None else y[pick]
-    elif isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping):
+    elif isinstance(data, Iterable) and not isinstance(data, str | bytes):
         x, y = _from_iterable(data, n)
     else:
         raise CalibrationError(
-            f"data must be an ImageDataset, a tensor or numpy array of inputs, a pair "
-            f"(inputs, labels), an iterable of batches or of (input, label) pairs, got "
-            f"{_type(data)}"
+            f"data must be an ImageDataset, a tensor or numpy array of inputs (or a dict of "
+            f"them), a pair (inputs, labels), an iterable of batches or of (input, label) "
+            f"pairs, got {_type(data)}"
         )
-    if len(x) == 0:
+    if x is None or len(_leaves(x)[0]) == 0:
         raise CalibrationError("the calibration set is empty")
-    return _checked(x, allow_degenerate=allow_degenerate), y
+    return _checked(x, allow_degenerate=allow_degenerate, keep_integers=keep_integers), y
 
 
-def _checked(x: Tensor, *, allow_degenerate: bool) -> Tensor:
-    if x.ndim < 2:
-        raise CalibrationError(
-            f"calibration inputs need a batch dimension and a sample shape, e.g. (n, d) or "
-            f"(n, c, h, w); got shape {tuple(x.shape)}"
-        )
-    if x.numel() == 0:
-        raise CalibrationError(f"calibration inputs of shape {tuple(x.shape)} hold no values")
-    if x.dtype == torch.bool or x.is_complex():
-        raise CalibrationError(f"calibration inputs must be real numbers, got {x.dtype}")
-    if not x.is_floating_point():
-        if int(x.max()) > 1:
-            warnings.warn(
-                f"calibration inputs are {str(x.dtype).removeprefix('torch.')} with values up "
-                f"to {int(x.max())}: they are used unscaled; scale them as the model was "
-                f"trained (e.g. x / 255, then normalise)",
-                UnscaledInputWarning,
-                stacklevel=4,
+def _checked(x: Batch, *, allow_degenerate: bool, keep_integers: bool = False) -> Batch:
+    if isinstance(x, Tensor):
+        x = _checked_tensor(x, keep_integers=keep_integers)
+    else:
+        shaped = [t for t in _leaves(x) if t.ndim >= 2]
+        if not shaped:
+            raise CalibrationError(
+                f"calibration inputs need a batch dimension and, on one of them, a sample "
+                f"shape, e.g. (n, d); got {describe(x)}"
             )
-        x = x.float()
-    bad = int((~torch.isfinite(x)).sum())
+        for t in _leaves(x):
+            if t.numel() == 0 or t.is_complex():
+                problem = "hold no values" if t.numel() == 0 else f"are {t.dtype}, not real"
+                raise CalibrationError(f"the calibration {describe(x)} {problem}")
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in _leaves(x) if t.is_floating_point())
     if bad:
         raise CalibrationError(f"the calibration inputs hold {bad} NaN or infinite value(s)")
     reason = None if allow_degenerate else degenerate_reason(x)
@@ -267,11 +387,34 @@ def _checked(x: Tensor, *, allow_degenerate: bool) -> Tensor:
     return x
 
 
+def _checked_tensor(x: Tensor, *, keep_integers: bool) -> Tensor:
+    if x.ndim < 2:
+        raise CalibrationError(
+            f"calibration inputs need a batch dimension and a sample shape, e.g. (n, d) or "
+            f"(n, c, h, w); got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise CalibrationError(f"calibration inputs of shape {tuple(x.shape)} hold no values")
+    if x.dtype == torch.bool or x.is_complex():
+        raise CalibrationError(f"calibration inputs must be real numbers, got {x.dtype}")
+    if not x.is_floating_point() and not keep_integers:
+        if int(x.max()) > 1:
+            warnings.warn(
+                f"calibration inputs are {str(x.dtype).removeprefix('torch.')} with values up "
+                f"to {int(x.max())}: they are used unscaled; scale them as the model was "
+                f"trained (e.g. x / 255, then normalise)",
+                UnscaledInputWarning,
+                stacklevel=5,
+            )
+        x = x.float()
+    return x
+
+
 #: calibration samples :func:`constant_groups` runs through the model
 CONSTANT_CHECK_SAMPLES = 64
 
 
-def constant_groups(model: Any, x: Tensor, groups: Iterable[Any]) -> list[str]:
+def constant_groups(model: Any, x: Tensor | Samples, groups: Iterable[Any]) -> list[str]:
     """Names of the unit groups whose every unit is constant over the calibration samples.
 
     One forward of at most :data:`CONSTANT_CHECK_SAMPLES` samples of ``x`` records every

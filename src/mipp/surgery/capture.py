@@ -3,14 +3,17 @@
 MIPP needs, for every prunable unit layer, the activation its consumers actually read (after
 BatchNorm, the nonlinearity and any pooling in between). We get it by recording the *input*
 of every consumer layer (Conv / Linear) with forward pre-hooks, plus the network's output
-(the logits, the first target). Conv inputs are pooled per channel as they are recorded, so
-memory stays O(n · channels · k²):
+(the logits, the first target: what :meth:`~mipp.inputs.Samples.run` returns). Conv inputs
+are pooled per channel as they are recorded, so memory stays O(n · channels · k²):
 
 - ``pool="mean"``: global average over space, 1 feature per channel (default);
 - ``pool=k`` (int): adaptive k×k average, k² features per channel (a unit is then a block).
 
 Linear inputs are kept as they are (n, in_features); per-unit pooling of flattened conv maps
 happens later, when units are mapped to their input indices (see :mod:`mipp.surgery.structure`).
+A Linear applied to every position of a sequence or map ``(n, ..., in_features)`` (a
+transformer's tokens, a channels-last ConvNeXt block) is recorded like a conv input: its
+features are its channels, pooled over the positions.
 
 :func:`forward_until` runs a model only as far as one layer and returns that layer's input
 or output (a hook raises a private exception that ends the forward early), so a capture
@@ -25,7 +28,7 @@ Hooks exist only inside the ``with`` block and are removed even when the forward
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "capture_inputs",
     "count_calls",
     "forward_until",
+    "normalise_kept",
     "pool_channels",
     "record_first_inputs",
     "record_forward_order",
@@ -147,9 +152,10 @@ def count_calls(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, int]]:
 
 @contextlib.contextmanager
 def _recording(
-    model: nn.Module, layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
-) -> Iterator[tuple[dict[str, list[Tensor]], list[Tensor]]]:
-    """Hooks recording into ``(chunks, outputs)``; the caller may empty both between batches."""
+    layers: Mapping[str, nn.Module], *, pool: Pool, acts: Activations
+) -> Iterator[tuple[dict[str, list[Tensor]], list[Tensor], Callable[[Tensor], None]]]:
+    """Hooks recording into ``(chunks, outputs)``; the caller hands each forward's output to
+    the yielded ``end`` and may empty both lists between batches."""
     chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
     outputs: list[Tensor] = []
     first_pass = {"on": True, "seen": {}, "keep": []}
@@ -174,30 +180,26 @@ def _recording(
                     first_pass["keep"].append(x)  # keep alive: ids stay unique in this pass
             if name in acts.alias:
                 return
-            feats = pool_channels(x.detach(), pool) if is_conv else x.detach()
-            if not is_conv and feats.ndim != 2:
-                raise MippError(
-                    f"layer {name!r} ({type(mod).__name__}) receives an input of shape "
-                    f"{tuple(x.shape)}; only (batch, features) inputs of Linear layers are "
-                    f"supported"
-                )
+            if is_conv:
+                feats = pool_channels(x.detach(), pool)
+            elif x.ndim > 2:  # a Linear on (n, ..., features): tokens or a channels-last map
+                feats = pool_channels(x.detach().movedim(-1, 1), pool)
+            else:
+                feats = x.detach()
             chunks[name].append(feats.float().cpu())
 
         return hook
 
-    def out_hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+    def end(out: Tensor) -> None:
         first_pass["on"] = False
         first_pass["keep"].clear()
         ran.clear()
-        if not isinstance(out, Tensor):
-            raise MippError(f"the model returned {type(out).__name__}; expected a logits tensor")
         outputs.append(out.detach().float().cpu().reshape(out.shape[0], -1))
 
     try:
         for name, module in layers.items():
             handles.append(module.register_forward_pre_hook(make(name, module)))
-        handles.append(model.register_forward_hook(out_hook))
-        yield chunks, outputs
+        yield chunks, outputs, end
     finally:
         for h in handles:
             h.remove()
@@ -206,7 +208,7 @@ def _recording(
 
 def capture_activations(
     model: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor | Samples],
     layers: Mapping[str, nn.Module],
     *,
     pool: Pool = "mean",
@@ -215,7 +217,8 @@ def capture_activations(
 
     Args:
         model: the network; its train/eval mode is restored afterwards.
-        batches: input tensors ``(batch, *input_shape)`` on the model's device.
+        batches: input tensors ``(batch, *input_shape)`` or :class:`~mipp.inputs.Samples`,
+            on the model's device; the output recorded is what ``Samples.run`` returns.
         layers: name → Conv/Linear module whose input to record.
         pool: ``"mean"`` or k (see the module docstring).
 
@@ -234,7 +237,7 @@ def capture_activations(
 
 def stream_activations(
     model: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor | Samples],
     layers: Mapping[str, nn.Module],
     *,
     pool: Pool = "mean",
@@ -255,10 +258,10 @@ def stream_activations(
     ([4, 4, 2], ['2'])
     """
     acts = Activations()
-    recording = _recording(model, layers, pool=pool, acts=acts)
-    with eval_mode(model), torch.no_grad(), recording as (chunks, outs):
+    recording = _recording(layers, pool=pool, acts=acts)
+    with eval_mode(model), torch.no_grad(), recording as (chunks, outs, end):
         for x in batches:
-            model(x)
+            end(as_samples(x).run(model))
             batch = Activations(alias=acts.alias, order=acts.order)
             for name, got in chunks.items():
                 if name not in acts.alias and got:
@@ -287,7 +290,7 @@ def _check_finite(acts: Activations) -> None:
 
 def capture_inputs(
     model: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor | Samples],
     layers: Mapping[str, nn.Module],
     reduce: Callable[[str, Tensor], Tensor],
 ) -> dict[str, Tensor]:
@@ -314,7 +317,7 @@ def capture_inputs(
                 handles.append(module.register_forward_pre_hook(make(name)))
             with torch.no_grad():
                 for x in batches:
-                    model(x)
+                    as_samples(x).run(model)
         finally:
             for h in handles:
                 h.remove()
@@ -326,7 +329,7 @@ class _StopForward(Exception):
 
 
 def record_first_inputs(
-    model: nn.Module, x: Tensor, layers: Mapping[str, nn.Module]
+    model: nn.Module, x: Tensor | Samples, layers: Mapping[str, nn.Module]
 ) -> tuple[dict[str, Tensor], Exception | None]:
     """Run ``x`` once (eval mode, no grad) keeping the first input of each layer, unpooled.
 
@@ -349,7 +352,7 @@ def record_first_inputs(
             for name, module in layers.items():
                 handles.append(module.register_forward_pre_hook(make(name)))
             with torch.no_grad():
-                model(x)
+                as_samples(x).run(model)
         except Exception as e:  # the caller reports it
             error = e
         finally:
@@ -361,8 +364,9 @@ def record_first_inputs(
 @contextlib.contextmanager
 def forward_until(
     model: nn.Module, layer: nn.Module, *, record: Literal["input", "output"]
-) -> Iterator[Callable[[Tensor], Tensor]]:
-    """Within the block, ``run(x)`` forwards ``x`` only as far as ``layer``.
+) -> Iterator[Callable[[Tensor | Samples], Tensor]]:
+    """Within the block, ``run(x)`` forwards ``x`` (a tensor or :class:`~mipp.inputs.Samples`)
+    only as far as ``layer``.
 
     ``run(x)`` returns the (detached) first positional input of ``layer`` (``record="input"``:
     the forward stops before ``layer`` runs) or its output (``record="output"``: it stops
@@ -395,11 +399,11 @@ def forward_until(
         box.append(out.detach())
         raise _StopForward
 
-    def run(x: Tensor) -> Tensor:
+    def run(x: Tensor | Samples) -> Tensor:
         box.clear()
         try:
             with torch.no_grad():
-                model(x)
+                as_samples(x).run(model)
         except _StopForward:
             return box.pop()
         raise MippError(
@@ -417,3 +421,45 @@ def forward_until(
         finally:
             handle.remove()
             box.clear()
+
+
+def _normalise_kept(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """``module``'s output on ``x`` when only the channels ``keep`` exist (statistics over
+    those channels), with zeros in the other channels' places."""
+    weight = module.weight[keep] if module.weight is not None else None
+    bias = module.bias[keep] if module.bias is not None else None
+    if isinstance(module, nn.GroupNorm):
+        dim = 1
+        part = F.group_norm(x.index_select(1, keep), module.num_groups, weight, bias, module.eps)
+    else:  # a LayerNorm over the channel dimension: the last one, or 1 for channels-first
+        width = module.normalized_shape[-1]
+        dim = x.ndim - 1 if x.shape[-1] == width or x.ndim < 3 else 1
+        kept = x.index_select(dim, keep).movedim(dim, -1)
+        part = F.layer_norm(kept, (len(keep),), weight, bias, module.eps).movedim(-1, dim)
+    out = torch.zeros_like(x)
+    return out.index_copy(dim, keep, part)
+
+
+@contextlib.contextmanager
+def normalise_kept(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """Inside the block, each normalisation layer ``name`` of ``keep`` (a LayerNorm or a
+    GroupNorm) normalises over its channels ``keep[name]`` only and outputs 0 for the
+    others: what the same layer computes after the other channels are removed. The masked
+    reference of a removal through such a layer (:mod:`mipp.surgery.verify`)."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make(index: Tensor):
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            return _normalise_kept(mod, args[0], index.to(args[0].device))
+
+        return hook
+
+    try:
+        for name, channels in keep.items():
+            index = torch.tensor(sorted(int(c) for c in channels), dtype=torch.long)
+            handles.append(modules[name].register_forward_hook(make(index)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -25,13 +25,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mipp.inputs import Samples, as_samples
 from mipp.metrics import count_macs, count_params
-from mipp.surgery.structure import ModelStructure
+from mipp.surgery.structure import (
+    ModelStructure,
+    conv_groups,
+    is_depthwise,
+    is_norm,
+    norm_width,
+)
 
 __all__ = ["CostModel", "LatencyTable", "measure_layer_latency"]
 
 _Kind = str  # "params", "macs" or "latency"
-_TIMED = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_TIMED = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 
 
 @dataclass(frozen=True)
@@ -48,15 +65,16 @@ class LatencyTable:
 
 def measure_layer_latency(
     model: nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | Samples,
     *,
     batch_size: int = 64,
     repeats: int = 10,
     warmup: int = 2,
 ) -> LatencyTable:
     """Time every Conv / Linear / BatchNorm layer of ``model`` (eval mode, no grad) on a batch
-    of ``batch_size`` inputs built from ``example`` ``(n, *input_shape)`` (its first rows,
-    repeated if it has fewer), on the model's device.
+    of ``batch_size`` inputs built from ``example`` ``(n, *input_shape)`` or
+    :class:`~mipp.inputs.Samples` (its first rows, repeated if it has fewer), on the model's
+    device.
 
     A layer's time is the wall clock between its forward pre-hook and its forward hook (the
     device is synchronised at both on CUDA), the median over ``repeats`` forwards after
@@ -70,10 +88,10 @@ def measure_layer_latency(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{label} must be an integer >= {low}, got {v!r}")
+    example = as_samples(example)
     param = next(model.parameters(), None)
     device = param.device if param is not None else example.device
-    reps = -(-batch_size // len(example))
-    x = example.repeat(reps, *([1] * (example.ndim - 1)))[:batch_size].to(device)
+    x = example[torch.arange(batch_size) % len(example)].to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, _TIMED)}
     times: dict[str, list[float]] = {n: [] for n in layers}
@@ -109,7 +127,7 @@ def measure_layer_latency(
                 recording[0] = i >= warmup
                 sync()
                 t = time.perf_counter()
-                model(x)
+                x.run(model)
                 sync()
                 if recording[0]:
                     totals.append(time.perf_counter() - t)
@@ -132,7 +150,7 @@ class CostModel:
     def __init__(
         self,
         structure: ModelStructure,
-        example_input: torch.Tensor,
+        example_input: torch.Tensor | Samples,
         *,
         latency: LatencyTable | None = None,
     ) -> None:
@@ -145,16 +163,18 @@ class CostModel:
         per_layer = macs.per_layer
         self._layers: list[tuple[nn.Module, int, list, str | None]] = []
         producer_of = {p: g.name for g in structure.groups for p in g.producers}
-        norm_of = {n: g.name for g in structure.groups for n in g.norms}
+        # per-channel layers: BatchNorms and depthwise convs (their filter is the channel's)
+        norm_of = {n: g.name for g in structure.groups for n in [*g.norms, *g.channelwise]}
+        self._ties = {g.name: g.ties for g in structure.groups}
         self._fixed_params = self.params_before
         self._times: list[float] = []  # measured seconds per entry of _layers (latency)
         self._group_size = {g.name: g.size for g in structure.groups}
         for name, m in model.named_modules():
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
+            if _per_channel(m):
+                self._layers.append((m, per_layer.get(name, 0), [], norm_of.get(name)))
+            elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
                 ins = [(g, [len(ix) for ix in c.index]) for g, c in structure.readers.get(name, [])]
                 self._layers.append((m, per_layer.get(name, 0), ins, producer_of.get(name)))
-            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                self._layers.append((m, per_layer.get(name, 0), [], norm_of.get(name)))
             else:
                 continue
             self._times.append(latency.per_layer.get(name, 0.0) if latency is not None else 0.0)
@@ -164,17 +184,23 @@ class CostModel:
         params = self._fixed_params
         macs = 0
         for m, layer_macs, ins, out_group in self._layers:
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                out = m.num_features
-                out_a = out - _gone(removed, out_group)
-                params += (2 * out_a) if m.affine else 0
+            if _per_channel(m):
+                out = _widths(m)[1]
+                out_a = out - self._gone(removed, out_group)
+                params += out_a * _channel_params(m)
                 macs += layer_macs * out_a // out if out else 0
                 continue
             in_, out, area = _widths(m)
-            in_a, out_a = in_ - _in_gone(removed, ins), out - _gone(removed, out_group)
-            params += out_a * in_a * area + (out_a if m.bias is not None else 0)
+            in_a, out_a = in_ - _in_gone(removed, ins), out - self._gone(removed, out_group)
+            params += out_a * in_a * area // conv_groups(m) + (out_a if m.bias is not None else 0)
             macs += layer_macs * in_a * out_a // (in_ * out)
         return params, macs
+
+    def _gone(self, removed: Mapping[str, torch.Tensor], group: str | None) -> int:
+        """Channels removed from ``group`` (units × channels per unit)."""
+        if group is None or group not in removed:
+            return 0
+        return int(removed[group].sum()) * self._ties.get(group, 1)
 
     def latency(self, removed: Mapping[str, torch.Tensor]) -> float:
         """Predicted forward seconds after removing ``removed`` (see the module docstring):
@@ -185,8 +211,8 @@ class CostModel:
         seconds = self.table.total - sum(self._times)
         for (m, _, ins, out_group), t in zip(self._layers, self._times, strict=True):
             in_, out_, _ = _widths(m)
-            out_a = out_ - _gone(removed, out_group)
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            out_a = out_ - self._gone(removed, out_group)
+            if _per_channel(m):
                 seconds += t * out_a / out_ if out_ else 0.0
                 continue
             in_a = in_ - _in_gone(removed, ins)
@@ -227,48 +253,54 @@ class CostModel:
         for (m, layer_macs, ins, out_group), seconds in zip(self._layers, self._times, strict=True):
             if kind == "latency":  # time scales like MACs: the same formulas, other weights
                 layer_macs = seconds
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                if out_group is None or not m.num_features:
+            width = _widths(m)[1]
+            if _per_channel(m):
+                if out_group is None or not width:
                     continue
-                per = (
-                    (2.0 if m.affine else 0.0) if kind == "params" else layer_macs / m.num_features
-                )
-                size = self._group_size[out_group]
-                add(out_group, [per] * size if m.num_features == size else [0.0] * size)
+                per = _channel_params(m) if kind == "params" else layer_macs / width
+                size, ties = self._group_size[out_group], self._ties[out_group]
+                add(out_group, [per * ties] * size if width == size * ties else [0.0] * size)
                 continue
             in_, out_, area = _widths(m)
-            in_a, out_a = in_ - _in_gone(removed, ins), out_ - _gone(removed, out_group)
+            in_a, out_a = in_ - _in_gone(removed, ins), out_ - self._gone(removed, out_group)
             unit_mac = layer_macs / (in_ * out_) if in_ * out_ else 0.0  # MACs per (in, out) pair
-            if out_group is not None:  # a producer: one output row per unit
+            per_group = conv_groups(m)  # a grouped conv's row reads in/groups inputs
+            if out_group is not None:  # a producer: one output row per channel of the unit
                 if kind == "params":
-                    per = in_a * area + (1 if m.bias is not None else 0)
+                    per = in_a * area / per_group + (1 if m.bias is not None else 0)
                 else:
                     per = unit_mac * in_a
-                # every unit of the group has one row here (a concatenation's producer holds
+                # every unit of the group has its rows here (a concatenation's producer holds
                 # only its own units: the others save nothing in it)
-                size = self._group_size[out_group]
-                add(out_group, [float(per)] * size if out_ == size else [0.0] * size)
+                size, ties = self._group_size[out_group], self._ties[out_group]
+                add(out_group, [float(per) * ties] * size if out_ == size * ties else [0.0] * size)
             for group, sizes in ins:  # a consumer: the unit's input slice
                 if kind == "params":
-                    add(group, [float(out_a * area * s) for s in sizes])
+                    add(group, [float(out_a * area * s / per_group) for s in sizes])
                 else:
                     add(group, [unit_mac * out_a * s for s in sizes])
         return out
 
 
+def _per_channel(m: nn.Module) -> bool:
+    """A layer holding parameters per channel only: a normalisation or a depthwise conv."""
+    return is_norm(m) or is_depthwise(m)
+
+
+def _channel_params(m: nn.Module) -> int:
+    """Parameters a per-channel layer holds for one channel."""
+    if is_norm(m):
+        return sum(p is not None for p in (m.weight, m.bias))
+    return math.prod(m.kernel_size) + (1 if m.bias is not None else 0)
+
+
 def _widths(m: nn.Module) -> tuple[int, int, int]:
-    """(input width, output width, kernel area) of a Conv / Linear; BatchNorm: (w, w, 1)."""
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        return m.num_features, m.num_features, 1
+    """(input width, output width, kernel area) of a Conv / Linear; a norm: (w, w, 1)."""
+    if is_norm(m):
+        return norm_width(m), norm_width(m), 1
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features, 1
     return m.in_channels, m.out_channels, math.prod(m.kernel_size)
-
-
-def _gone(removed: Mapping[str, torch.Tensor], group: str | None) -> int:
-    if group is None or group not in removed:
-        return 0
-    return int(removed[group].sum())
 
 
 def _in_gone(removed: Mapping[str, torch.Tensor], ins: list) -> int:

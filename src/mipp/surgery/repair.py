@@ -101,6 +101,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
 from mipp.progress import ProgressCallback, Reporter
 from mipp.surgery.capture import forward_until
@@ -146,7 +147,7 @@ def _is_int(v: object) -> bool:
 
 
 def _check_options(
-    x: Tensor,
+    x: Tensor | Samples,
     ridge: float,
     locations: int,
     batch_size: int,
@@ -171,11 +172,18 @@ def _check_options(
         )
 
 
-def _check_batch(x: Tensor, batch_size: int) -> None:
+def _check_batch(x: Tensor | Samples, batch_size: int) -> None:
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(x, Samples):
+        if len(x) == 0:
+            raise ValueError(f"x must hold at least one calibration sample, got {x!r}")
+        return
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor of inputs (n, *input_shape), got {type(x).__name__}")
+        raise TypeError(
+            f"x must be a tensor of inputs (n, *input_shape) or mipp.inputs.Samples, got "
+            f"{type(x).__name__}"
+        )
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(
             f"x must hold at least one calibration sample (n, *input_shape), got shape "
@@ -219,17 +227,17 @@ class _Probe:
     live: int
 
 
-def _probe(model: nn.Module, x: Tensor, names: Sequence[str]) -> _Probe:
+def _probe(model: nn.Module, x: Samples, names: Sequence[str]) -> _Probe:
     """Forward ``x`` (one sample) through ``model``, watching the layers ``names``."""
     modules = dict(model.named_modules())
     probe = _Probe([], {}, 0)
     tracked: dict[int, tuple[weakref.ref, int]] = {}  # storage address → (tensor, bytes)
     x = x.to(_device(model, x.device))
-    own = x.untyped_storage().data_ptr()  # the input: held by the caller anyway
+    own = {t.untyped_storage().data_ptr() for t in x.tensors}  # held by the caller anyway
 
     def track(t: Tensor) -> None:
         key = t.untyped_storage().data_ptr()
-        if key != own:
+        if key not in own:
             size = t.numel() * t.element_size()
             old = tracked.get(key)
             alive = old is not None and old[0]() is not None
@@ -264,7 +272,7 @@ def _probe(model: nn.Module, x: Tensor, names: Sequence[str]) -> _Probe:
                 pre, post = make(name)
                 handles.append(modules[name].register_forward_pre_hook(pre))
                 handles.append(modules[name].register_forward_hook(post))
-            model(x)
+            x.run(model)
         finally:
             for h in handles:
                 h.remove()
@@ -506,7 +514,7 @@ def _fit_layer(
     name: str,
     original: nn.Module,
     pruned: nn.Module,
-    x: Tensor,
+    x: Samples,
     kept: Tensor,
     *,
     ridge: float,
@@ -542,7 +550,7 @@ def _fit_layer(
 def _per_layer(
     original: nn.Module,
     pruned: nn.Module,
-    x: Tensor,
+    x: Samples,
     names: Sequence[str],
     kept: Mapping[str, Tensor],
     *,
@@ -624,7 +632,7 @@ def _plan_positions(
 
 def _record_targets(
     original: nn.Module,
-    x: Tensor,
+    x: Samples,
     layers: Mapping[str, nn.Module],
     kept: Mapping[str, Tensor],
     plans: Mapping[str, _ConvPlan],
@@ -675,7 +683,7 @@ def _record_targets(
                 seen.clear()
                 current[0] = b
                 with contextlib.suppress(_Stop):
-                    original(x[i:j].to(dev))
+                    x[i:j].to(dev).run(original)
                 missing = [n for n in layers if n not in seen]
                 if missing:
                     raise MippError(
@@ -720,7 +728,7 @@ def _caller_state() -> Callable[[], contextlib.AbstractContextManager]:
 class _Worker:
     """One batch's forward in its own thread (see :func:`_lockstep`)."""
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Samples) -> None:
         self.x = x
         self.resume = threading.Semaphore(0)
         self.stop = False
@@ -731,7 +739,7 @@ class _Worker:
 
 @contextlib.contextmanager
 def _lockstep(
-    model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[Tensor], device
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[Samples], device
 ) -> Iterator[Callable[[int], tuple[str, Tensor] | None]]:
     """Within the block, ``advance(b)`` runs batch b's forward through ``model`` on to the
     first call of the next of ``layers`` and returns ``(name, input)`` (the forward waits
@@ -766,7 +774,7 @@ def _lockstep(
         local.worker = w
         try:
             with torch.no_grad(), state():
-                model(w.x.to(device))
+                w.x.to(device).run(model)
             reports.put(("end", None, None))
         except _Stop:
             reports.put(("stopped", None, None))
@@ -813,7 +821,7 @@ def _lockstep(
 def _single_pass(
     original: nn.Module,
     pruned: nn.Module,
-    x: Tensor,
+    x: Samples,
     names: Sequence[str],
     kept: Mapping[str, Tensor],
     probe: _Probe,
@@ -919,7 +927,7 @@ def _free_bytes(device: torch.device) -> int | None:
 def compensate(
     original: nn.Module,
     pruned: nn.Module,
-    x: Tensor,
+    x: Tensor | Samples,
     *,
     kept_out: Mapping[str, Sequence[int]],
     layers: Sequence[str] | None = None,
@@ -937,7 +945,9 @@ def compensate(
         original: the unpruned network (only run, never changed).
         pruned: the network after removal (``original`` with units deleted; same module
             names). Its layers' weights and biases are overwritten in place.
-        x: calibration inputs ``(n, *input_shape)``; batches are moved to each model's device.
+        x: calibration inputs ``(n, *input_shape)`` or :class:`~mipp.inputs.Samples` (inputs
+            of any form and the ``forward`` that runs them); batches are moved to each
+            model's device.
         kept_out: layer name → the original output indices that layer kept, for every layer
             whose output units were pruned (each group's producers keep the group's kept
             units). Layers not in it kept all outputs.
@@ -975,6 +985,7 @@ def compensate(
             the layer widths.
     """
     _check_options(x, ridge, locations, batch_size, seed, path, memory_budget)
+    x = as_samples(x)
     if original is pruned:
         raise ValueError("original and pruned must be different modules (deepcopy before pruning)")
     chosen = _select_layers(original, pruned, layers)
@@ -1001,7 +1012,7 @@ def compensate(
             free = _free_bytes(dev)
             budget = None if free is None else free // 2
         param = next(original.parameters(), None)
-        size = x.element_size() if param is None else param.element_size()
+        size = x.tensors[0].element_size() if param is None else param.element_size()
         need = _single_pass_bytes(probe, {n: mine[n] for n in names}, len(x), locations, size)
         chosen_path = "single-pass" if budget is None or need <= budget else "per-layer"
         if chosen_path == "per-layer":
@@ -1053,7 +1064,7 @@ def compensate(
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def recalibrate_bn(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> int:
+def recalibrate_bn(model: nn.Module, x: Tensor | Samples, *, batch_size: int = 256) -> int:
     """Re-estimate the running statistics of every BatchNorm of ``model`` on ``x``, in place.
 
     Every ``BatchNorm1d/2d/3d`` with ``track_running_stats`` has its statistics reset and
@@ -1075,6 +1086,7 @@ def recalibrate_bn(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> int
         The number of BatchNorm layers recalibrated (0 leaves ``model`` untouched).
     """
     _check_batch(x, batch_size)
+    x = as_samples(x)
     bns = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
     if not bns:
         return 0
@@ -1094,7 +1106,7 @@ def recalibrate_bn(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> int
             bn.train()
         with torch.no_grad():
             for a, b in zip(starts, ends, strict=True):
-                model(x[a:b].to(device))
+                x[a:b].to(device).run(model)
         ok = True
     finally:
         for m, mode in modes:
@@ -1121,8 +1133,9 @@ def kept_outputs(
         gone = set(int(i) for i in removed.get(g.name, ()))
         if not gone:
             continue
-        for p in g.producers:
-            out[p] = sorted(g.producer_index[p][j] for j in range(g.size) if j not in gone)
+        kept = [j for j in range(g.size) if j not in gone]
+        for p in [*g.producers, *g.channelwise]:
+            out[p] = g.channels(kept, p if p in g.producer_index else None)
     return out
 
 
@@ -1131,7 +1144,7 @@ def finish(
     pruned: nn.Module,
     structure: ModelStructure,
     removed: Mapping[str, Sequence[int]],
-    x: Tensor,
+    x: Tensor | Samples,
     *,
     compensate_layers: bool,
     recalibrate: bool,

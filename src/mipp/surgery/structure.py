@@ -9,8 +9,30 @@ group we record
 - ``consumers``: the Conv/Linear layers that read them, with, for every unit, the indices of
   the consumer's input that belong to it (one channel for a conv; the flattened map of a
   channel, e.g. 25 values, for a Linear after ``flatten``);
-- ``kind``: ``"internal"`` (one producer: a plain layer or a residual block's inner conv) or
-  ``"stream"`` (several producers tied by additions: a residual stream).
+- ``kind``: ``"internal"`` (one producer: a plain layer or a residual block's inner conv),
+  ``"stream"`` (several producers tied by additions: a residual stream) or ``"heads"``
+  (attention heads, below);
+- ``channelwise``: depthwise convolutions (``groups == in_channels == out_channels``) the
+  group's channels pass through. A depthwise conv maps channel c to channel c only, so it is
+  neither a producer nor a consumer: it loses the unit's filter with the unit, like a
+  BatchNorm, and what the consumers read is its output.
+
+Grouped convolutions (``1 < groups``, not depthwise) are pruned with the per-group width kept
+equal: output channel (or input channel) p of every one of the conv's ``groups`` blocks is
+tied into one unit, so each unit of such a group is ``groups`` channels (the lcm of the
+groups of every grouped layer touching the group) and a removal takes the same position out
+of every block. The group count never changes; a group whose channels cannot be tied into
+equal units is refused.
+
+Attention heads: query, key and value projections are tied by the attention products into
+one group with several producers. When they are Linear children of one module that says its
+head size (an int attribute ``attention_head_size``, as Hugging Face's attention modules, or
+``head_dim``), the group's units are its heads — ``head size`` consecutive channels of every
+projection and of the output projection's input — its kind is ``"heads"`` (pruned under
+scope "internal") and a removal updates the module's head-count attributes
+(``num_attention_heads`` / ``num_heads``, ``all_head_size``). The forward must size its
+reshapes from the projections' outputs (``view(..., -1, head_size)``), as Hugging Face's do;
+the verification refuses a removal that breaks it.
 
 Groups are returned from the output towards the input (reverse topological order of their
 first producer). :meth:`ModelStructure.remove` deletes units physically with explicit
@@ -30,6 +52,7 @@ import torch_pruning as tp
 from torch import nn
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
 from mipp.surgery.capture import count_calls, record_forward_order
 
@@ -41,13 +64,75 @@ __all__ = [
     "UnitGroup",
     "UnsupportedModuleError",
     "build_structure",
+    "conv_groups",
+    "head_size",
+    "input_weights",
+    "is_depthwise",
+    "is_norm",
+    "norm_width",
+    "renormalises",
+    "unsupported_modules",
+    "zero_inputs",
 ]
 
 Scope = Literal["internal", "all"]
 SCOPES = ("internal", "all")
 
 _UNIT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: normalisation layers, pruned with the channels they normalise (see :func:`renormalises`)
+_NORMS = (
+    *_BATCHNORMS,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+#: attention modules holding their own projections: their embedding width is a residual
+#: stream's, pruned (like every stream) only with scope "all"; their heads are never pruned
+_ATTENTION = (nn.MultiheadAttention,)
+#: lookup tables reading token ids: supported, never pruned (a group tied to one is skipped)
+_TABLES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: ``groups == in_channels == out_channels > 1`` (each output
+    channel reads its own input channel only)."""
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer mipp prunes with its channels (BatchNorm1d/2d, InstanceNorm1d/2d,
+    GroupNorm, LayerNorm)."""
+    return isinstance(module, _NORMS)
+
+
+def norm_width(module: nn.Module) -> int:
+    """The number of channels a normalisation layer holds."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    return module.num_features
+
+
+def renormalises(module: nn.Module) -> bool:
+    """A normalisation whose statistics span several channels: a LayerNorm over the channel
+    dimension, or a GroupNorm with fewer groups than channels. Removing a channel there
+    changes how the kept channels are normalised (the pruned model normalises over the kept
+    channels only), unlike a BatchNorm / InstanceNorm, which normalises each channel alone."""
+    if isinstance(module, nn.LayerNorm):
+        return True
+    return isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels
+
+
+def conv_groups(module: nn.Module) -> int:
+    """The ``groups`` of a Conv (1 for a Linear)."""
+    return module.groups if isinstance(module, nn.Conv1d | nn.Conv2d) else 1
 
 
 class UnsupportedModuleError(MippError, TypeError):
@@ -76,15 +161,29 @@ class UnitGroup:
     producers: list[str]
     consumers: list[Consumer]
     norms: list[str]
-    kind: Literal["internal", "stream"]
+    kind: Literal["internal", "stream", "heads"]
     position: int = 0
-    #: producer name → its output index of each unit (identity for plain layers)
-    producer_index: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: producer name → its output channels of each unit (one channel per unit, except in
+    #: groups tied by a grouped convolution: ``ties`` channels per unit)
+    producer_index: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    #: depthwise convolutions the units pass through (pruned with them, see module docstring)
+    channelwise: list[str] = field(default_factory=list)
+    #: channels per unit (1, or the lcm of the groups of the grouped convs touching it)
+    ties: int = 1
+    #: normalisation layer → its channels of each unit (as ``producer_index``)
+    norm_index: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    #: the attention module whose heads are this group's units (kind "heads"), else None
+    attention: str | None = None
 
     @property
     def root(self) -> str:
         """The layer Torch-Pruning roots the group at (its first producer in forward order)."""
         return self.producers[0]
+
+    def channels(self, units: Sequence[int], layer: str | None = None) -> list[int]:
+        """Output channels of producer ``layer`` (default: the root) holding ``units``."""
+        index = self.producer_index[self.root if layer is None else layer]
+        return sorted(c for j in units for c in index[int(j)])
 
 
 @dataclass
@@ -126,8 +225,9 @@ class ModelStructure:
         raise KeyError(name)
 
     def in_scope(self, scope: Scope) -> list[UnitGroup]:
-        """Groups pruned under ``scope`` (``"internal"``: single-producer groups only)."""
-        return [g for g in self.groups if scope == "all" or g.kind == "internal"]
+        """Groups pruned under ``scope`` (``"internal"``: single-producer groups and
+        attention heads; ``"all"``: residual streams too)."""
+        return [g for g in self.groups if scope == "all" or g.kind in ("internal", "heads")]
 
     def remove(self, removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
         """Physically delete units: ``removed[group name]`` are unit indices of that group.
@@ -149,8 +249,30 @@ class ModelStructure:
                 raise ValueError(f"refusing to remove all {g.size} units of group {g.name!r}")
             root = modules[g.root]
             fn = self.graph.get_pruner_of_module(root).prune_out_channels
-            idxs = sorted(g.producer_index[g.root][j] for j in units)
+            idxs = g.channels(units)
+            # a GroupNorm keeps its group count (units are tied so that every group loses
+            # as many channels), except with one channel per group: then whole groups go
+            single = [
+                modules[n]
+                for n in g.norms
+                if isinstance(modules[n], nn.GroupNorm)
+                and modules[n].num_groups == modules[n].num_channels
+            ]
+            # Torch-Pruning 1.6.1 slices a LayerNorm's weight and bias in set order, not
+            # sorted (it calls the non-in-place ``Tensor.sort``): we slice them again
+            layer_norms = {
+                n: (modules[n].weight, modules[n].bias, g.norm_index[n])
+                for n in g.norms
+                if isinstance(modules[n], nn.LayerNorm)
+            }
             self.graph.get_pruning_group(root, fn, idxs=idxs).prune(record_history=False)
+            for m in single:
+                m.num_groups = m.num_channels
+            if g.attention is not None:
+                _set_heads(modules[g.attention], g.size - len(units), g.ties)
+            for n, (weight, bias, index) in layer_norms.items():
+                gone = {c for j in units for c in index[j]}
+                _reslice(modules[n], weight, bias, gone)
             done[g.name] = units
         return done
 
@@ -175,7 +297,7 @@ class ModelStructure:
                     )
                 root = modules[g.root]
                 fn = self.graph.get_pruner_of_module(root).prune_out_channels
-                idxs = sorted(g.producer_index[g.root][j] for j in units)
+                idxs = g.channels(units)
                 for dep, ix in self.graph.get_pruning_group(root, fn, idxs=idxs):
                     _zero(
                         dep.target.module,
@@ -184,35 +306,134 @@ class ModelStructure:
                     )
 
 
+def head_size(module: nn.Module) -> int | None:
+    """The head size an attention module declares (``attention_head_size`` or
+    ``head_dim``, a positive int), else None."""
+    for attr in ("attention_head_size", "head_dim"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _set_heads(module: nn.Module, heads: int, size: int) -> None:
+    """Update an attention module's head-count attributes after a head removal."""
+    for attr, value in (
+        ("num_attention_heads", heads),
+        ("num_heads", heads),
+        ("all_head_size", heads * size),
+    ):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
+
+
+def _reslice(module: nn.Module, weight, bias, gone: set[int]) -> None:
+    """Set a pruned LayerNorm's affine parameters to the kept slice of the originals."""
+    if weight is None and bias is None:
+        return
+    width = (weight if weight is not None else bias).shape[-1]
+    keep = torch.tensor([c for c in range(width) if c not in gone], dtype=torch.long)
+    for attr, old in (("weight", weight), ("bias", bias)):
+        if old is not None:
+            setattr(module, attr, nn.Parameter(old.detach().index_select(-1, keep.to(old.device))))
+
+
 def _zero(module: nn.Module, idxs: list[int], *, out: bool) -> None:
     if isinstance(module, _NORMS):
-        if module.affine:
-            module.weight[idxs] = 0
-            module.bias[idxs] = 0
+        for param in (module.weight, module.bias):  # None when not affine
+            if param is not None:
+                param[idxs] = 0
     elif isinstance(module, _UNIT_LAYERS):
-        if out:
+        if out or is_depthwise(module):  # a depthwise filter is the channel's only weight
             module.weight[idxs] = 0
             if module.bias is not None:
                 module.bias[idxs] = 0
         else:
-            module.weight[:, idxs] = 0
+            zero_inputs(module, idxs)
+
+
+def input_weights(module: nn.Module, idxs: Sequence[int]) -> list[tuple[slice, list[int]]]:
+    """Where a Conv/Linear's weights for input channels ``idxs`` are: a list of (output rows,
+    weight columns). A grouped conv's input channel c is column ``c mod (in/groups)`` of the
+    output rows of its block ``c // (in/groups)``; otherwise column c of every row."""
+    g = conv_groups(module)
+    if g == 1:
+        return [(slice(None), list(idxs))]
+    per_in = module.in_channels // g
+    per_out = module.out_channels // g
+    blocks: dict[int, list[int]] = {}
+    for c in idxs:
+        blocks.setdefault(int(c) // per_in, []).append(int(c) % per_in)
+    return [(slice(b * per_out, (b + 1) * per_out), cols) for b, cols in sorted(blocks.items())]
+
+
+def zero_inputs(module: nn.Module, idxs: Sequence[int]) -> None:
+    """Zero the weights of a Conv/Linear that read its input channels ``idxs`` (in place;
+    grouped convs included)."""
+    with torch.no_grad():
+        for rows, cols in input_weights(module, idxs):
+            module.weight[rows, cols] = 0
+
+
+def unsupported_modules(model: nn.Module) -> list[str]:
+    """Every module of ``model`` mipp cannot prune around, each as ``'name' (Type)`` (the
+    root module as ``<root>``), in definition order; empty when the model is supported.
+
+    Supported: Conv1d / Conv2d (grouped and depthwise included), Linear, BatchNorm1d / 2d,
+    InstanceNorm1d / 2d, GroupNorm, LayerNorm over one dimension, nn.MultiheadAttention,
+    per-channel parameters of other modules (:func:`_channel_dim`: layer-scale gammas,
+    PReLU slopes, ``cls_token`` / ``pos_embed``, sliced with the channels they index),
+    Embedding / EmbeddingBag (never pruned) and any module without parameters of its own
+    (activations, pooling, dropout, reshapes).
+    """
+    out = []
+    for name, m in model.named_modules():
+        label = f"{name or '<root>'!r} ({type(m).__name__})"
+        if isinstance(m, nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+            out.append(label)
+            continue
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            out.append(f"{label[:-1]} over {len(m.normalized_shape)} dimensions)")
+            continue
+        if isinstance(m, _UNIT_LAYERS + _NORMS + _TABLES + _ATTENTION):
+            continue
+        own = [n for n, p in m.named_parameters(recurse=False) if _channel_dim(p) is None]
+        if own:
+            out.append(label if name else f"{label[:-1]}, parameters {', '.join(own)})")
+    return out
+
+
+def _channel_dim(param: torch.Tensor) -> int | None:
+    """The dimension a loose parameter (one held by a module other than a layer mipp knows)
+    indexes channels along, or None when its layout is not a per-channel one.
+
+    Accepted: a scalar (-1: indexes nothing), a vector-like tensor with one dimension larger
+    than 1 (a layer-scale gamma ``(C,)`` or ``(C, 1, 1)``, a PReLU slope) and a token table
+    ``(1, ..., D)`` (a ``cls_token``, a learned ``pos_embed``: the last dimension). Anything
+    else — a weight matrix such as GPT-2's ``Conv1D`` — is not. Torch-Pruning slices the
+    accepted ones along their last dimension larger than 1 (the one returned here) with the
+    channels they are added to or concatenated with.
+    """
+    wide = [i for i, n in enumerate(param.shape) if n > 1]
+    if not wide:
+        return -1
+    if len(wide) == 1:
+        return wide[0]
+    if param.ndim >= 3 and param.shape[0] == 1 and wide[-1] == param.ndim - 1:
+        return param.ndim - 1
+    return None
 
 
 def _check_modules(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups != 1:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(m).__name__}, groups={m.groups}): grouped and "
-                f"depthwise convolutions are not supported yet"
-            )
-        if isinstance(m, nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
-            raise UnsupportedModuleError(f"module {name!r} ({type(m).__name__}) is not supported")
-        own = list(m.parameters(recurse=False))
-        if own and not isinstance(m, _UNIT_LAYERS + _NORMS):
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(m).__name__}) has parameters but is not a Conv1d/"
-                f"Conv2d, Linear or BatchNorm1d/2d layer; mipp cannot prune around it"
-            )
+    bad = unsupported_modules(model)
+    if bad:
+        raise UnsupportedModuleError(
+            f"{len(bad)} module{'s' if len(bad) > 1 else ''} mipp cannot prune around: "
+            f"{', '.join(bad)} (supported: Conv1d/Conv2d, grouped and depthwise included, "
+            f"Linear, BatchNorm, InstanceNorm, GroupNorm, LayerNorm over one dimension, "
+            f"MultiheadAttention, Embedding, per-channel parameters and modules without "
+            f"parameters)"
+        )
 
 
 def _next_layers(
@@ -257,6 +478,39 @@ def _width(module: nn.Module, *, out: bool) -> int:
     return module.out_channels if out else module.in_channels
 
 
+def _tie(size: int, keys: Mapping[int, list[tuple]], grouped: list[str]) -> list[list[int]]:
+    """Root channels of each unit: channels sharing a key (a grouped layer's position p in
+    each of its blocks) are one unit. Units are returned in order of their first channel."""
+    parent = list(range(size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for r in range(size):
+        for key in keys.get(r, ()):
+            if key in first:
+                a, b = find(first[key]), find(r)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[key] = r
+    units: dict[int, list[int]] = {}
+    for r in range(size):
+        units.setdefault(find(r), []).append(r)
+    out = [units[k] for k in sorted(units)]
+    if len({len(u) for u in out}) != 1:
+        raise UnsupportedModuleError(
+            f"cannot split {size} channels into equal units across the grouped "
+            f"convolutions {', '.join(repr(n) for n in grouped)}: their group counts do not "
+            f"divide the widths alike"
+        )
+    return out
+
+
 def _check_mapping(
     groups: list[UnitGroup],
     readers: Mapping[str, list[tuple[str, Consumer]]],
@@ -265,7 +519,7 @@ def _check_mapping(
     """Refuse a channel mapping Torch-Pruning got wrong (instead of mis-pruning silently)."""
     for g in groups:
         for p, index in g.producer_index.items():
-            if sorted(index) != list(range(_width(modules[p], out=True))):
+            if sorted(c for ix in index for c in ix) != list(range(_width(modules[p], out=True))):
                 raise UnsupportedModuleError(
                     f"cannot map the output channels of {p!r} ({type(modules[p]).__name__}, "
                     f"{_width(modules[p], out=True)} channels) to the unit group "
@@ -283,9 +537,116 @@ def _check_mapping(
             )
 
 
+def _unit_group(
+    tp_group,
+    graph: tp.DependencyGraph,
+    names: Mapping[nn.Module, str],
+    norm_names: Mapping[nn.Module, str],
+    position: Mapping[str, int],
+    modules: Mapping[str, nn.Module],
+) -> UnitGroup | None:
+    """Our record of one Torch-Pruning group (None when it has no producer or no consumer:
+    the model input's channels, or the output layer's)."""
+    size = len(tp_group[0].root_idxs)
+    out_map: dict[str, dict[int, int]] = {}  # producer → root channel → its output channel
+    in_map: dict[str, dict[int, list[int]]] = {}  # consumer → root channel → its inputs
+    norms: list[str] = []
+    channelwise: list[str] = []
+    norm_map: dict[str, dict[int, int]] = {}  # norm → root channel → its channel
+    keys: dict[int, list[tuple]] = {}  # root channel → tie keys (grouped layers)
+    grouped: list[str] = []
+    for i, (dep, idxs) in enumerate(tp_group):
+        module = dep.target.module
+        root_idxs = tp_group[i].root_idxs
+        if module in norm_names:
+            norms.append(norm_names[module])
+            for idx, r in zip(idxs, root_idxs, strict=True):
+                norm_map.setdefault(norm_names[module], {})[r] = int(idx)
+            if isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
+                block = module.num_channels // module.num_groups  # equal channels per group
+                grouped.append(norm_names[module])
+                for idx, r in zip(idxs, root_idxs, strict=True):
+                    keys.setdefault(r, []).append((norm_names[module], True, int(idx) % block))
+            continue
+        if module not in names:
+            continue
+        name = names[module]
+        if is_depthwise(module):
+            if name not in channelwise:
+                channelwise.append(name)
+            continue
+        out = graph.is_out_channel_pruning_fn(dep.handler)
+        if not out and not graph.is_in_channel_pruning_fn(dep.handler):
+            continue
+        groups_ = conv_groups(module)
+        block = _width(module, out=out) // groups_
+        if groups_ > 1 and name not in grouped:
+            grouped.append(name)
+        for idx, r in zip(idxs, root_idxs, strict=True):
+            if groups_ > 1:
+                keys.setdefault(r, []).append((name, out, int(idx) % block))
+            if out:
+                out_map.setdefault(name, {})[r] = int(idx)
+            else:
+                in_map.setdefault(name, {}).setdefault(r, []).append(int(idx))
+    ordered = sorted(out_map, key=lambda n: position.get(n, math.inf))
+    if not ordered or not in_map:
+        return None
+    attention = _attention_of(ordered, in_map, modules) if len(ordered) > 1 else None
+    if attention is not None:  # a head: head-size consecutive channels of every projection
+        hd = head_size(modules[attention])
+        for n in ordered:
+            for r, idx in out_map[n].items():
+                keys.setdefault(r, []).append((attention, "head", idx // hd))
+        grouped.append(attention)
+    units = _tie(size, keys, grouped) if keys else [[r] for r in range(size)]
+    producer_index = {n: tuple(tuple(out_map[n][r] for r in u) for u in units) for n in ordered}
+    consumers = [
+        Consumer(n, tuple(tuple(i for r in u for i in in_map[n].get(r, ())) for u in units))
+        for n in in_map
+    ]
+    return UnitGroup(
+        name=ordered[0],
+        size=len(units),
+        producers=ordered,
+        consumers=sorted(consumers, key=lambda c: position.get(c.layer, math.inf)),
+        norms=norms,
+        kind="heads" if attention else "internal" if len(ordered) == 1 else "stream",
+        position=min(position.get(n, math.inf) for n in ordered),
+        producer_index=producer_index,
+        channelwise=sorted(channelwise, key=lambda n: position.get(n, math.inf)),
+        ties=len(units[0]),
+        norm_index={
+            n: tuple(tuple(m[r] for r in u if r in m) for u in units) for n, m in norm_map.items()
+        },
+        attention=attention,
+    )
+
+
+def _attention_of(
+    producers: list[str], in_map: Mapping[str, object], modules: Mapping[str, nn.Module]
+) -> str | None:
+    """The attention module whose heads a multi-producer group holds, or None: every
+    producer and the one consumer are Linear layers under one module that declares its head
+    size (:func:`head_size`), dividing every projection's width."""
+    parents = {n.rpartition(".")[0] for n in producers}
+    if len(parents) != 1 or len(in_map) != 1:
+        return None
+    (parent,) = parents
+    hd = head_size(modules[parent]) if parent in modules else None
+    if hd is None:
+        return None
+    layers = [modules[n] for n in [*producers, *in_map]]
+    if not all(isinstance(m, nn.Linear) for m in layers):
+        return None
+    if any(modules[n].out_features % hd for n in producers):
+        return None
+    return parent
+
+
 def build_structure(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | Samples,
     *,
     output_layer: nn.Module | None = None,
 ) -> ModelStructure:
@@ -294,7 +655,9 @@ def build_structure(
     Args:
         model: a network of Conv1d/Conv2d, Linear, BatchNorm, activations, pooling, reshapes
             and residual additions / concatenations.
-        example_input: one input batch ``(n, *input_shape)``, used for tracing.
+        example_input: one input batch ``(n, *input_shape)``, or :class:`~mipp.inputs.Samples`
+            (inputs of any form and the ``forward`` that runs them), used for tracing; the
+            trace follows what ``Samples.run`` returns.
         output_layer: the layer producing the network output (never pruned). Default: the
             last Conv/Linear layer to run.
 
@@ -302,7 +665,13 @@ def build_structure(
         UnsupportedModuleError: a module mipp cannot handle (named, with its type).
     """
     _check_modules(model)
-    names = {m: n for n, m in model.named_modules() if isinstance(m, _UNIT_LAYERS)}
+    example = as_samples(example_input)
+    inside = [n + "." for n, m in model.named_modules() if isinstance(m, _ATTENTION)]
+    names = {  # an attention module's own projections are part of it, not unit layers
+        m: n
+        for n, m in model.named_modules()
+        if isinstance(m, _UNIT_LAYERS) and not any(n.startswith(p) for p in inside)
+    }
     if not names:
         raise UnsupportedModuleError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear layers to prune"
@@ -314,9 +683,21 @@ def build_structure(
             record_forward_order({n: m for m, n in names.items()}) as order,
             count_calls(tracked) as calls,
         ):
-            model(example_input)
+            example.run(model)
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example.value,
+                forward_fn=lambda m, _: example.run(m),
+                verbose=False,  # it slices loose per-channel parameters on its own
+            )
+    cut = [n for m, n in names.items() if n in order and m not in graph.module2node]
+    if cut:  # the trace starts at the output: their units would be removed from one side only
+        raise MippError(
+            f"layers {', '.join(map(repr, cut[:3]))} run but do not feed the output mipp "
+            f"preserves (the model's output tensor or .logits, or what forward= returns); pass "
+            f"a forward= returning an output that depends on every layer that runs"
+        )
     if output_layer is None:
         out_name = order[-1]
     else:
@@ -332,40 +713,13 @@ def build_structure(
         ignored_layers=[modules[out_name]], root_module_types=[nn.Conv1d, nn.Conv2d, nn.Linear]
     )
     for tp_group in raw:
-        producers: dict[str, tuple[int, ...]] = {}
-        consumers: list[Consumer] = []
-        norms: list[str] = []
-        size = len(tp_group[0].root_idxs)
-        for i, (dep, idxs) in enumerate(tp_group):
-            module = dep.target.module
-            root_idxs = tp_group[i].root_idxs
-            if module in names and graph.is_out_channel_pruning_fn(dep.handler):
-                index = [0] * size
-                for idx, r in zip(idxs, root_idxs, strict=True):
-                    index[r] = idx
-                producers[names[module]] = tuple(index)
-            elif module in names and graph.is_in_channel_pruning_fn(dep.handler):
-                per_unit: list[list[int]] = [[] for _ in range(size)]
-                for idx, r in zip(idxs, root_idxs, strict=True):
-                    per_unit[r].append(int(idx))
-                consumers.append(Consumer(names[module], tuple(tuple(u) for u in per_unit)))
-            elif module in norm_names:
-                norms.append(norm_names[module])
-        ordered = sorted(producers, key=lambda n: position.get(n, math.inf))
-        if not ordered or not consumers:
+        if any(isinstance(dep.target.module, _TABLES + _ATTENTION) for dep, _ in tp_group):
+            # units tied to an embedding table's width or read by an attention module's own
+            # projections are never pruned
             continue
-        groups.append(
-            UnitGroup(
-                name=ordered[0],
-                size=size,
-                producers=ordered,
-                consumers=sorted(consumers, key=lambda c: position.get(c.layer, math.inf)),
-                norms=norms,
-                kind="internal" if len(ordered) == 1 else "stream",
-                position=min(position.get(n, math.inf) for n in ordered),
-                producer_index={n: producers[n] for n in ordered},
-            )
-        )
+        group = _unit_group(tp_group, graph, names, norm_names, position, modules)
+        if group is not None:
+            groups.append(group)
     groups.sort(key=lambda g: g.position, reverse=True)
     readers: dict[str, list[tuple[str, Consumer]]] = {}
     for g in groups:
@@ -378,8 +732,8 @@ def build_structure(
         groups=groups,
         output_layer=out_name,
         order=list(order),
-        next_layers=_next_layers(graph, names),
+        next_layers=_next_layers(graph, {m: n for m, n in names.items() if not is_depthwise(m)}),
         readers=readers,
-        example_shape=tuple(example_input.shape[1:]),
+        example_shape=example.sample_shape,
         calls=dict(calls),
     )

@@ -25,6 +25,7 @@ mapping changes outputs on the scale of the outputs themselves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,9 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from mipp.errors import PruningVerificationError
+from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
-from mipp.surgery.capture import record_first_inputs
-from mipp.surgery.structure import ModelStructure, UnitGroup
+from mipp.surgery.capture import normalise_kept, record_first_inputs
+from mipp.surgery.structure import (
+    ModelStructure,
+    UnitGroup,
+    norm_width,
+    renormalises,
+    zero_inputs,
+)
 
 __all__ = [
     "VERIFY_SAMPLES",
@@ -56,6 +64,25 @@ def rtol(dtype: torch.dtype) -> float:
     return 1e-2 if dtype.is_floating_point and torch.finfo(dtype).bits <= 16 else 1e-4
 
 
+def renormalised(
+    model: nn.Module, structure: ModelStructure, removed: Mapping[str, Sequence[int]]
+) -> contextlib.AbstractContextManager:
+    """A context in which ``model``'s LayerNorms and GroupNorms that span removed channels
+    normalise over the kept channels only (:func:`mipp.surgery.capture.normalise_kept`):
+    with :func:`zero_consumer_inputs`, the masked reference of a removal through them."""
+    modules = dict(model.named_modules())
+    keep: dict[str, list[int]] = {}
+    for g in structure.groups:
+        gone = {int(j) for j in removed.get(g.name, ())}
+        if not gone:
+            continue
+        for name, index in g.norm_index.items():
+            if renormalises(modules[name]):
+                dropped = {c for j in gone for c in index[j]}
+                keep[name] = [c for c in range(norm_width(modules[name])) if c not in dropped]
+    return normalise_kept(model, keep)
+
+
 def zero_consumer_inputs(
     model: nn.Module, structure: ModelStructure, removed: Mapping[str, Sequence[int]]
 ) -> None:
@@ -72,7 +99,7 @@ def zero_consumer_inputs(
             for c in g.consumers:
                 cols = [i for j in units for i in c.index[j]]
                 if cols:
-                    modules[c.layer].weight[:, cols] = 0
+                    zero_inputs(modules[c.layer], cols)
 
 
 def _tensors(out: Any) -> list[Tensor]:
@@ -117,7 +144,7 @@ def verify_removal(
     pruned: nn.Module,
     structure: ModelStructure,
     removed: Mapping[str, Sequence[int]],
-    x: Tensor,
+    x: Tensor | Samples,
 ) -> None:
     """Check that ``pruned`` is ``reference`` with exactly the units ``removed`` removed.
 
@@ -127,7 +154,9 @@ def verify_removal(
         pruned: the model after :meth:`ModelStructure.remove`.
         structure: the structure the removal used (its unit → input-index records).
         removed: group name → removed unit indices.
-        x: a few inputs (:data:`VERIFY_SAMPLES` in :func:`mipp.prune`).
+        x: a few inputs (:data:`VERIFY_SAMPLES` in :func:`mipp.prune`), a tensor or
+            :class:`~mipp.inputs.Samples`; the outputs compared are what ``Samples.run``
+            returns.
 
     Raises:
         PruningVerificationError: the outputs differ by more than the tolerance (module
@@ -135,23 +164,29 @@ def verify_removal(
             the pruned model reads differently, and how to exclude it.
     """
     zero_consumer_inputs(reference, structure, removed)
-    with eval_mode(reference), eval_mode(pruned), torch.no_grad():
-        want = _tensors(reference(x))
+    x = as_samples(x)
+    with (
+        eval_mode(reference),
+        eval_mode(pruned),
+        torch.no_grad(),
+        renormalised(reference, structure, removed),
+    ):
+        want = _tensors(x.run(reference))
         try:
-            got = _tensors(pruned(x))
+            got = _tensors(x.run(pruned))
         except Exception as e:  # a wrong mapping can also break shapes
             raise PruningVerificationError(
                 _locate(reference, pruned, structure, removed, x, (math.inf, 0.0))
             ) from e
-    worst: tuple[float, float] | None = None
-    if len(got) != len(want):
-        worst = (math.inf, 0.0)
-    for g, w in zip(got, want, strict=False):
-        bad = mismatch(g, w)
-        if bad is not None and (worst is None or bad[0] > worst[0]):
-            worst = bad
-    if worst is not None:
-        raise PruningVerificationError(_locate(reference, pruned, structure, removed, x, worst))
+        worst: tuple[float, float] | None = None
+        if len(got) != len(want):
+            worst = (math.inf, 0.0)
+        for g, w in zip(got, want, strict=False):
+            bad = mismatch(g, w)
+            if bad is not None and (worst is None or bad[0] > worst[0]):
+                worst = bad
+        if worst is not None:
+            raise PruningVerificationError(_locate(reference, pruned, structure, removed, x, worst))
 
 
 def _first_line(error: Exception) -> str:
@@ -164,7 +199,7 @@ def _locate(
     pruned: nn.Module,
     structure: ModelStructure,
     removed: Mapping[str, Sequence[int]],
-    x: Tensor,
+    x: Samples,
     worst: tuple[float, float],
 ) -> str:
     """The message: the first layer whose input differs (or that the pruned model no longer

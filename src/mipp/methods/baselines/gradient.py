@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from mipp.errors import MippError
+from mipp.inputs import Samples, as_samples
 from mipp.methods.base import PruneContext
 from mipp.methods.scored import Allocation, Normalize, ScoredMethod, unit_sum
 
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-Batches = Sequence[tuple[Tensor, Tensor | None]]
+Batches = Sequence[tuple[Tensor | Samples, Tensor | None]]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -112,14 +113,16 @@ def loss_gradient(
 ) -> list[Tensor]:
     """``g = ∇_θ L`` with ``L = (1/n) Σ_i CE(f(x_i) / T, y_i)``, one tensor per parameter.
 
-    ``batches`` are ``(x (b, *shape), y (b,))`` chunks of the n samples; each chunk's summed
+    ``batches`` are ``(x, y (b,))`` chunks of the n samples, x a tensor ``(b, *shape)`` or
+    :class:`~mipp.inputs.Samples` (run by its ``forward``); each chunk's summed
     cross-entropy is scaled by ``1/n`` and the chunk gradients are added, so the result does
     not depend on the chunking. The model is used as it is (set eval mode yourself).
     """
     n = _count(batches)
     total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        loss = F.cross_entropy(model(x) / temperature, _labels(y), reduction="sum") / n
+        logits = as_samples(x).run(model)
+        loss = F.cross_entropy(logits / temperature, _labels(y), reduction="sum") / n
         for t, g in zip(total, _grad(loss, params), strict=True):
             t += g.detach()
     return total
@@ -143,7 +146,8 @@ def hessian_vector_product(
     v = [t.detach().to(p) for t, p in zip(vector, params, strict=True)]
     total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        loss = F.cross_entropy(model(x) / temperature, _labels(y), reduction="sum") / n
+        logits = as_samples(x).run(model)
+        loss = F.cross_entropy(logits / temperature, _labels(y), reduction="sum") / n
         grads = _grad(loss, params, create_graph=True)
         z = sum((g * t).sum() for g, t in zip(grads, v, strict=True))
         if not (isinstance(z, Tensor) and z.requires_grad):
@@ -151,6 +155,18 @@ def hessian_vector_product(
         for t, h in zip(total, _grad(z, params), strict=True):
             t += h.detach()
     return total
+
+
+class _Bound(nn.Module):
+    """``model`` run on one batch, ``Samples.run`` (``forward=`` included): a module that
+    :func:`torch.func.functional_call` can call with other parameters."""
+
+    def __init__(self, model: nn.Module, x: Samples) -> None:
+        super().__init__()
+        self.model, self.x = model, x
+
+    def forward(self) -> Tensor:
+        return self.x.run(self.model)
 
 
 def gauss_newton_product(
@@ -168,18 +184,19 @@ def gauss_newton_product(
     missing = [tuple(p.shape) for p in params if id(p) not in names]
     if missing:
         raise MippError(f"gauss_newton_product: tensors of shapes {missing} are not parameters")
-    keys = [names[id(p)] for p in params]
+    keys = [f"model.{names[id(p)]}" for p in params]  # as seen from _Bound
     primals = tuple(p.detach() for p in params)
     tangents = tuple(t.detach().to(p) for t, p in zip(vector, params, strict=True))
     n = _count(batches)
     total = [torch.zeros_like(p) for p in params]
     for x, _ in batches:
+        bound = _Bound(model, as_samples(x))
 
-        def logits_of(*theta: Tensor, x: Tensor = x) -> Tensor:
-            return functional_call(model, dict(zip(keys, theta, strict=True)), (x,))
+        def logits_of(*theta: Tensor, bound: _Bound = bound) -> Tensor:
+            return functional_call(bound, dict(zip(keys, theta, strict=True)), ())
 
         _, u = jvp(logits_of, primals, tangents)
-        logits = model(x)
+        logits = bound()
         p = torch.softmax(logits.detach(), dim=-1)
         w = p * u - p * (p * u).sum(-1, keepdim=True)
         for t, h in zip(total, _grad(logits, params, grad_outputs=w / n), strict=True):
@@ -338,8 +355,14 @@ class SynFlow(ScoredMethod):
         params = layer_parameters(net)
         for p in params:
             p.requires_grad_(True)
-        ones = torch.ones((1, *ctx.inputs.shape[1:]), dtype=torch.float64, device=ctx.inputs.device)
-        flow = _grad(net(ones).sum(), params)
+        x = ctx.inputs
+        if not (isinstance(x.value, Tensor) and x.value.is_floating_point()):
+            raise MippError(
+                f"method 'synflow' runs an all-ones input, which needs one floating-point "
+                f"input tensor; the calibration data has {x.describe()}"
+            )
+        ones = torch.ones((1, *x.sample_shape), dtype=torch.float64, device=x.device)
+        flow = _grad(x.with_value(ones).run(net).sum(), params)
         per_weight = {id(p): gi * p.detach() for p, gi in zip(params, flow, strict=True)}
         return _l1_scores(ctx, dict(net.named_modules()), per_weight)
 

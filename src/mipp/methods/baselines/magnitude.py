@@ -130,8 +130,16 @@ class IMP(L1Norm):
                     "method 'imp' re-trains between rounds and needs labelled data: pass an "
                     "ImageDataset or (inputs, labels), or give IMP(retrain=callback)"
                 )
+            x = ctx.inputs
+            if not isinstance(x.value, Tensor) or x.forward is not None:
+                raise MippError(
+                    f"method 'imp' re-trains with mipp's training loop, which runs model(x) on "
+                    f"one input tensor; the calibration data has {x.describe()}"
+                    + (" and forward=" if x.forward is not None else "")
+                    + ": give IMP(retrain=callback)"
+                )
             data = ImageDataset(
-                ctx.inputs.cpu(),
+                x.value.cpu(),
                 ctx.labels.cpu(),
                 num_classes=int(ctx.labels.max()) + 1,
                 name="calibration",

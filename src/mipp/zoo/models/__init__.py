@@ -24,6 +24,7 @@ from mipp.registry import lookup
 from mipp.zoo.models.blocks import BasicBlock, Bottleneck
 from mipp.zoo.models.lenet import LeNet5, lenet5
 from mipp.zoo.models.mlp import MLP, mlp
+from mipp.zoo.models.mobilenet import MobileNetV2, mobilenetv2
 from mipp.zoo.models.resnet import ResNet, resnet18, resnet34, resnet50
 from mipp.zoo.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
 from mipp.zoo.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19
@@ -36,6 +37,7 @@ __all__ = [
     "Bottleneck",
     "CifarResNet",
     "LeNet5",
+    "MobileNetV2",
     "ResNet",
     "create",
     "describe",
@@ -58,6 +60,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "mobilenetv2": mobilenetv2,
 }
 
 _DESCRIPTIONS: dict[str, str] = {
@@ -73,6 +76,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "resnet18": "ResNet-18 for 32 px (3×3 stem, no max-pool, basic blocks); 11.17 M params",
     "resnet34": "ResNet-34 for 32 px (3×3 stem, no max-pool, basic blocks); 21.28 M params",
     "resnet50": "ResNet-50 for 32 px (3×3 stem, no max-pool, bottlenecks); 23.52 M params",
+    "mobilenetv2": "MobileNetV2 for 32 px (inverted residuals, depthwise 3×3); 2.24 M params",
 }
 
 

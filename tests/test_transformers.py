@@ -1,0 +1,154 @@
+"""Transformers: FFN neurons and attention heads as units, loose per-channel parameters,
+and small Hugging Face models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_model, zero_consumers
+from mipp import prune
+from mipp.surgery.structure import build_structure
+
+
+def test_attention_heads_are_units_when_the_module_declares_its_head_size():
+    model, x = make_model("transformer-heads", n=512)
+    structure = build_structure(copy.deepcopy(model), x[:2])
+    g = structure.group("blocks.0.attn.q")
+    assert (g.kind, g.size, g.ties, g.attention) == ("heads", 4, 4, "blocks.0.attn")
+    assert g.producers == ["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v"]
+    assert g.producer_index["blocks.0.attn.v"][2] == (8, 9, 10, 11)  # head 2: channels 8-11
+    assert [c.layer for c in g.consumers] == ["blocks.0.attn.o"]
+    assert g in structure.in_scope("internal")
+    pruned = copy.deepcopy(model)
+    removed = {"blocks.0.attn.q": [0, 2], "blocks.1.attn.q": [3]}
+    build_structure(pruned, x[:2]).remove(removed)
+    attn = pruned.blocks[0].attn
+    assert (attn.q.out_features, attn.v.out_features, attn.o.in_features) == (8, 8, 8)
+    assert attn.num_heads == 2 and pruned.blocks[1].attn.num_heads == 3
+    masked = copy.deepcopy(model)
+    zero_consumers(masked, build_structure(masked, x[:2]), removed)
+    with torch.no_grad():
+        diff = (pruned.double()(x[:8].double()) - masked.double()(x[:8].double())).abs().max()
+    assert diff.item() < 1e-9
+
+
+def test_heads_pruned_by_mipp_at_high_sparsity_are_whole_heads():
+    model, x = make_model("transformer-heads", n=512)
+    result = prune(model, x, sparsity=0.9, compensate=False)
+    widths = {g.name: (g.kind, g.width_after) for g in result.report.groups}
+    for i, block in enumerate(result.model.blocks):
+        kind, heads = widths[f"blocks.{i}.attn.q"]
+        assert kind == "heads" and 1 <= heads <= 4
+        assert block.attn.q.out_features == block.attn.o.in_features == 4 * heads
+        assert block.attn.num_heads == heads
+    assert sum(4 - w for k, w in widths.values() if k == "heads") >= 1  # some head went
+
+
+class TinyViT(nn.Module):
+    """Patches → tokens with a cls_token and a learned pos_embed, a block with a layer-scale
+    gamma: per-channel parameters held by the root module and a block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 16) * 0.1)
+        self.block = make_model("transformer-heads")[0].blocks[0]
+        self.gamma = nn.Parameter(torch.full((16,), 0.5))
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1) + self.pos_embed
+        t = t + self.gamma * self.block(t)
+        return self.head(self.ln(t)[:, 0])
+
+
+def test_loose_per_channel_parameters_are_sliced_with_the_stream():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(512, 3, 8, 8)
+    result = prune(model, x, sparsity=0.5, scope="all", compensate=False)  # verified
+    stream = result.model.patch.out_channels
+    assert stream < 16  # the residual stream was pruned, its parameters with it
+    assert result.model.cls_token.shape == (1, 1, stream)
+    assert result.model.pos_embed.shape == (1, 5, stream)
+    assert result.model.gamma.shape == (stream,)
+    assert result.model.ln.normalized_shape == (stream,)
+
+
+def _transformers():
+    """Import transformers; torchvision, when installed as a CUDA build against a CPU torch,
+    breaks its import unless two op schemas exist first (the workaround for that build)."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install 'mipp[bench]')")
+    if importlib.util.find_spec("torchvision") is not None and "torchvision" not in sys.modules:
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _transformers.lib = lib  # keep the definitions alive
+        except RuntimeError:  # already defined: torchvision's own ops load
+            pass
+    import transformers
+
+    return transformers
+
+
+def test_hugging_face_bert_prunes_ffn_neurons_and_heads():
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (400, 16))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = prune(model, data, sparsity=0.8, compensate=False)  # verified inside
+    groups = {g.name: g for g in result.report.groups}
+    layer = "bert.encoder.layer.{}.".format
+    assert groups[layer(0) + "attention.self.query"].kind == "heads"
+    assert groups[layer(0) + "intermediate.dense"].kind == "internal"
+    for i, block in enumerate(result.model.bert.encoder.layer):
+        heads = groups[layer(i) + "attention.self.query"].width_after
+        assert block.attention.self.query.out_features == 8 * heads
+        assert block.attention.self.num_attention_heads == heads
+        assert block.attention.output.dense.out_features == 32  # residual width kept
+        assert block.intermediate.dense.out_features < 64
+    out = result.model(**{k: v[:4] for k, v in data.items()}).logits
+    assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
+def test_hugging_face_vit_keeps_its_embeddings_and_prunes_inside_blocks():
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    x = torch.randn(400, 3, 16, 16)
+    result = prune(model, x, sparsity=0.5, compensate=False)  # verified inside
+    kinds = {g.kind for g in result.report.groups}
+    assert kinds <= {"internal", "heads"} and "heads" in kinds
+    assert result.model.vit.embeddings.cls_token.shape[-1] == 32
+    assert result.report.achieved["units"] == pytest.approx(0.5, abs=0.01)
