@@ -2,7 +2,7 @@
 
     python benchmarks/coverage.py                          # every model (~1 h on 2 CPU cores)
     python benchmarks/coverage.py --models zoo-mobilenetv2,tv-mobilenet_v2,hf-bert \\
-        --samples 64 --size 32 --out /tmp/coverage         # a smoke run, ~4 min
+        --samples 64 --size 32 --out /tmp/coverage         # a smoke run, 2-4 min
     python benchmarks/coverage.py --list                   # the models and what they are
 
 As a new user would try it: each model of :data:`MODELS` (torchvision, timm and Hugging Face
@@ -18,8 +18,10 @@ initialisation (seed 0) in eval mode, and pruned to ``--sparsity`` (0.5) by
 
 Calibration data: ``--samples`` random inputs of the model's shape (seeded N(0, 1) images of
 ``--size`` pixels — the zoo replicas always at 32 — or uniform token ids, ``--tokens`` long,
-given to ``mipp.prune`` as a dict ``{"input_ids": ...}``). No labels: none of the four pruners
-uses them. Torch-Pruning gets the first two samples as its example inputs.
+given to ``mipp.prune`` as a dict ``{"input_ids": ...}``; GPT-2 is built with
+``use_cache=False``: Torch-Pruning cannot trace an output holding its key-value cache). No
+labels: none of the four pruners uses them. Torch-Pruning gets the first two samples as its
+example inputs.
 
 Per (model, pruner) one row: ``status`` is ``ok`` (pruned, and the pruned model's forward
 gives an output of the original's shape), ``refused`` (the pruner raised: ``error`` holds the
@@ -223,6 +225,8 @@ MODELS: dict[str, Spec] = {
     "zoo-resnet50": Spec("mipp", zoo("resnet50"), "image32", "mipp zoo ResNet-50 (32 px)"),
     "zoo-vgg11": Spec("mipp", zoo("vgg11"), "image32", "mipp zoo VGG-11 with BatchNorm (32 px)"),
     "zoo-mobilenetv2": Spec("mipp", zoo("mobilenetv2"), "image32", "mipp zoo MobileNetV2 (32 px)"),
+    "zoo-convnext": Spec("mipp", zoo("convnext"), "image32", "mipp zoo ConvNeXt (32 px)"),
+    "zoo-vit": Spec("mipp", zoo("vit"), "image32", "mipp zoo ViT, 4×4 patches (32 px)"),
 }  # fmt: skip
 
 

@@ -36,6 +36,8 @@ ALL_MODELS = [
     "resnet34",
     "resnet50",
     "mobilenetv2",
+    "convnext",
+    "vit",
 ]
 
 
@@ -137,7 +139,33 @@ def formula_mobilenetv2(cin: int, nc: int) -> int:
     return total + conv_bn(320, 1280, 1) + linear(1280, nc)
 
 
+def formula_convnext(cin: int, nc: int) -> int:
+    """Liu et al. 2022's block (depthwise 7×7 with bias, LayerNorm, 4× MLP, layer scale) at
+    widths 32-256, depths 2-2-4-2, 2×2 stride-2 stem and downsampling convs."""
+    widths, depths = (32, 64, 128, 256), (2, 2, 4, 2)
+    total = cin * widths[0] * 4 + widths[0] + 2 * widths[0]  # stem conv + its LayerNorm
+    for i, (w, d) in enumerate(zip(widths, depths, strict=True)):
+        if i:
+            prev = widths[i - 1]
+            total += 2 * prev + prev * w * 4 + w  # LayerNorm + 2×2 conv
+        block = (49 * w + w) + 2 * w + linear(w, 4 * w) + linear(4 * w, w) + w
+        total += d * block
+    return total + 2 * widths[-1] + linear(widths[-1], nc)
+
+
+def formula_vit(cin: int, nc: int) -> int:
+    """4×4 patches of 32 px (64 tokens + cls), width 96, 4 blocks, MLP ratio 4."""
+    w, tokens = 96, 64
+    total = cin * w * 16 + w + w + (tokens + 1) * w  # patch conv, cls_token, pos_embed
+    block = 2 * w + 4 * linear(w, w) + 2 * w + linear(w, 4 * w) + linear(4 * w, w)
+    return total + 4 * block + 2 * w + linear(w, nc)
+
+
 def formula(name: str, cin: int, nc: int, size: int = 32) -> int:
+    if name == "convnext":
+        return formula_convnext(cin, nc)
+    if name == "vit":
+        return formula_vit(cin, nc)
     if name == "mobilenetv2":
         return formula_mobilenetv2(cin, nc)
     if name == "mlp":
@@ -167,6 +195,8 @@ EXACT_PARAMS = {
     "resnet34": 21_282_122,
     "resnet50": 23_520_842,
     "mobilenetv2": 2_236_682,
+    "convnext": 1_901_802,
+    "vit": 459_562,
 }
 
 
@@ -193,7 +223,7 @@ def test_unknown_name_lists_valid_names() -> None:
 
 
 #: the deep ResNets take seconds each: their shapes are checked in the slow tier
-_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56", "mobilenetv2")
+_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56", "mobilenetv2", "convnext")
 
 
 @pytest.mark.parametrize(
@@ -391,6 +421,10 @@ EXPECTED_GROUPS = {
     # MobileNetV2: each expand conv with its depthwise conv (16), the stem with the first
     # block's depthwise conv, one stream per stage (7) and the last 1×1 conv.
     "mobilenetv2": 16 + 1 + 7 + 1,
+    # ConvNeXt: each block's MLP hidden layer (2 + 2 + 4 + 2) and one stream per stage.
+    "convnext": 10 + 4,
+    # ViT: each block's MLP hidden layer and q/k/v (tied by attention), and the stream.
+    "vit": 4 + 4 + 1,
 }
 
 

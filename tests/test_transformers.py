@@ -152,3 +152,49 @@ def test_hugging_face_vit_keeps_its_embeddings_and_prunes_inside_blocks():
     assert kinds <= {"internal", "heads"} and "heads" in kinds
     assert result.model.vit.embeddings.cls_token.shape[-1] == 32
     assert result.report.achieved["units"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_hugging_face_gpt2_is_refused_naming_its_conv1d_layers():
+    """GPT-2's ``Conv1D`` holds an (in, out) weight matrix outside any layer mipp knows:
+    refused before any data runs, every such module named in one line."""
+    transformers = _transformers()
+    from mipp.errors import MippError
+    from mipp.surgery.structure import UnsupportedModuleError
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    model = transformers.GPT2Model(config).eval()
+    with pytest.raises(UnsupportedModuleError) as info:
+        prune(model, {"input_ids": torch.randint(0, 50, (64, 8))}, sparsity=0.5)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, MippError)
+    for layer in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
+        assert f"'{layer}' (Conv1D)" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "scope"),
+    [
+        ("vit", "internal"),
+        pytest.param("vit", "all", marks=pytest.mark.slow),
+        pytest.param("convnext", "internal", marks=pytest.mark.slow),
+        pytest.param("convnext", "all", marks=pytest.mark.slow),
+    ],
+)
+def test_zoo_vit_and_convnext_prune_to_target(name, scope):
+    from mipp.zoo.models import create
+
+    torch.manual_seed(0)
+    model = create(name, input_size=16 if name == "convnext" else 32).eval()
+    side = 16 if name == "convnext" else 32
+    x = torch.randn(256, 3, side, side)
+    result = prune(model, x, sparsity=0.5, scope=scope, compensate=False)  # verified inside
+    report = result.report
+    assert abs(report.achieved["units"] - 0.5) <= 0.01
+    kinds = {g.kind for g in report.groups}
+    assert kinds == ({"internal", "heads"} if name == "vit" else {"internal"}) | (
+        {"stream"} if scope == "all" else set()
+    )
+    if name == "vit" and scope == "all":
+        width = result.model.patch_embed.out_channels
+        assert result.model.cls_token.shape[-1] == result.model.pos_embed.shape[-1] == width

@@ -46,6 +46,7 @@ from mipp.surgery.structure import (
     ReusedModuleError,
     Scope,
     build_structure,
+    check_modules,
 )
 from mipp.surgery.verify import VERIFY_SAMPLES, verify_removal
 from mipp.validation import check_labels, check_match, check_model_input
@@ -303,6 +304,7 @@ def prune(
         raise InvalidOptionError(
             f"forward must be a callable forward(model, batch) -> Tensor, got {forward!r}"
         )
+    check_modules(model)  # every module mipp cannot prune around, before any data is read
     inputs, y = calibration_inputs(
         data,
         calib_samples,

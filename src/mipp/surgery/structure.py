@@ -64,6 +64,7 @@ __all__ = [
     "UnitGroup",
     "UnsupportedModuleError",
     "build_structure",
+    "check_modules",
     "conv_groups",
     "head_size",
     "input_weights",
@@ -424,7 +425,9 @@ def _channel_dim(param: torch.Tensor) -> int | None:
     return None
 
 
-def _check_modules(model: nn.Module) -> None:
+def check_modules(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModuleError` naming every module of :func:`unsupported_modules`
+    at once (one line); nothing runs the model."""
     bad = unsupported_modules(model)
     if bad:
         raise UnsupportedModuleError(
@@ -664,7 +667,7 @@ def build_structure(
     Raises:
         UnsupportedModuleError: a module mipp cannot handle (named, with its type).
     """
-    _check_modules(model)
+    check_modules(model)
     example = as_samples(example_input)
     inside = [n + "." for n, m in model.named_modules() if isinstance(m, _ATTENTION)]
     names = {  # an attention module's own projections are part of it, not unit layers
@@ -685,12 +688,22 @@ def build_structure(
         ):
             example.run(model)
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
-                model,
-                example_inputs=example.value,
-                forward_fn=lambda m, _: example.run(m),
-                verbose=False,  # it slices loose per-channel parameters on its own
-            )
+            try:
+                graph = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=example.value,
+                    forward_fn=lambda m, _: example.run(m),
+                    verbose=False,  # it slices loose per-channel parameters on its own
+                )
+            except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
+                where = e.__traceback__
+                while where.tb_next is not None:
+                    where = where.tb_next
+                raise UnsupportedModuleError(
+                    f"Torch-Pruning {tp.__version__} cannot trace the channel dependencies of "
+                    f"{type(model).__name__} ({type(e).__name__} in its "
+                    f"{where.tb_frame.f_code.co_name}: {e}); mipp cannot prune this model"
+                ) from e
     cut = [n for m, n in names.items() if n in order and m not in graph.module2node]
     if cut:  # the trace starts at the output: their units would be removed from one side only
         raise MippError(

@@ -27,6 +27,7 @@ from mipp.zoo.models.mlp import MLP, mlp
 from mipp.zoo.models.mobilenet import MobileNetV2, mobilenetv2
 from mipp.zoo.models.resnet import ResNet, resnet18, resnet34, resnet50
 from mipp.zoo.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
+from mipp.zoo.models.transformers import ConvNeXt, ViT, convnext, vit
 from mipp.zoo.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
+    "ConvNeXt",
     "LeNet5",
     "MobileNetV2",
     "ResNet",
+    "ViT",
     "create",
     "describe",
     "list_models",
@@ -61,6 +64,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
     "mobilenetv2": mobilenetv2,
+    "convnext": convnext,
+    "vit": vit,
 }
 
 _DESCRIPTIONS: dict[str, str] = {
@@ -77,6 +82,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "resnet34": "ResNet-34 for 32 px (3×3 stem, no max-pool, basic blocks); 21.28 M params",
     "resnet50": "ResNet-50 for 32 px (3×3 stem, no max-pool, bottlenecks); 23.52 M params",
     "mobilenetv2": "MobileNetV2 for 32 px (inverted residuals, depthwise 3×3); 2.24 M params",
+    "convnext": "ConvNeXt for 32 px (depthwise 7×7, LayerNorm, 4× MLP), widths 32-256; 1.92 M",
+    "vit": "ViT for 32 px: 4×4 patches, width 96, 4 blocks × 3 heads, cls token; 0.45 M",
 }
 
 
