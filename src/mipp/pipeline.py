@@ -39,6 +39,7 @@ from mipp.registry import lookup
 from mipp.report import GroupReport, PruneReport
 from mipp.surgery.calibration import calibration_inputs, constant_groups
 from mipp.surgery.costs import CostModel, measure_layer_latency
+from mipp.surgery.layers import check_modules
 from mipp.surgery.repair import finish
 from mipp.surgery.structure import (
     SCOPES,
@@ -46,7 +47,6 @@ from mipp.surgery.structure import (
     ReusedModuleError,
     Scope,
     build_structure,
-    check_modules,
 )
 from mipp.surgery.verify import VERIFY_SAMPLES, verify_removal
 from mipp.validation import check_labels, check_match, check_model_input

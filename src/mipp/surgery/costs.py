@@ -27,13 +27,8 @@ from torch import nn
 
 from mipp.inputs import Samples, as_samples
 from mipp.metrics import count_macs, count_params
-from mipp.surgery.structure import (
-    ModelStructure,
-    conv_groups,
-    is_depthwise,
-    is_norm,
-    norm_width,
-)
+from mipp.surgery.layers import conv_groups, is_depthwise, is_norm, norm_width
+from mipp.surgery.structure import ModelStructure
 
 __all__ = ["CostModel", "LatencyTable", "measure_layer_latency"]
 

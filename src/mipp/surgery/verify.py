@@ -37,13 +37,8 @@ from mipp.errors import PruningVerificationError
 from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
 from mipp.surgery.capture import normalise_kept, record_first_inputs
-from mipp.surgery.structure import (
-    ModelStructure,
-    UnitGroup,
-    norm_width,
-    renormalises,
-    zero_inputs,
-)
+from mipp.surgery.layers import norm_width, renormalises, zero_inputs
+from mipp.surgery.structure import ModelStructure, UnitGroup
 
 __all__ = [
     "VERIFY_SAMPLES",
