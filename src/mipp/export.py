@@ -10,10 +10,10 @@ and compared with the PyTorch model in eval mode: it passes when
 
     max |onnx − torch| ≤ atol + rtol · max |torch|      (defaults rtol 1e-4, atol 1e-5),
 
-i.e. agreement to 1e-4 of the output's scale in float32 (measured on the zoo models: about
-4e-7). A model that fails raises :class:`OnnxMismatchError`; :func:`export_onnx` writes the
-file only after the check passed, through a temporary file renamed into place
-(:func:`mipp._io.atomic_write_bytes`), so a failed or interrupted export leaves nothing.
+i.e. agreement to 1e-4 of the output's scale in float32. A model that fails raises
+:class:`OnnxMismatchError`; :func:`export_onnx` writes the file only after the check
+passed, through a temporary file renamed into place (:func:`mipp._io.atomic_write_bytes`),
+so a failed or interrupted export leaves nothing.
 
 :class:`OnnxModule` runs exported bytes in an onnxruntime session as a module, so the
 timing and evaluation code that takes an ``nn.Module`` (:func:`mipp.metrics.compare_latency`)

@@ -29,8 +29,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from mipp.errors import CalibrationError
-from mipp.estimators import ESTIMATOR_NAMES, Estimator, EstimatorState, make_estimator
-from mipp.methods.mipp import check_pool
+from mipp.estimators import Estimator, EstimatorState, make_estimator
+from mipp.methods.mipp import check_estimator, check_pool
 from mipp.methods.targets import StreamedMoments, group_data
 from mipp.modules import first_parameter
 from mipp.surgery.capture import Pool, capture_activations, stream_activations
@@ -188,17 +188,7 @@ class MippImportance(tp.importance.Importance):
             )
         if not inputs.is_floating_point() or not bool(torch.isfinite(inputs).all()):
             raise ValueError("inputs must be finite floating-point values")
-        if isinstance(estimator, str):
-            if estimator not in ESTIMATOR_NAMES:
-                raise ValueError(
-                    f"unknown estimator {estimator!r}; valid estimators: "
-                    f"{', '.join(ESTIMATOR_NAMES)}"
-                )
-        elif not isinstance(estimator, Estimator):
-            raise TypeError(
-                f"estimator must be a name ({', '.join(ESTIMATOR_NAMES)}) or a "
-                f"mipp.estimators.Estimator, got {type(estimator).__name__}"
-            )
+        check_estimator(estimator)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

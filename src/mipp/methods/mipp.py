@@ -47,6 +47,20 @@ from mipp.surgery.capture import Pool, capture_activations, stream_activations
 __all__ = ["MIPP"]
 
 
+def check_estimator(estimator: Any) -> None:
+    """Refuse an estimator that is neither a registered name nor an :class:`Estimator`."""
+    if isinstance(estimator, str):
+        if estimator not in ESTIMATOR_NAMES:
+            raise ValueError(
+                f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATOR_NAMES)}"
+            )
+    elif not isinstance(estimator, Estimator):
+        raise TypeError(
+            f"estimator must be a name ({', '.join(ESTIMATOR_NAMES)}) or a "
+            f"mipp.estimators.Estimator, got {type(estimator).__name__}"
+        )
+
+
 def check_pool(pool: Any) -> Pool:
     """``"mean"`` or a positive integer k (k×k pooling), else a ``ValueError`` naming it."""
     if pool == "mean" or (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1):
@@ -129,17 +143,7 @@ class MIPP(Method):
             estimator = self.paper_estimator if paper else self.default_estimator
         self.paper = paper
         self.reconstruct = (not paper) if reconstruct is None else reconstruct
-        if isinstance(estimator, str):
-            if estimator not in ESTIMATOR_NAMES:
-                raise ValueError(
-                    f"unknown estimator {estimator!r}; valid estimators: "
-                    f"{', '.join(ESTIMATOR_NAMES)}"
-                )
-        elif not isinstance(estimator, Estimator):
-            raise TypeError(
-                f"estimator must be a name ({', '.join(ESTIMATOR_NAMES)}) or a "
-                f"mipp.estimators.Estimator, got {type(estimator).__name__}"
-            )
+        check_estimator(estimator)
         self.pool = check_pool(pool)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
