@@ -12,6 +12,7 @@ from mipp.surgery.costs import CostModel
 from mipp.surgery.structure import build_structure
 from mipp.surgery.verify import zero_consumer_inputs
 from mipp.zoo import models
+from mipp.zoo.models.googlenet import googlenet
 from mipp.zoo.models.mobilenet import mobilenetv2
 from mipp.zoo.training import seeded
 
@@ -234,6 +235,9 @@ def make_model(name: str, *, n: int = 4, input_size: int = 32) -> tuple[nn.Modul
                     m.bias.data.normal_(0, 0.2)
         elif name == "mobilenetv2-narrow":
             model = mobilenetv2(input_size=input_size, width_mult=0.25)
+            x = torch.randn(n, 3, input_size, input_size)
+        elif name == "googlenet-narrow":
+            model = googlenet(input_size=input_size, width_mult=0.125)
             x = torch.randn(n, 3, input_size, input_size)
         elif name == "vgg11-narrow":
             widths = (8, 16, 24, 24, 32, 32, 32, 32)

@@ -62,3 +62,46 @@ def test_zero_threshold_enough_and_unreachable_precision_terminate():
     _, _, ach, _ = bisect_threshold(run, 0.45, "units", 0.01, [])
     assert abs(abs(ach["units"] - 0.45) - 0.05) < 1e-9  # the best a 10 % granularity allows
     assert len(calls) < 40
+
+
+def test_stored_starting_states_change_no_decision(monkeypatch):
+    """Target mode forks each group's stored starting state when its target columns repeat;
+    with the store disabled (every state rebuilt) the kept units, Δs and threshold trace are
+    identical, for both closed forms, on a residual net (targets that never change) and a
+    plain one."""
+    import mipp
+    from mipp.estimators.moments import ClosedFormState
+    from mipp.methods import MIPP
+    from mipp.methods import mipp as mipp_module
+    from mipp.zoo import models
+    from mipp.zoo.training import seeded
+
+    forks, full = [0], mipp_module.START_CACHE_BYTES
+    fork = ClosedFormState.fork
+
+    def counted(self):
+        forks[0] += 1
+        return fork(self)
+
+    monkeypatch.setattr(ClosedFormState, "fork", counted)
+    x = torch.randn(256, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for name in ("resnet20", "lenet5"):
+        for estimator in ("gaussian", "linear"):
+            runs = []
+            for budget in (full, 0):
+                monkeypatch.setattr(mipp_module, "START_CACHE_BYTES", budget)
+                with seeded(0):
+                    net = models.create(name, in_channels=1, input_size=16)
+                method = MIPP(estimator=estimator, reconstruct=False)
+                runs.append(mipp.prune(net, x, method=method, sparsity=0.6).report)
+            cached, rebuilt = runs
+            assert forks[0] > 2 * len(cached.groups), (name, estimator)  # states were reused
+            forks[0] = 0
+            assert cached.bisection == rebuilt.bisection
+            for a, b in zip(cached.groups, rebuilt.groups, strict=True):
+                assert a.removed == b.removed
+                assert torch.equal(_nan(a.deltas), _nan(b.deltas))
+
+
+def _nan(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).nan_to_num(-1.0)

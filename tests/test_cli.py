@@ -121,7 +121,7 @@ def test_train_then_eval_and_info_on_the_checkpoint(tmp_path, fake_fmnist, capsy
     [
         (
             ["train", "--model", "resnet9000", "--dataset", "fashion-mnist"],
-            "unknown model 'resnet9000'; valid models: convnext, lenet5, mlp",
+            "unknown model 'resnet9000'; valid models: convnext, googlenet, lenet5, mlp",
         ),
         (["train", "--model", "lenet5", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["eval", "/nonexistent/m.safetensors"], "/nonexistent/m.safetensors"),

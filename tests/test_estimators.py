@@ -529,3 +529,28 @@ def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
     kept = fast.support.nonzero().flatten().tolist()
     for j, unit in enumerate(kept[:5]):
         assert fast_state.delta(unit).pvalue == pytest.approx(fresh.delta(j).pvalue, rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [LinearEstimator, GaussianEstimator])
+@pytest.mark.parametrize("pvalues", [False, True])
+def test_forked_state_selects_as_a_fresh_one_and_leaves_its_source_untouched(cls, pvalues):
+    """A fork of an untouched state runs TERC to exactly the result of a freshly built state
+    (both modes), and a selection on the fork changes nothing in the state it came from."""
+    from mipp.methods.selection import terc
+
+    x, y = _redundant_layer(60, 2, seed=7)
+    est = cls()
+    prepared = est.prepare(x, y)
+    source = est.start(prepared)
+    before = {k: v.clone() for k, v in vars(source).items() if isinstance(v, torch.Tensor)}
+    options = {"confidence": 0.99} if pvalues else {"threshold": 2e-3}
+    fresh = terc(est.start(prepared), **options)
+    for _ in range(2):  # twice from the same source
+        forked = terc(source.fork(), **options)
+        assert 5 < forked.n_kept < 55
+        assert torch.equal(forked.support, fresh.support)
+        assert torch.equal(forked.deltas.nan_to_num(-1), fresh.deltas.nan_to_num(-1))
+        assert torch.equal(forked.pvalues.nan_to_num(-1), fresh.pvalues.nan_to_num(-1))
+    for k, v in before.items():
+        assert torch.equal(getattr(source, k), v), k
+    assert bool(source.active.all())

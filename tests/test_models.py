@@ -38,6 +38,7 @@ ALL_MODELS = [
     "mobilenetv2",
     "convnext",
     "vit",
+    "googlenet",
 ]
 
 
@@ -161,7 +162,26 @@ def formula_vit(cin: int, nc: int) -> int:
     return total + 4 * block + 2 * w + linear(w, nc)
 
 
+def formula_googlenet(cin: int, nc: int) -> int:
+    """Szegedy et al. 2015, Table 1 (Inception widths), every conv bias-free with BatchNorm,
+    a 3×3 stem to 192 channels."""
+    modules = [
+        (64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64), (192, 96, 208, 16, 48, 64),
+        (160, 112, 224, 24, 64, 64), (128, 128, 256, 24, 64, 64), (112, 144, 288, 32, 64, 64),
+        (256, 160, 320, 32, 128, 128), (256, 160, 320, 32, 128, 128),
+        (384, 192, 384, 48, 128, 128),
+    ]  # fmt: skip
+    total, prev = conv_bn(cin, 192, 3), 192
+    for n1, r3, n3, r5, n5, pp in modules:
+        total += conv_bn(prev, n1, 1) + conv_bn(prev, r3, 1) + conv_bn(r3, n3, 3)
+        total += conv_bn(prev, r5, 1) + conv_bn(r5, n5, 5) + conv_bn(prev, pp, 1)
+        prev = n1 + n3 + n5 + pp
+    return total + linear(prev, nc)
+
+
 def formula(name: str, cin: int, nc: int, size: int = 32) -> int:
+    if name == "googlenet":
+        return formula_googlenet(cin, nc)
     if name == "convnext":
         return formula_convnext(cin, nc)
     if name == "vit":
@@ -197,6 +217,7 @@ EXACT_PARAMS = {
     "mobilenetv2": 2_236_682,
     "convnext": 1_901_802,
     "vit": 459_562,
+    "googlenet": 5_871_914,
 }
 
 
@@ -223,7 +244,7 @@ def test_unknown_name_lists_valid_names() -> None:
 
 
 #: the deep ResNets take seconds each: their shapes are checked in the slow tier
-_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56", "mobilenetv2", "convnext")
+_DEEP = ("resnet32", "resnet34", "resnet50", "resnet56", "mobilenetv2", "convnext", "googlenet")
 
 
 @pytest.mark.parametrize(
@@ -425,6 +446,9 @@ EXPECTED_GROUPS = {
     "convnext": 10 + 4,
     # ViT: each block's MLP hidden layer and q/k/v (tied by attention), and the stream.
     "vit": 4 + 4 + 1,
+    # GoogLeNet: every conv is its own group (concatenations join no channels): the stem and
+    # six per Inception module.
+    "googlenet": 1 + 9 * 6,
 }
 
 

@@ -83,6 +83,28 @@ def test_mobilenetv2_prunes_each_depthwise_conv_with_its_expand_conv(sparsity):
     _check_equivalent(model, result, x[:8])
 
 
+@pytest.mark.parametrize("method", ["mipp", "l1"])
+def test_googlenet_branches_and_concatenations_prune_exactly(method):
+    """Every conv of the multi-branch net is a group; a module's concatenated output keeps
+    each branch's kept channels in place, so the next module's four readers (three 1×1 convs
+    and the pool projection) are cut consistently: pruned == masked original."""
+    model, x = make_model("googlenet-narrow", n=300, input_size=8)
+    result = prune(model, x, method=method, sparsity=0.6, compensate=False, recalibrate_bn=False)
+    assert len(result.report.groups) == 1 + 9 * 6
+    assert abs(result.report.achieved["units"] - 0.6) <= 0.01
+    pruned = result.model
+    width = pruned.pre[0].out_channels
+    for name in ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5"):
+        block = getattr(pruned, name)
+        readers = [block.b1[0], block.b2[0][0], block.b3[0][0], block.b4[1][0]]
+        assert [r.in_channels for r in readers] == [width] * 4, name
+        width = block.b1[0].out_channels + block.b2[1][0].out_channels
+        width += block.b3[1][0].out_channels + block.b4[1][0].out_channels
+    assert pruned.fc.in_features == width
+    assert width < model.fc.in_features
+    _check_equivalent(model, result, x[:8])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
@@ -264,6 +286,39 @@ def test_without_a_budget_mipp_applies_the_papers_test_at_095():
     assert plain.requested is None and not plain.bisection
 
 
+def test_statistics_bytes_known_answer():
+    """One group of 10 units × 2 features and a 5-column target: D = 20. Streamed per fold
+    D² + D·q + q² = 400 + 100 + 25 (q = 5 without the covariance); the state
+    3(D + q)² + 2q² = 1,925 (gaussian) or 3D² + 2D·q = 1,400 (linear); with 5 folds, six
+    copies (the folds and their whole)."""
+    from mipp.methods.mipp import statistics_bytes
+
+    assert statistics_bytes([(10, 2, 5)], full_target=True) == (8 * 525, 8 * 1925)
+    assert statistics_bytes([(10, 2, 5)], full_target=False) == (8 * 505, 8 * 1400)
+    assert statistics_bytes([(10, 2, 5)] * 2, full_target=True, folds=5) == (8 * 525 * 12, 8 * 1925)
+
+
+def test_statistics_larger_than_memory_are_refused_before_the_pass(monkeypatch):
+    """On a machine too small for the target covariances, gaussian is refused with one line
+    naming the size, the widest group and what linear would need — before any statistics
+    are streamed (only tracing and the two-sample probe ran)."""
+    from mipp.methods import mipp as mipp_module
+
+    model, x = make_model("lenet5", n=300)
+    monkeypatch.setattr(mipp_module, "machine_memory", lambda: 1_000_000)  # 1 MB
+    forwards = []
+    model.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
+    with pytest.raises(MippError) as info:
+        prune(model, x, sparsity=0.5)
+    message = str(info.value)
+    assert "\n" not in message and "'gaussian' statistics would need about" in message
+    assert "group 'fc1', 120 units × 1 features, a 84-column target" in message
+    assert "estimator='linear' keeps no target covariance" in message
+    assert sum(forwards) < len(x)  # the calibration set was never streamed
+    monkeypatch.setattr(mipp_module, "machine_memory", lambda: 10**12)
+    assert prune(model, x, sparsity=0.5).report.achieved["units"] > 0.45
+
+
 def test_too_small_calibration_set_says_how_many_are_needed():
     """The significance test (confidence mode) needs more samples than features; Δ alone
     (threshold / target modes) does not: the ridge keeps it defined."""
@@ -347,3 +402,47 @@ def test_transformer_ffn_hidden_neurons_are_pruned_attention_left_whole(name):
         else:
             assert block.attn.embed_dim == 16 and block.attn.num_heads == 4
     _check_equivalent(model, result, x[:8])
+
+
+class _Branches(nn.Module):
+    """Two branches concatenated: a → b (3 channels) beside c (5 channels), then d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 3, 3, padding=1)
+        self.c = nn.Conv2d(2, 5, 1)
+        self.d = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.b(torch.relu(self.a(x)))), torch.relu(self.c(x))], 1)
+        return self.fc(torch.relu(self.d(h)).mean((2, 3)))
+
+
+def test_target_of_a_branch_is_its_consumers_own_channels_of_the_concatenation():
+    """Group 'a' is read by 'b', whose output is 3 of the 8 channels 'd' reads: its target is
+    those 3 columns, not the whole concatenation (the 5 channels of 'c' are not b's output).
+    Group 'b' (read by 'd') has the 6 channels of d's output, read by fc, as target."""
+    from mipp.methods.targets import group_columns
+    from mipp.surgery.capture import stream_activations
+
+    torch.manual_seed(0)
+    model, x = _Branches().eval(), torch.randn(16, 2, 6, 6)
+    structure = build_structure(model, x[:1])
+    groups = structure.in_scope("internal")
+    wanted = set(structure.readers) | {
+        nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
+    }
+    layers = {n: m for n, m in model.named_modules() if n in wanted}
+    widths = {}
+
+    def probe(acts) -> None:
+        for g, (_, y, owner, _) in zip(groups, group_columns(structure, groups, acts, "mean")):
+            widths[g.name] = (y.shape[1], owner.tolist())
+
+    stream_activations(model, [x], layers, on_batch=probe)
+    walk = [g.name for g in groups]
+    assert widths["a"] == (3, [walk.index("b")] * 3)
+    assert widths["b"][0] == widths["c"][0] == 6
+    result = prune(model, x, sparsity=0.4, compensate=False, recalibrate_bn=False)
+    assert result.model.d.in_channels == result.model.b.out_channels + result.model.c.out_channels

@@ -285,7 +285,10 @@ class GaussianState(ClosedFormState):
 def _downdate(m: Tensor, rows: Tensor | slice) -> None:
     """In place, M ← M − M_·R M_RR⁻¹ M_R· for a symmetric M, then R's rows and columns = 0."""
     m_r = m[:, rows].clone()
-    m -= m_r @ torch.linalg.solve(m_r[rows], m_r.T)
+    if m_r.shape[1] == 1:  # one row (a unit of one feature): a rank-1 update, no solve
+        m.addr_(m_r[:, 0], m_r[:, 0], alpha=-1.0 / float(m_r[rows].reshape(())))
+    else:
+        m -= m_r @ torch.linalg.solve(m_r[rows], m_r.T)
     m[rows] = 0.0
     m[:, rows] = 0.0
 

@@ -504,6 +504,11 @@ def logdet_spd(a: Tensor) -> float:
     """log det of a symmetric positive-definite matrix (0 for an empty one)."""
     if a.numel() == 0:
         return 0.0
+    if a.numel() == 1:  # one feature per unit (mean pooling): no factorisation to call
+        value = float(a.reshape(()))
+        if value > 0:
+            return math.log(value)
+        raise ValueError("matrix is not positive definite; use a ridge > 0")
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return float(2 * chol.diagonal().log().sum())
@@ -565,6 +570,8 @@ class ClosedFormState(EstimatorState):
     """
 
     heldout: Any = None
+    #: whether :meth:`fork` can copy this state (the closed forms: tensors and plain values)
+    forkable = True
     #: builds the held-out test (:class:`~mipp.estimators.heldout.HeldOutTest`, set by the
     #: estimator modules: that module imports this one)
     heldout_class: Any = None
@@ -597,6 +604,23 @@ class ClosedFormState(EstimatorState):
                 raise TypeError(f"{type(self).__name__} has no held-out test (heldout_class)")
             self.heldout = self.heldout_class(moments, self.columns, ridge=ridge)
         return a, sxy, syy, lam
+
+    def fork(self) -> ClosedFormState:
+        """An independent copy of this state: removals from either leave the other as it was.
+
+        Costs one copy of its matrices (O((D + q)²)), far less than the factorisations that
+        built them, so a caller that restarts the selection from the same S and the same
+        target columns (MIPP's bisection over thresholds) forks one state instead of
+        rebuilding it each time."""
+        other = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(other, key, value.clone())
+        other._slots = copy.deepcopy(self._slots)
+        for key in ("_block", "heldout"):
+            if getattr(self, key, None) is not None:
+                setattr(other, key, copy.deepcopy(getattr(self, key)))
+        return other
 
     @property
     def active(self) -> Tensor:

@@ -27,6 +27,7 @@ the same default as the tensor-level :class:`~mipp.methods.selection.MIPPSelecto
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -245,10 +246,14 @@ class MIPP(Method):
         kind = None if confidence is not None else self.cost_kind(budget)
         costs = _CostScale(ctx, gdata, kind) if kind is not None else None
 
+        # each group's starting state for the target columns it had last; the bisection
+        # forks it instead of rebuilding it when those columns come back unchanged
+        starts: dict[int, tuple[Tensor, Any]] = {}
+
         def run(
             tau: float | None, log: Callable[[str], None] | None = None
         ) -> tuple[list[Tensor], list[SelectionResult], dict[str, float]]:
-            kept, res = self._select(gdata, est, confidence, tau, ctx.seed, log, costs)
+            kept, res = self._select(gdata, est, confidence, tau, ctx.seed, log, costs, starts)
             return kept, res, _sparsity(kept, gdata, ctx, units_total)
 
         if budget.sparsity is None:
@@ -364,7 +369,7 @@ class MIPP(Method):
             nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
         }
         layers = {n: m for n, m in work.named_modules() if n in wanted}
-        _check_samples(ctx, est, layers, self.pool, test=test)
+        _check_samples(ctx, est, layers, self.pool, test=test, folds=folds)
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))
         if est.streams:
@@ -405,11 +410,16 @@ class MIPP(Method):
         seed: int,
         log: Callable[[str], None] | None,
         costs: _CostScale | None = None,
+        starts: dict[int, tuple[Tensor, Any]] | None = None,
     ) -> tuple[list[Tensor], list[SelectionResult]]:
         """One output → input pass; returns per-group keep masks and selection results.
 
         With ``costs`` each group's threshold is scaled per unit by its current cost (given
-        the groups already decided in this pass) relative to the network's mean unit cost."""
+        the groups already decided in this pass) relative to the network's mean unit cost.
+
+        ``starts`` (group index → (target columns, untouched starting state)) is read and
+        updated when the estimator's states can :meth:`fork`: a group whose target columns
+        are the same as in the previous pass starts from a fork of its stored state."""
         kept: list[Tensor] = [torch.ones(d.group.size, dtype=torch.bool) for d in data]
         results: list[SelectionResult] = []
         for i, d in enumerate(data):
@@ -418,7 +428,22 @@ class MIPP(Method):
                 rows = d.owner == j
                 if rows.any():
                     use[rows] = kept[j][d.unit[rows]]
-            state = est.start(d.prepared, use.nonzero().flatten())
+            columns = use.nonzero().flatten()
+            stored = starts.get(i) if starts is not None else None
+            if stored is not None and torch.equal(stored[0], columns):
+                state = stored[1].fork()
+            else:
+                if starts is not None:
+                    starts.pop(i, None)
+                state = est.start(d.prepared, columns)
+                if (
+                    starts is not None
+                    and getattr(state, "forkable", False)
+                    and sum(_nbytes(s) for _, s in starts.values()) + _nbytes(state)
+                    <= START_CACHE_BYTES
+                ):
+                    starts[i] = (columns, state)
+                    state = state.fork()
             res = terc(
                 state,
                 confidence=confidence,
@@ -433,6 +458,15 @@ class MIPP(Method):
             if log is not None:
                 log(f"{d.group.name}: kept {int(kept[i].sum())} of {d.group.size} units")
         return kept, results
+
+
+#: memory the bisection may spend on stored starting states (beyond that, groups rebuild)
+START_CACHE_BYTES = 2 * 1024**3
+
+
+def _nbytes(state: Any) -> int:
+    """Bytes held by a state's tensors."""
+    return sum(v.nbytes for v in vars(state).values() if isinstance(v, Tensor))
 
 
 class _CostScale:
@@ -457,10 +491,17 @@ class _CostScale:
 
 
 def _check_samples(
-    ctx: PruneContext, est: Estimator, layers: dict, pool: Pool, *, test: bool = True
+    ctx: PruneContext,
+    est: Estimator,
+    layers: dict,
+    pool: Pool,
+    *,
+    test: bool = True,
+    folds: int = 0,
 ) -> None:
-    """Refuse a calibration set too small for the estimator on the widest group, from a
-    two-sample probe of the layer sizes — before the statistics pass."""
+    """Refuse a calibration set too small for the estimator on the widest group, or
+    statistics larger than the machine's memory (:func:`_check_memory`), from a two-sample
+    probe of the layer sizes — before the statistics pass."""
     n = len(ctx.inputs)
     shapes: list[tuple[int, int, int]] = []
 
@@ -470,6 +511,7 @@ def _check_samples(
                 shapes.append((x.shape[1], x.shape[2], y.shape[1]))
 
     stream_activations(ctx.model, [ctx.inputs[:2]], layers, pool=pool, on_batch=probe)
+    _check_memory(ctx, est, shapes, folds)
     need, worst = 0, None
     for g, (units, features, q) in zip(ctx.groups, shapes, strict=True):
         req = est.min_samples(units * features, q, test=test)
@@ -482,6 +524,59 @@ def _check_samples(
             f"{features} features and a {q}-column target: the {est.name!r} estimator needs at "
             f"least {need} samples (raise calib_samples or supply more data)"
         )
+
+
+def statistics_bytes(
+    shapes: list[tuple[int, int, int]], *, full_target: bool, folds: int = 0
+) -> tuple[int, int]:
+    """(bytes of the float64 moments streamed for every group at once, bytes of the largest
+    group's selection state) for the closed forms, from each group's (units, features per
+    unit, target columns). A group of D = units × features features and q columns streams
+    D² + D·q + q² numbers (q without the target covariance) per fold; selecting it holds
+    about 3(D + q)² + 2q² (``gaussian``: P, the joint covariance and its inverse, E, G) or
+    3D² + 2D·q (``linear``)."""
+    parts = max(folds, 1) + (1 if folds else 0)  # the folds and their merged whole
+    stream = state = 0
+    for units, features, q in shapes:
+        d = units * features
+        stream += parts * (d * d + d * q + (q * q if full_target else q))
+        held = 3 * (d + q) ** 2 + 2 * q * q if full_target else 3 * d * d + 2 * d * q
+        state = max(state, held)
+    return 8 * stream, 8 * state
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(
+    ctx: PruneContext, est: Estimator, shapes: list[tuple[int, int, int]], folds: int
+) -> None:
+    """Refuse, before the statistics pass, closed-form statistics that would not fit in
+    90 % of the machine's memory, naming the widest group and what ``linear`` would need."""
+    memory = machine_memory()
+    if not est.streams or memory is None or not shapes:
+        return
+    full = est.needs_target_covariance
+    stream, state = statistics_bytes(shapes, full_target=full, folds=folds)
+    if stream + state <= 0.9 * memory:
+        return
+    i = max(range(len(shapes)), key=lambda j: shapes[j][0] * shapes[j][1] + shapes[j][2])
+    units, features, q = shapes[i]
+    alt = ""
+    if full:
+        lin = sum(statistics_bytes(shapes, full_target=False, folds=folds))
+        alt = f"; estimator='linear' keeps no target covariance and needs about {lin / 1e9:.1f} GB"
+    raise CalibrationError(
+        f"MIPP's {est.name!r} statistics would need about {(stream + state) / 1e9:.1f} GB, more "
+        f"than 90 % of this machine's {memory / 1e9:.1f} GB (widest: group "
+        f"{ctx.groups[i].name!r}, {units} units × {features} features, a {q}-column target)"
+        f"{alt}, or exclude the widest groups (exclude=[...])"
+    )
 
 
 def _sparsity(

@@ -2,7 +2,10 @@
 
 For a unit group (:mod:`mipp.surgery.structure`), ``X`` is what its consumers read, one
 feature block per unit ``(n, units, f)``; the target ``Y`` is what those consumers produce —
-the next activations (or the network output), one column per feature of each next unit,
+the next activations (or the network output), one column per feature of each next unit, as
+the next layers read them (after their norms and activations). Where a next layer reads a
+concatenation, only the channels the consumer produced are target columns (a DenseNet
+layer's input holds every earlier layer's channels: q would grow with depth²),
 labelled with the group and unit it belongs to so the walk can restrict it to the units
 already kept there. The estimator's reusable statistics are computed here, once per group.
 """
@@ -84,6 +87,7 @@ def group_columns(
     ``acts`` may hold the whole calibration set or a single batch of it (streaming).
     """
     walk_index = {g.name: i for i, g in enumerate(groups)}
+    producers = {h.name: set(h.producers) for h in structure.groups}
     for g in groups:
         blocks, seen = [], set()
         for c in g.consumers:
@@ -109,7 +113,12 @@ def group_columns(
                     cols.append(whole.reshape(len(whole), -1))
                     owner += [-2] * cols[-1].shape[1]
                     unit += list(range(cols[-1].shape[1]))
-                for h_name, h_cons in structure.readers.get(nxt, []):
+                read = structure.readers.get(nxt, [])
+                # of what the next layer reads, the units the consumer itself produces (a
+                # concatenation also holds other branches' and earlier layers' channels,
+                # which are not the consumer's output); all of it when none is
+                own = [(h, hc) for h, hc in read if c.layer in producers.get(h, ())]
+                for h_name, h_cons in own or read:
                     key = (acts.alias.get(nxt, nxt), h_name)
                     if key in seen:
                         continue

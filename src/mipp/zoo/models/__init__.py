@@ -22,6 +22,7 @@ from torch import nn
 from mipp.errors import InvalidOptionError, build_checked
 from mipp.registry import lookup
 from mipp.zoo.models.blocks import BasicBlock, Bottleneck
+from mipp.zoo.models.googlenet import GoogLeNet, googlenet
 from mipp.zoo.models.lenet import LeNet5, lenet5
 from mipp.zoo.models.mlp import MLP, mlp
 from mipp.zoo.models.mobilenet import MobileNetV2, mobilenetv2
@@ -38,6 +39,7 @@ __all__ = [
     "Bottleneck",
     "CifarResNet",
     "ConvNeXt",
+    "GoogLeNet",
     "LeNet5",
     "MobileNetV2",
     "ResNet",
@@ -64,6 +66,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
     "mobilenetv2": mobilenetv2,
+    "googlenet": googlenet,
     "convnext": convnext,
     "vit": vit,
 }
@@ -83,6 +86,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "resnet50": "ResNet-50 for 32 px (3×3 stem, no max-pool, bottlenecks); 23.52 M params",
     "mobilenetv2": "MobileNetV2 for 32 px (inverted residuals, depthwise 3×3); 2.24 M params",
     "convnext": "ConvNeXt for 32 px (depthwise 7×7, LayerNorm, 4× MLP), widths 32-256; 1.92 M",
+    "googlenet": "GoogLeNet for 32 px (9 four-branch Inception modules, concatenations); 5.87 M",
     "vit": "ViT for 32 px: 4×4 patches, width 96, 4 blocks × 3 heads, cls token; 0.45 M",
 }
 
