@@ -437,7 +437,8 @@ def test_target_of_a_branch_is_its_consumers_own_channels_of_the_concatenation()
     widths = {}
 
     def probe(acts) -> None:
-        for g, (_, y, owner, _) in zip(groups, group_columns(structure, groups, acts, "mean")):
+        columns = group_columns(structure, groups, acts, "mean")
+        for g, (_, y, owner, _) in zip(groups, columns, strict=True):
             widths[g.name] = (y.shape[1], owner.tolist())
 
     stream_activations(model, [x], layers, on_batch=probe)
