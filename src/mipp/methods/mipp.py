@@ -247,8 +247,9 @@ class MIPP(Method):
         costs = _CostScale(ctx, gdata, kind) if kind is not None else None
 
         # each group's starting state for the target columns it had last; the bisection
-        # forks it instead of rebuilding it when those columns come back unchanged
-        starts: dict[int, tuple[Tensor, Any]] = {}
+        # forks it instead of rebuilding it when those columns come back unchanged (a
+        # single pass, without a budget, keeps none)
+        starts: dict[int, tuple[Tensor, Any]] | None = None if budget.sparsity is None else {}
 
         def run(
             tau: float | None, log: Callable[[str], None] | None = None
