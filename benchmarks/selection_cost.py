@@ -484,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--plot-only", action="store_true", help="re-plot the saved JSON")
+    parser.add_argument(
+        "--ratio-models",
+        nargs="+",
+        default=None,
+        help="ratio part: measure only these models again, keeping the other rows",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -512,6 +518,15 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         if part == "scaling":
             rows = part_scaling(prof)
+        elif part == "ratio" and args.ratio_models:
+            # only these models' rows are measured again; the others are kept as they were
+            runs = [r for r in prof["ratio_runs"] if r[0] in args.ratio_models]
+            if not runs:
+                parser.error(f"--ratio-models: none of {args.ratio_models} is in RATIO_RUNS")
+            fresh = part_ratio({**prof, "ratio_runs": runs})
+            kept = [r for r in results.get("ratio", []) if r["model"] not in args.ratio_models]
+            order = [name for name, *_ in prof["ratio_runs"]]
+            rows = sorted([*kept, *fresh], key=lambda r: order.index(r["model"]))
         elif part == "ratio":
             rows = part_ratio(prof)
         elif part == "lenet":
@@ -519,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = part_oneshot(prof, lenet_cache, train_ds, test_ds)
         results[part] = rows
-        commands[part] = {"command": command, "seconds": round(time.perf_counter() - t, 1)}
-        write_results(Path(f"{stem}_{part}"), rows, {"command": command, "part": part})
+        made_by = command
+        if part == "ratio" and args.ratio_models and part in commands:  # rows of two runs
+            made_by = f"{commands[part]['command']} && {command}"
+        commands[part] = {"command": made_by, "seconds": round(time.perf_counter() - t, 1)}
+        write_results(Path(f"{stem}_{part}"), rows, {"command": made_by, "part": part})
         record = {
             "profile": args.profile,
             "commands": commands,
