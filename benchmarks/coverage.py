@@ -227,6 +227,8 @@ MODELS: dict[str, Spec] = {
     "zoo-mobilenetv2": Spec("mipp", zoo("mobilenetv2"), "image32", "mipp zoo MobileNetV2 (32 px)"),
     "zoo-convnext": Spec("mipp", zoo("convnext"), "image32", "mipp zoo ConvNeXt (32 px)"),
     "zoo-vit": Spec("mipp", zoo("vit"), "image32", "mipp zoo ViT, 4×4 patches (32 px)"),
+    "zoo-googlenet": Spec("mipp", zoo("googlenet"), "image32",
+                          "mipp zoo GoogLeNet, four-branch Inception modules (32 px)"),
 }  # fmt: skip
 
 
