@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["check_common", "check_widths", "init_weights"]
+__all__ = ["check_common", "check_width_mult", "check_widths", "init_weights"]
 
 
 def check_common(
@@ -23,6 +23,14 @@ def check_common(
         raise ValueError(
             f"{model}: input_size must be an integer >= {min_input_size}, got {input_size!r}"
         )
+
+
+def check_width_mult(width_mult: float, *, model: str) -> None:
+    """Raise ``ValueError`` naming the bad value unless ``width_mult`` is a number in (0, 4]."""
+    if isinstance(width_mult, bool) or not isinstance(width_mult, int | float):
+        raise ValueError(f"{model}: width_mult must be a number > 0, got {width_mult!r}")
+    if not 0 < width_mult <= 4:
+        raise ValueError(f"{model}: width_mult must be in (0, 4], got {width_mult!r}")
 
 
 def check_widths(widths: tuple[int, ...], *, expected_len: int | None, model: str) -> None:

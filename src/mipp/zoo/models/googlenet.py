@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mipp.zoo.models._common import check_common, init_weights
+from mipp.zoo.models._common import check_common, check_width_mult, init_weights
 
 __all__ = ["GOOGLENET_MODULES", "GoogLeNet", "Inception", "googlenet"]
 
@@ -96,10 +96,7 @@ class GoogLeNet(nn.Module):
             min_input_size=GOOGLENET_MIN_INPUT_SIZE,
             model="googlenet",
         )
-        if isinstance(width_mult, bool) or not isinstance(width_mult, int | float):
-            raise ValueError(f"googlenet: width_mult must be a number > 0, got {width_mult!r}")
-        if not 0 < width_mult <= 4:
-            raise ValueError(f"googlenet: width_mult must be in (0, 4], got {width_mult!r}")
+        check_width_mult(width_mult, model="googlenet")
 
         def width(c: int) -> int:
             return max(1, round(c * width_mult))

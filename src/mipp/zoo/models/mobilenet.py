@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mipp.zoo.models._common import check_common, init_weights
+from mipp.zoo.models._common import check_common, check_width_mult, init_weights
 
 __all__ = ["MOBILENETV2_SETTINGS", "InvertedResidual", "MobileNetV2", "mobilenetv2"]
 
@@ -87,10 +87,7 @@ class MobileNetV2(nn.Module):
             min_input_size=MOBILENETV2_MIN_INPUT_SIZE,
             model="mobilenetv2",
         )
-        if isinstance(width_mult, bool) or not isinstance(width_mult, int | float):
-            raise ValueError(f"mobilenetv2: width_mult must be a number > 0, got {width_mult!r}")
-        if not 0 < width_mult <= 4:
-            raise ValueError(f"mobilenetv2: width_mult must be in (0, 4], got {width_mult!r}")
+        check_width_mult(width_mult, model="mobilenetv2")
 
         def width(c: int) -> int:
             return max(8, int(c * width_mult + 4) // 8 * 8)
