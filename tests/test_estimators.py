@@ -554,3 +554,54 @@ def test_forked_state_selects_as_a_fresh_one_and_leaves_its_source_untouched(cls
     for k, v in before.items():
         assert torch.equal(getattr(source, k), v), k
     assert bool(source.active.all())
+
+
+@pytest.mark.parametrize("cls", [LinearEstimator, GaussianEstimator])
+@pytest.mark.parametrize("pvalues", [False, True])
+def test_retargeted_state_selects_as_a_fresh_one_for_its_columns(cls, pvalues):
+    """A state derived for other target columns (some dropped, some added, a constant one
+    requested and left out) gives the information, the TERC result and the p-values of a
+    state built fresh for those columns, up to rounding; its source stays untouched."""
+    from mipp.estimators.moments import ClosedFormState
+    from mipp.methods.selection import terc
+
+    x, y = _redundant_layer(30, 2, seed=3)
+    y = torch.cat([y, torch.ones(len(y), 1, dtype=torch.float64)], 1)  # column 12: constant
+    est = cls()
+    prepared = est.prepare(x, y)
+    source = est.start(prepared, torch.arange(0, 8))
+    before = {k: v.clone() for k, v in vars(source).items() if isinstance(v, torch.Tensor)}
+    options = {"confidence": 0.99} if pvalues else {"threshold": 2e-3}
+    for columns in ([2, 3, 9, 10, 12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 11], [5]):
+        columns = torch.tensor(columns)
+        derived = source.retargeted(prepared, columns)
+        fresh = est.start(prepared, columns)
+        assert sorted(derived.columns.tolist()) == sorted(fresh.columns.tolist())
+        assert 12 not in derived.columns.tolist()
+        assert derived.information() == pytest.approx(fresh.information(), rel=1e-9)
+        a, b = terc(derived, **options), terc(fresh, **options)
+        assert 0 < b.n_kept < 30  # some units removed
+        assert torch.equal(a.support, b.support)
+        assert torch.allclose(a.deltas, b.deltas, rtol=1e-8, atol=1e-12, equal_nan=True)
+        assert torch.allclose(a.pvalues, b.pvalues, rtol=1e-6, atol=1e-12, equal_nan=True)
+    for k, v in before.items():
+        assert torch.equal(getattr(source, k), v), k
+    # a state after removals, or one with a held-out test, cannot be retargeted
+    source.remove(0)
+    with pytest.raises(ValueError, match="starting state"):
+        source.retargeted(prepared, torch.arange(4))
+    assert not source.retarget_saves(prepared, torch.arange(4))
+    assert isinstance(source, ClosedFormState)
+
+
+def test_retarget_is_chosen_by_flop_count():
+    """A handful of changed columns is cheaper derived than rebuilt; replacing every column
+    of a wide target is not (Gaussian: the Schur complement of all q columns costs more than
+    factorising the small new joint covariance)."""
+    x, y = _redundant_layer(30, 2, seed=3)
+    y = torch.cat([y, y, y, y], 1)  # 48 columns
+    est = GaussianEstimator()
+    prepared = est.prepare(x, y)
+    source = est.start(prepared)
+    assert source.retarget_saves(prepared, torch.arange(1, 48))
+    assert not source.retarget_saves(prepared, torch.tensor([0]))

@@ -108,14 +108,15 @@ class GaussianState(ClosedFormState):
         # full-size matrices; a removed unit's rows and columns are set to exactly 0, so no
         # test or removal copies a D×D matrix
         self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
-        self._bm = self._p @ sxy  # B = P Σ_Sy, the ridge coefficients (D, q)
         joint = torch.cat([torch.cat([a, sxy], 1), torch.cat([sxy.T, cyy], 1)], 0)
         self._qinv = spd_inverse(joint, what="ridged joint covariance of (X, Y)")
-        # for the test: penalised residual covariance E = C_yy − Σ_yS B and G = BᵀB, (q, q)
-        self._e = cyy - sxy.T @ self._bm
-        self._g = self._bm.T @ self._bm
-        # False once a removal skipped B, E and G (``pvalues`` off): rebuilt from P on demand
-        self._test_current = True
+        # for the test only: the ridge coefficients B = P Σ_Sy (D, q), the penalised residual
+        # covariance E = C_yy − Σ_yS B and G = BᵀB (q, q); built on the first p-value
+        # (threshold and target modes ask for none) and kept current from then on
+        self._bm: Tensor | None = None
+        self._e: Tensor | None = None
+        self._g: Tensor | None = None
+        self._test_current = False
         self._block: _Block | None = None
         self._info: float | None = None
         self._logdet_r: float | None = None
@@ -149,6 +150,46 @@ class GaussianState(ClosedFormState):
 
     def _rows(self, i: int) -> slice:
         return slice(i * self._b, (i + 1) * self._b)
+
+    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
+        """Q for the new columns: the dropped ones leave by a Schur complement of Q (the
+        inverse of a marginal is the Schur complement of the inverse), the added ones enter by
+        bordering, M⁻¹ = [[Q + T S⁻¹ Tᵀ, −T S⁻¹], [−S⁻¹ Tᵀ, S⁻¹]] with T = Q c and
+        S = C_aa − cᵀ T (c: the added columns' covariances with X and the kept columns)."""
+        d = self.n_units * self._b
+        qi = self._qinv
+        if not bool(keep.all()):
+            kk = torch.cat([torch.arange(d), d + keep.nonzero().flatten()])
+            rr = d + (~keep).nonzero().flatten()
+            m_kr = qi[kk][:, rr]
+            qi = qi[kk][:, kk] - m_kr @ torch.linalg.solve(qi[rr][:, rr], m_kr.T)
+            qi = (qi + qi.T) / 2
+        n_keep, q = int(keep.sum()), self._q
+        cyy = syy + self.ridge_y * torch.eye(q, dtype=torch.float64)
+        if q > n_keep:
+            c = torch.cat([sxy[:, n_keep:], cyy[:n_keep, n_keep:]], 0)  # (D + kept, added)
+            t = qi @ c
+            s_inv = spd_inverse(cyy[n_keep:, n_keep:] - c.T @ t, what="ridged joint covariance")
+            ts = t @ s_inv
+            qi = torch.cat([torch.cat([qi + ts @ t.T, -ts], 1), torch.cat([-ts.T, s_inv], 1)], 0)
+            qi = (qi + qi.T) / 2
+        self._qinv = qi
+        self._cyy = cyy
+        self._half_logdet_cyy = 0.5 * logdet_spd(cyy)
+        self._bm = self._e = self._g = None
+        self._test_current = False
+        self._block = None
+        self._info = None
+        self._logdet_r = None
+
+    def _retarget_flops(self, removed: int, added: int) -> float:
+        d, q = self.n_units * self._b, self._q
+        kept = d + q - removed
+        return 2.0 * (d + q) ** 2 * removed + removed**3 + 4.0 * kept**2 * added + added**3
+
+    def _start_flops(self, q: int) -> float:
+        d = self.n_units * self._b
+        return float(d) ** 3 + float(d + q) ** 3
 
     def prefetch(self, units: list[int]) -> None:
         """Passed on to the held-out test (its block caches). Without p-values

@@ -115,6 +115,25 @@ class LinearState(ClosedFormState):
         self._block: _Block | None = None
         self._d_live = int(self._live.sum())  # non-constant features in S
 
+    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
+        """B for the new columns: the kept columns of B, then P Σ_Sa for the added ones."""
+        n_keep = int(keep.sum())
+        bm = self._bm[:, keep]
+        if self._q > n_keep:
+            bm = torch.cat([bm, self._p @ sxy[:, n_keep:]], 1)
+        self._bm = bm
+        self._explained = float((sxy * bm).sum()) / self._q if self._q else 0.0
+        self._b_norm = float((bm**2).sum())
+        self._block = None
+
+    def _retarget_flops(self, removed: int, added: int) -> float:
+        d = self.n_units * self._b
+        return 2.0 * d * d * added + 2.0 * d * (self._q + added)
+
+    def _start_flops(self, q: int) -> float:
+        d = self.n_units * self._b
+        return float(d) ** 3 + 2.0 * d * d * q
+
     def information(self) -> float:
         """I(X_S; Y) = 1 − L(S): share of the standardised target's variance explained by S."""
         return self._explained

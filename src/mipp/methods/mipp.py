@@ -420,7 +420,10 @@ class MIPP(Method):
 
         ``starts`` (group index → (target columns, untouched starting state)) is read and
         updated when the estimator's states can :meth:`fork`: a group whose target columns
-        are the same as in the previous pass starts from a fork of its stored state."""
+        are the same as in the previous pass starts from a fork of its stored state, one
+        whose columns changed from a state derived from the stored one
+        (:meth:`~mipp.estimators.moments.ClosedFormState.retargeted`) when that costs fewer
+        flops than a fresh start."""
         kept: list[Tensor] = [torch.ones(d.group.size, dtype=torch.bool) for d in data]
         results: list[SelectionResult] = []
         for i, d in enumerate(data):
@@ -430,13 +433,16 @@ class MIPP(Method):
                 if rows.any():
                     use[rows] = kept[j][d.unit[rows]]
             columns = use.nonzero().flatten()
-            stored = starts.get(i) if starts is not None else None
+            stored = starts.pop(i, None) if starts is not None else None
             if stored is not None and torch.equal(stored[0], columns):
+                starts[i] = stored
                 state = stored[1].fork()
             else:
-                if starts is not None:
-                    starts.pop(i, None)
-                state = est.start(d.prepared, columns)
+                if stored is not None and stored[1].retarget_saves(d.prepared, columns):
+                    # the targets changed by a few columns: derive, do not rebuild
+                    state = stored[1].retargeted(d.prepared, columns)
+                else:
+                    state = est.start(d.prepared, columns)
                 if (
                     starts is not None
                     and getattr(state, "forkable", False)
