@@ -50,6 +50,86 @@ def test_heads_pruned_by_mipp_at_high_sparsity_are_whole_heads():
     assert sum(4 - w for k, w in widths.values() if k == "heads") >= 1  # some head went
 
 
+class FusedAttention(nn.Module):
+    """timm-style attention: one fused ``qkv`` projection (q, k and v side by side) whose
+    reshape reads ``num_heads`` / ``head_dim`` / ``attn_dim``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        self.attn_dim = heads * self.head_dim
+        self.qkv = nn.Linear(width, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5, dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(n, t, self.attn_dim))
+
+
+class PreNormNet(nn.Module):
+    """Tokens → two pre-norm blocks (x + attn(LN(x)), x + MLP(LN(x))) → mean → classifier."""
+
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.norm1, block.attn = nn.LayerNorm(width), FusedAttention(width, heads)
+            block.norm2, block.fc1 = nn.LayerNorm(width), nn.Linear(width, 2 * width)
+            block.fc2 = nn.Linear(2 * width, width)
+            self.blocks.append(block)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b.attn(b.norm1(h))
+            h = h + b.fc2(torch.relu(b.fc1(b.norm2(h))))
+        return self.head(h.mean(1))
+
+
+def test_fused_qkv_heads_and_pre_norm_targets():
+    """A fused qkv projection is one producer whose units are heads (each the same
+    head-size slice of the q, k and v thirds); a removal shrinks qkv, proj and the module's
+    head attributes, exact against the masked original. In a pre-norm stack a layer's
+    targets are the next layer reading the stream through its LayerNorm, not every later
+    block."""
+    torch.manual_seed(0)
+    model = PreNormNet().eval()
+    x = torch.randn(256, 6, 5)
+    structure = build_structure(copy.deepcopy(model), x[:2])
+    g = structure.group("blocks.0.attn.qkv")
+    assert (g.kind, g.size, g.ties, g.attention) == ("heads", 4, 12, "blocks.0.attn")
+    assert g.producer_index["blocks.0.attn.qkv"][1] == (4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39)
+    assert [c.layer for c in g.consumers] == ["blocks.0.attn.proj"]
+    assert g.consumers[0].index[1] == (4, 5, 6, 7)  # the v third, as proj reads it
+    assert structure.next_layers["blocks.0.fc2"] == ["blocks.1.attn.qkv"]
+    assert structure.next_layers["blocks.0.attn.proj"] == ["blocks.0.fc1"]
+    assert structure.next_layers["blocks.1.fc2"] == ["head"]
+    pruned = copy.deepcopy(model)
+    removed = {"blocks.0.attn.qkv": [0, 2], "blocks.1.attn.qkv": [3]}
+    build_structure(pruned, x[:2]).remove(removed)
+    attn = pruned.blocks[0].attn
+    assert (attn.qkv.out_features, attn.proj.in_features) == (24, 8)
+    assert (attn.num_heads, attn.attn_dim, attn.head_dim) == (2, 8, 4)
+    assert pruned.blocks[1].attn.num_heads == 3
+    masked = copy.deepcopy(model)
+    zero_consumers(masked, build_structure(masked, x[:2]), removed)
+    with torch.no_grad():
+        diff = (pruned.double()(x[:8].double()) - masked.double()(x[:8].double())).abs().max()
+    assert diff.item() < 1e-9
+    result = prune(model, x, sparsity=0.7, compensate=False)  # verified inside
+    heads = {g.name: g.width_after for g in result.report.groups if g.kind == "heads"}
+    assert set(heads) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+    for i, block in enumerate(result.model.blocks):
+        assert block.attn.num_heads == heads[f"blocks.{i}.attn.qkv"]
+        assert block.attn.qkv.out_features == 3 * block.attn.proj.in_features
+
+
 class TinyViT(nn.Module):
     """Patches → tokens with a cls_token and a learned pos_embed, a block with a layer-scale
     gamma: per-channel parameters held by the root module and a block."""

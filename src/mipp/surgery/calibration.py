@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mipp.errors import CalibrationError
 from mipp.inputs import Batch, Samples, describe
@@ -444,6 +444,8 @@ def constant_groups(model: Any, x: Tensor | Samples, groups: Iterable[Any]) -> l
                 constant = False
                 break
             eps = torch.finfo(inp.dtype).eps if inp.is_floating_point() else 0.0
+            if isinstance(layers[c.layer], nn.Linear):  # its features are the last dim
+                inp = inp.movedim(-1, 1)  # (tokens or channels-last maps: (n, …, F))
             for idx in c.index:
                 cols = inp[:, list(idx)].double()
                 spread = (cols - cols[:1]).abs().max()

@@ -116,6 +116,7 @@ def set_heads(module: nn.Module, heads: int, size: int) -> None:
         ("num_attention_heads", heads),
         ("num_heads", heads),
         ("all_head_size", heads * size),
+        ("attn_dim", heads * size),  # timm's Attention
     ):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, value)

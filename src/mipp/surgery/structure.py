@@ -30,9 +30,11 @@ head size (an int attribute ``attention_head_size``, as Hugging Face's attention
 ``head_dim``), the group's units are its heads — ``head size`` consecutive channels of every
 projection and of the output projection's input — its kind is ``"heads"`` (pruned under
 scope "internal") and a removal updates the module's head-count attributes
-(``num_attention_heads`` / ``num_heads``, ``all_head_size``). The forward must size its
-reshapes from the projections' outputs (``view(..., -1, head_size)``), as Hugging Face's do;
-the verification refuses a removal that breaks it.
+(``num_attention_heads`` / ``num_heads``, ``all_head_size`` / ``attn_dim``). A single fused
+projection (timm's ``qkv``, three times as wide as the output projection's input) is one
+producer whose head h is the same slice of each third. The forward must size its reshapes
+from the projections' outputs (``view(..., -1, head_size)``, as Hugging Face's do) or from
+those attributes (as timm's do); the verification refuses a removal that breaks it.
 
 Groups are returned from the output towards the input (reverse topological order of their
 first producer). :meth:`ModelStructure.remove` deletes units physically with explicit
@@ -213,7 +215,8 @@ class ModelStructure:
             for m in single:
                 m.num_groups = m.num_channels
             if g.attention is not None:
-                set_heads(modules[g.attention], g.size - len(units), g.ties)
+                attention = modules[g.attention]
+                set_heads(attention, g.size - len(units), head_size(attention) or g.ties)
             for n, (weight, bias, index) in layer_norms.items():
                 gone = {c for j in units for c in index[j]}
                 _reslice(modules[n], weight, bias, gone)
@@ -282,12 +285,44 @@ def _next_layers(
 
     The walk follows the output through BatchNorm, activations, pooling, reshapes and
     additions, and stops at the first tensor some unit layer reads (a residual block's
-    output, not every later block that the stream also reaches).
+    output, not every later block that the stream also reaches). A layer reading a tensor
+    through a normalisation layer or a depthwise convolution reads it too: a pre-norm
+    transformer's stream ``x + f(x)`` is read by the next block's projections through its
+    LayerNorm (and a ConvNeXt's by the next block through its depthwise conv), so the walk
+    stops there instead of reaching every later block.
     """
 
     def unit(node) -> str | None:
         m = node.module
         return layers.get(m) if isinstance(m, nn.Module) else None
+
+    def behind(node) -> list[str]:
+        """Unit layers reading ``node``'s output through a normalisation layer or a
+        depthwise conv (and the elementwise ops and reshapes after it)."""
+        m = node.module
+        if not (isinstance(m, NORMS) or (isinstance(m, nn.Module) and is_depthwise(m))):
+            return []
+        out: list[str] = []
+        seen, stack = {node}, [node]
+        while stack:
+            for o in stack.pop().outputs:
+                if o in seen:
+                    continue
+                seen.add(o)
+                u = unit(o)
+                if u is not None:
+                    out.append(u)
+                elif not _joins(o):  # not across another addition or concatenation
+                    stack.append(o)
+        return out
+
+    def reads(node) -> list[str]:
+        found: list[str] = []
+        for o in node.outputs:
+            for u in [unit(o)] if unit(o) is not None else behind(o):
+                if u not in found:
+                    found.append(u)
+        return found
 
     result: dict[str, list[str]] = {}
     for module, name in layers.items():
@@ -297,7 +332,7 @@ def _next_layers(
         stack = [start]
         while stack:
             node = stack.pop()
-            direct = [unit(o) for o in node.outputs if unit(o) is not None]
+            direct = reads(node)
             if direct and node is not start:
                 found.extend(d for d in direct if d not in found)
                 continue
@@ -309,6 +344,12 @@ def _next_layers(
                 found.extend(d for d in direct if d not in found)
         result[name] = found
     return result
+
+
+def _joins(node) -> bool:
+    """Whether a Torch-Pruning graph node adds, subtracts or concatenates tensors."""
+    name = str(getattr(node, "name", ""))
+    return any(op in name for op in ("AddBackward", "SubBackward", "CatBackward", "Concat"))
 
 
 def _width(module: nn.Module, *, out: bool) -> int:
@@ -431,12 +472,16 @@ def _unit_group(
     ordered = sorted(out_map, key=lambda n: position.get(n, math.inf))
     if not ordered or not in_map:
         return None
-    attention = _attention_of(ordered, in_map, modules) if len(ordered) > 1 else None
+    attention = _attention_of(ordered, in_map, modules)
     if attention is not None:  # a head: head-size consecutive channels of every projection
         hd = head_size(modules[attention])
+        # one fused projection holds q, k and v side by side: head h is the same head-size
+        # slice of each third (the consumer reads the v third, through Torch-Pruning's map)
+        third = modules[ordered[0]].out_features // 3 if len(ordered) == 1 else None
         for n in ordered:
             for r, idx in out_map[n].items():
-                keys.setdefault(r, []).append((attention, "head", idx // hd))
+                head = (idx % third if third else idx) // hd
+                keys.setdefault(r, []).append((attention, "head", head))
         grouped.append(attention)
     units = _tie(size, keys, grouped) if keys else [[r] for r in range(size)]
     producer_index = {n: tuple(tuple(out_map[n][r] for r in u) for u in units) for n in ordered}
@@ -465,9 +510,11 @@ def _unit_group(
 def _attention_of(
     producers: list[str], in_map: Mapping[str, object], modules: Mapping[str, nn.Module]
 ) -> str | None:
-    """The attention module whose heads a multi-producer group holds, or None: every
-    producer and the one consumer are Linear layers under one module that declares its head
-    size (:func:`head_size`), dividing every projection's width."""
+    """The attention module whose heads a group holds, or None: every producer and the one
+    consumer are Linear layers under one module that declares its head size
+    (:func:`head_size`), dividing every projection's width; the producers are separate q, k
+    and v projections, or one fused projection three times as wide as the consumer's input
+    (timm's ``qkv``)."""
     parents = {n.rpartition(".")[0] for n in producers}
     if len(parents) != 1 or len(in_map) != 1:
         return None
@@ -480,6 +527,11 @@ def _attention_of(
         return None
     if any(modules[n].out_features % hd for n in producers):
         return None
+    if len(producers) == 1:
+        (consumer,) = in_map
+        width = modules[consumer].in_features
+        if width % hd or modules[producers[0]].out_features != 3 * width:
+            return None
     return parent
 
 
