@@ -192,6 +192,26 @@ def test_linear_fit_equals_closed_form_ridge(bias):
     assert fit.error_before == pytest.approx(expected_before, rel=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n", [20, 37, 60])
+def test_linear_fit_with_few_rows_equals_closed_form_ridge(bias, n):
+    """Up to as many rows as features (36, +1 with a bias) the rows are kept and the fit
+    solved in its dual form; past that, A and B are summed: both give the closed-form ridge
+    weights and errors (n = 37 crosses over in the last batch)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 4, bias=bias))
+    net = net.double().eval()
+    x = torch.randn(n, 6, dtype=torch.float64, generator=_gen(2))
+    pruned, kept_out = _pruned(net, x, {"0": [1, 3, 6, 8]})
+    with torch.no_grad():
+        seen, target = pruned[1](pruned[0](x)), net(x)
+    (fit,) = compensate(net, pruned, x, kept_out=kept_out, ridge=0.1, batch_size=7)
+    w, error = _ridge_reference(seen, target, ridge=0.1, bias=bias)
+    torch.testing.assert_close(_stacked(pruned[2]), w, rtol=1e-7, atol=1e-10)
+    assert fit.rows == n and fit.features == 36
+    assert fit.error_after == pytest.approx(error, rel=1e-6, abs=1e-12)
+
+
 def _conv_net(bias: bool) -> nn.Sequential:
     torch.manual_seed(0)
     return (

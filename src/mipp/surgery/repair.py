@@ -17,8 +17,9 @@ produces output position p, so (patch p, original output at p) is a row with D =
 ``torch.Generator``, layer by layer in forward order, then batch by batch, then unfold chunk
 by chunk; all P when P ≤ locations).
 
-Normal equations, accumulated in float64 batch by batch (memory O(D² + D·O), never the
-rows): with x̃ = [x, 1] when L has a bias (an intercept) and x̃ = x otherwise,
+Normal equations, accumulated in float64 batch by batch (memory O(D² + D·O); while there
+are no more rows than features, the rows themselves, O(N·D), and the dual form below): with
+x̃ = [x, 1] when L has a bias (an intercept) and x̃ = x otherwise,
 
     A = Σ x̃ x̃ᵀ   (D̃, D̃),    B = Σ x̃ yᵀ   (D̃, O),    Σ y²,  Σ y  (O,)  over N rows.
 
@@ -27,7 +28,9 @@ The ridge solution is
     W = (A + λ·diag(1, …, 1, 0))⁻¹ B,    λ = ridge · tr(Σ x xᵀ) / D,
 
 i.e. the penalty is relative to the mean second moment of the features (scale-free; the
-intercept is not penalised). The new weight is Wᵀ reshaped to the layer's shape (and the
+intercept is not penalised). With N ≤ D̃ rows the same solution comes from an N×N system:
+ridge on the centred rows (x − x̄, y − ȳ), W = Xcᵀ (Xc Xcᵀ + λI)⁻¹ Yc and the intercept
+ȳ − x̄ᵀW [ours; the classical dual form of ridge regression]. The new weight is Wᵀ reshaped to the layer's shape (and the
 bias the last row of W), written in place so the Parameter objects stay the same.
 
 Errors. For weights W, RSS(W) = Σ y² − 2·⟨W, B⟩ + ⟨W, A W⟩ and TSS = Σ_o (Σ y_o² −
@@ -337,31 +340,57 @@ def _kept_index(
 
 
 class _NormalEquations:
-    """Float64 sums A = Σ x̃x̃ᵀ, B = Σ x̃yᵀ, Σy², Σy over the rows seen (see the docstring)."""
+    """Float64 sums A = Σ x̃x̃ᵀ, B = Σ x̃yᵀ, Σy², Σy over the rows seen (see the docstring).
+
+    While there are no more rows than features the rows themselves are kept instead of A and
+    B (O(N·D̃) memory, not O(D̃²)), and :meth:`solve` uses the dual form of the same ridge
+    solution (an N×N system): a 25,088-input classifier fitted on 256 samples costs a
+    256×256 factorisation, not a 25,088×25,088 one."""
 
     def __init__(self, features: int, outputs: int, *, intercept: bool, device) -> None:
         d = features + int(intercept)
-        kw = {"dtype": torch.float64, "device": device}
-        self.features, self.intercept = features, intercept
-        self.a = torch.zeros(d, d, **kw)
-        self.b = torch.zeros(d, outputs, **kw)
-        self.yy = torch.zeros(outputs, **kw)
-        self.sy = torch.zeros(outputs, **kw)
+        self.kw = {"dtype": torch.float64, "device": device}
+        self.device = torch.device(device)
+        self.features, self.intercept, self.outputs = features, intercept, outputs
+        self.width = d
+        self.a: Tensor | None = None
+        self.b: Tensor | None = None
+        self.rows: list[tuple[Tensor, Tensor]] | None = []  # None once A and B are summed
+        self.yy = torch.zeros(outputs, **self.kw)
+        self.sy = torch.zeros(outputs, **self.kw)
         self.n = 0
 
     def add(self, x: Tensor, y: Tensor) -> None:
-        x = x.to(self.a.device, torch.float64)
-        y = y.to(self.a.device, torch.float64)
+        x = x.to(self.device, torch.float64)
+        y = y.to(self.device, torch.float64)
         if self.intercept:
             x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
-        self.a += x.T @ x
-        self.b += x.T @ y
         self.yy += (y * y).sum(0)
         self.sy += y.sum(0)
         self.n += len(x)
+        if self.rows is not None:
+            self.rows.append((x, y))
+            if self.n <= self.width:
+                return
+            x, y = self._stack()  # more rows than features from now on: sum A and B
+            self.rows = None
+            self.a = torch.zeros(self.width, self.width, **self.kw)
+            self.b = torch.zeros(self.width, self.outputs, **self.kw)
+        self.a += x.T @ x
+        self.b += x.T @ y
+
+    def _stack(self) -> tuple[Tensor, Tensor]:
+        if not self.rows:
+            return (
+                torch.zeros(0, self.width, **self.kw),
+                torch.zeros(0, self.outputs, **self.kw),
+            )
+        return torch.cat([r[0] for r in self.rows]), torch.cat([r[1] for r in self.rows])
 
     def solve(self, ridge: float) -> Tensor:
         d = self.features
+        if self.rows is not None:
+            return self._solve_dual(ridge)
         lam = ridge * float(self.a.diagonal()[:d].mean()) if d else 0.0
         reg = self.a.clone()
         reg.diagonal()[:d] += lam
@@ -370,9 +399,35 @@ class _NormalEquations:
             return torch.cholesky_solve(self.b, chol)
         return torch.linalg.pinv(reg, hermitian=True) @ self.b  # singular: minimum norm
 
+    def _solve_dual(self, ridge: float) -> Tensor:
+        """The same solution from the rows: with the intercept unpenalised, ridge on centred
+        rows, W = Xcᵀ (Xc Xcᵀ + λI)⁻¹ Yc and the intercept ȳ − x̄ᵀW."""
+        x, y = self._stack()
+        d = self.features
+        feats = x[:, :d]
+        lam = ridge * float((feats**2).sum(0).mean()) if d and len(x) else 0.0
+        if self.intercept:
+            mx, my = feats.mean(0), y.mean(0)
+            feats, y = feats - mx, y - my
+        k = feats @ feats.T
+        k.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(k)
+        if int(info) == 0:
+            alpha = torch.cholesky_solve(y, chol)
+        else:  # singular (no ridge): the minimum-norm solution
+            alpha = torch.linalg.pinv(k, hermitian=True) @ y
+        w = feats.T @ alpha
+        if self.intercept:
+            w = torch.cat([w, (my - mx @ w)[None, :]])
+        return w
+
     def error(self, w: Tensor) -> float:
         """RSS(w) / TSS on the accumulated rows; NaN when the target is constant."""
-        rss = float(self.yy.sum() - 2 * (w * self.b).sum() + (w * (self.a @ w)).sum())
+        if self.rows is not None:
+            x, y = self._stack()
+            rss = float(((y - x @ w) ** 2).sum())
+        else:
+            rss = float(self.yy.sum() - 2 * (w * self.b).sum() + (w * (self.a @ w)).sum())
         tss = float((self.yy - self.sy**2 / max(self.n, 1)).sum())
         return max(rss, 0.0) / tss if tss > 0 else math.nan
 
@@ -404,7 +459,7 @@ def _accumulator(layer: nn.Module) -> _NormalEquations:
 
 def _solve(name: str, layer: nn.Module, ne: _NormalEquations, ridge: float) -> LayerFit:
     """Solve the accumulated equations, write the new weights; the record of the fit."""
-    old = _stacked(layer).to(ne.a.device)
+    old = _stacked(layer).to(ne.device)
     new = ne.solve(ridge)
     _write(layer, new)
     return LayerFit(name, ne.n, ne.features, _out_width(layer), ne.error(old), ne.error(new))
