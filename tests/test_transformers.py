@@ -13,6 +13,7 @@ from torch import nn
 
 from helpers import make_model, zero_consumers
 from mipp import prune
+from mipp.inputs import Samples
 from mipp.surgery.structure import build_structure
 
 
@@ -212,6 +213,55 @@ def test_hugging_face_bert_prunes_ffn_neurons_and_heads():
     assert out.shape == (4, 3) and torch.isfinite(out).all()
 
 
+def test_hugging_face_gpt2_conv1d_prunes_ffn_neurons_and_heads_and_stays_conv1d():
+    """GPT-2's Conv1D (a Linear with its weight transposed) is pruned as a Linear and given
+    back as Conv1D; its fused c_attn holds whole heads (``split_size`` follows them); the
+    user's model is untouched; removing heads by hand equals the masked original."""
+    transformers = _transformers()
+    from transformers.pytorch_utils import Conv1D
+
+    from mipp.surgery.layers import as_linears, restore_transposed
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, use_cache=False
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 100, (300, 12))
+    data = {"input_ids": ids}
+    result = prune(model, data, sparsity=0.8, compensate=False)  # verified inside
+    groups = {g.name: g for g in result.report.groups}
+    assert groups["transformer.h.0.attn.c_attn"].kind == "heads"
+    assert groups["transformer.h.0.mlp.c_fc"].kind == "internal"
+    for i, block in enumerate(result.model.transformer.h):
+        heads = groups[f"transformer.h.{i}.attn.c_attn"].width_after
+        assert isinstance(block.attn.c_attn, Conv1D) and isinstance(block.mlp.c_fc, Conv1D)
+        assert block.attn.c_attn.weight.shape == (32, 3 * 8 * heads)  # (in, out): Conv1D's
+        assert block.attn.num_heads == heads and block.attn.split_size == 8 * heads
+        assert block.mlp.c_fc.nf == groups[f"transformer.h.{i}.mlp.c_fc"].width_after < 128
+    assert isinstance(model.transformer.h[0].mlp.c_fc, Conv1D)  # the input model unchanged
+    assert model.transformer.h[0].mlp.c_fc.nf == 128
+    out = result.model(input_ids=ids[:4]).logits
+    assert out.shape == (4, 12, 100) and torch.isfinite(out).all()
+    # heads removed by hand through the structure: equal to zeroing them
+    pruned, masked = copy.deepcopy(model).double(), copy.deepcopy(model).double()
+    removed = {"transformer.h.0.attn.c_attn": [1, 3], "transformer.h.1.attn.c_attn": [0]}
+    for net in (pruned, masked):
+        swapped = as_linears(net)
+        structure = build_structure(net, Samples(data["input_ids"][:2]))
+        if net is pruned:
+            structure.remove(removed)
+        else:
+            zero_consumers(net, structure, removed)
+        restore_transposed(net, swapped)
+    assert (
+        pruned.transformer.h[0].attn.c_attn.nf == 48 and pruned.transformer.h[0].attn.num_heads == 2
+    )
+    with torch.no_grad():
+        a, b = pruned(input_ids=ids[:6]).logits, masked(input_ids=ids[:6]).logits
+    assert (a - b).abs().max().item() < 1e-9
+
+
 def test_hugging_face_vit_keeps_its_embeddings_and_prunes_inside_blocks():
     transformers = _transformers()
     torch.manual_seed(0)
@@ -232,24 +282,6 @@ def test_hugging_face_vit_keeps_its_embeddings_and_prunes_inside_blocks():
     assert kinds <= {"internal", "heads"} and "heads" in kinds
     assert result.model.vit.embeddings.cls_token.shape[-1] == 32
     assert result.report.achieved["units"] == pytest.approx(0.5, abs=0.01)
-
-
-def test_hugging_face_gpt2_is_refused_naming_its_conv1d_layers():
-    """GPT-2's ``Conv1D`` holds an (in, out) weight matrix outside any layer mipp knows:
-    refused before any data runs, every such module named in one line."""
-    transformers = _transformers()
-    from mipp.errors import MippError
-    from mipp.surgery.structure import UnsupportedModuleError
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
-    model = transformers.GPT2Model(config).eval()
-    with pytest.raises(UnsupportedModuleError) as info:
-        prune(model, {"input_ids": torch.randint(0, 50, (64, 8))}, sparsity=0.5)
-    message = str(info.value)
-    assert "\n" not in message and isinstance(info.value, MippError)
-    for layer in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
-        assert f"'{layer}' (Conv1D)" in message
 
 
 @pytest.mark.parametrize(

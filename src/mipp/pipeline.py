@@ -39,7 +39,7 @@ from mipp.registry import lookup
 from mipp.report import GroupReport, PruneReport
 from mipp.surgery.calibration import calibration_inputs, constant_groups
 from mipp.surgery.costs import CostModel, measure_layer_latency
-from mipp.surgery.layers import check_modules
+from mipp.surgery.layers import as_linears, check_modules, restore_transposed
 from mipp.surgery.repair import finish
 from mipp.surgery.structure import (
     SCOPES,
@@ -314,6 +314,9 @@ def prune(
     )
     modes = training_modes(model)
     work = copy.deepcopy(model).eval()
+    # Hugging Face's Conv1D (GPT-2) is a Linear with its weight transposed: pruned as one,
+    # given back as Conv1D
+    transposed = as_linears(work)
     param = first_parameter(work)
     x = Samples(inputs, forward=forward).to(param.device, param.dtype)
     y = None if y is None else y.to(param.device)
@@ -467,6 +470,7 @@ def prune(
         f"in {timings['total']:.2f} s",
         **result.achieved,
     )
+    restore_transposed(work, transposed)
     return PruneResult(model=work, report=result)
 
 

@@ -26,14 +26,17 @@ __all__ = [
     "TABLES",
     "UNIT_LAYERS",
     "UnsupportedModuleError",
+    "as_linears",
     "check_modules",
     "conv_groups",
     "head_size",
     "input_weights",
     "is_depthwise",
     "is_norm",
+    "is_transposed_linear",
     "norm_width",
     "renormalises",
+    "restore_transposed",
     "set_heads",
     "unsupported_modules",
     "zero_inputs",
@@ -117,6 +120,7 @@ def set_heads(module: nn.Module, heads: int, size: int) -> None:
         ("num_heads", heads),
         ("all_head_size", heads * size),
         ("attn_dim", heads * size),  # timm's Attention
+        ("split_size", heads * size),  # GPT-2's: the width of each of q, k and v
     ):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, value)
@@ -145,6 +149,65 @@ def zero_inputs(module: nn.Module, idxs: Sequence[int]) -> None:
             module.weight[rows, cols] = 0
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT): a Linear whose weight is stored transposed,
+    ``(in, out)``, with ``nf`` output features and ``y = x W + b``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def as_linears(model: nn.Module) -> dict[str, type]:
+    """Replace, in place, every transposed Linear (:func:`is_transposed_linear`) by the
+    ``nn.Linear`` computing the same function (its weight transposed; the same Parameter
+    names, dtype, device and ``requires_grad``); returns name → the replaced module's class,
+    for :func:`restore_transposed`. The rest of mipp then sees plain Linear layers."""
+    replaced: dict[str, type] = {}
+    for name, m in list(model.named_modules()):
+        if not name or not is_transposed_linear(m):
+            continue
+        w, b = m.weight, getattr(m, "bias", None)
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.T)
+            if b is not None:
+                lin.bias.copy_(b)
+        lin.weight.requires_grad_(w.requires_grad)
+        if b is not None:
+            lin.bias.requires_grad_(b.requires_grad)
+        lin.train(m.training)
+        _set_submodule(model, name, lin)
+        replaced[name] = type(m)
+    return replaced
+
+
+def restore_transposed(model: nn.Module, replaced: dict[str, type]) -> None:
+    """Undo :func:`as_linears` in place: each named Linear (now perhaps narrower) becomes
+    its original class again, built as ``cls(nf=out, nx=in)`` and given the weights."""
+    for name, cls in replaced.items():
+        lin = model.get_submodule(name)
+        m = cls(lin.out_features, lin.in_features).to(lin.weight.device, lin.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(lin.weight.T)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        m.weight.requires_grad_(lin.weight.requires_grad)
+        if lin.bias is not None:
+            m.bias.requires_grad_(lin.bias.requires_grad)
+        m.train(lin.training)
+        _set_submodule(model, name, m)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def unsupported_modules(model: nn.Module) -> list[str]:
     """Every module of ``model`` mipp cannot prune around, each as ``'name' (Type)`` (the
     root module as ``<root>``), in definition order; empty when the model is supported.
@@ -165,7 +228,7 @@ def unsupported_modules(model: nn.Module) -> list[str]:
         if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
             out.append(f"{label[:-1]} over {len(m.normalized_shape)} dimensions)")
             continue
-        if isinstance(m, UNIT_LAYERS + NORMS + TABLES + ATTENTION):
+        if isinstance(m, UNIT_LAYERS + NORMS + TABLES + ATTENTION) or is_transposed_linear(m):
             continue
         own = [n for n, p in m.named_parameters(recurse=False) if _channel_dim(p) is None]
         if own:
@@ -180,7 +243,7 @@ def _channel_dim(param: torch.Tensor) -> int | None:
     Accepted: a scalar (-1: indexes nothing), a vector-like tensor with one dimension larger
     than 1 (a layer-scale gamma ``(C,)`` or ``(C, 1, 1)``, a PReLU slope) and a token table
     ``(1, ..., D)`` (a ``cls_token``, a learned ``pos_embed``: the last dimension). Anything
-    else — a weight matrix such as GPT-2's ``Conv1D`` — is not. Torch-Pruning slices the
+    else — a weight matrix of a module mipp does not know — is not. Torch-Pruning slices the
     accepted ones along their last dimension larger than 1 (the one returned here) with the
     channels they are added to or concatenated with.
     """

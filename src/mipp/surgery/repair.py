@@ -30,8 +30,9 @@ The ridge solution is
 i.e. the penalty is relative to the mean second moment of the features (scale-free; the
 intercept is not penalised). With N ≤ D̃ rows the same solution comes from an N×N system:
 ridge on the centred rows (x − x̄, y − ȳ), W = Xcᵀ (Xc Xcᵀ + λI)⁻¹ Yc and the intercept
-ȳ − x̄ᵀW [ours; the classical dual form of ridge regression]. The new weight is Wᵀ reshaped to the layer's shape (and the
-bias the last row of W), written in place so the Parameter objects stay the same.
+ȳ − x̄ᵀW [ours; the classical dual form of ridge regression]. The new weight is Wᵀ reshaped
+to the layer's shape (and the bias the last row of W), written in place so the Parameter
+objects stay the same.
 
 Errors. For weights W, RSS(W) = Σ y² − 2·⟨W, B⟩ + ⟨W, A W⟩ and TSS = Σ_o (Σ y_o² −
 (Σ y_o)² / N); :class:`LayerFit` reports RSS/TSS for the pruned layer's weights before the

@@ -17,6 +17,7 @@ from torch import nn
 from mipp.errors import MippError
 from mipp.modules import first_parameter
 from mipp.report import PruneReport, check_replay_record
+from mipp.surgery.layers import as_linears, restore_transposed
 from mipp.surgery.structure import build_structure
 from mipp.validation import check_model_input
 
@@ -50,13 +51,17 @@ def apply_report(model: nn.Module, report: PruneReport | Mapping[str, Any]) -> n
     param = first_parameter(model)
     example = torch.zeros((2, *record["input_shape"]), dtype=param.dtype, device=param.device)
     check_model_input(model, example)  # a report of another input shape: one line
-    structure = build_structure(model, example)
-    sizes = {g.name: g.size for g in structure.groups}
-    for name, width in record["widths"].items():
-        if sizes.get(name) != width:
-            raise MippError(
-                f"cannot apply the prune report: group {name!r} has "
-                f"{sizes.get(name, 'no')} units in this model, the report expects {width}"
-            )
-    structure.remove(record["removed"])
+    transposed = as_linears(model)  # GPT-2's Conv1D: pruned as the Linear it is
+    try:
+        structure = build_structure(model, example)
+        sizes = {g.name: g.size for g in structure.groups}
+        for name, width in record["widths"].items():
+            if sizes.get(name) != width:
+                raise MippError(
+                    f"cannot apply the prune report: group {name!r} has "
+                    f"{sizes.get(name, 'no')} units in this model, the report expects {width}"
+                )
+        structure.remove(record["removed"])
+    finally:
+        restore_transposed(model, transposed)
     return model

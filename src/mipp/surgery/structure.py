@@ -122,6 +122,13 @@ class UnitGroup:
     attention: str | None = None
 
     @property
+    def fused(self) -> bool:
+        """Heads of one fused q/k/v projection: removed and masked by mipp itself (slicing
+        the projection's rows and the output projection's inputs), since Torch-Pruning maps
+        a split into q, k and v onto the output projection's inputs three times over."""
+        return self.attention is not None and len(self.producers) == 1
+
+    @property
     def root(self) -> str:
         """The layer Torch-Pruning roots the group at (its first producer in forward order)."""
         return self.producers[0]
@@ -211,7 +218,10 @@ class ModelStructure:
                 for n in g.norms
                 if isinstance(modules[n], nn.LayerNorm)
             }
-            self.graph.get_pruning_group(root, fn, idxs=idxs).prune(record_history=False)
+            if g.fused:
+                _remove_fused(modules, g, units)
+            else:
+                self.graph.get_pruning_group(root, fn, idxs=idxs).prune(record_history=False)
             for m in single:
                 m.num_groups = m.num_channels
             if g.attention is not None:
@@ -245,12 +255,41 @@ class ModelStructure:
                 root = modules[g.root]
                 fn = self.graph.get_pruner_of_module(root).prune_out_channels
                 idxs = g.channels(units)
+                if g.fused:
+                    _zero(root, idxs, out=True)
+                    consumer = g.consumers[0]
+                    zero_inputs(
+                        modules[consumer.layer], [i for j in units for i in consumer.index[j]]
+                    )
+                    continue
                 for dep, ix in self.graph.get_pruning_group(root, fn, idxs=idxs):
                     _zero(
                         dep.target.module,
                         list(ix),
                         out=self.graph.is_out_channel_pruning_fn(dep.handler),
                     )
+
+
+def _remove_fused(modules: Mapping[str, nn.Module], g: UnitGroup, units: list[int]) -> None:
+    """Remove heads ``units`` of a fused-projection group (:attr:`UnitGroup.fused`): the
+    projection's output rows (weight and bias) and the output projection's input columns."""
+    qkv, consumer = modules[g.root], g.consumers[0]
+    proj = modules[consumer.layer]
+    gone_out = set(g.channels(units))
+    gone_in = {i for j in units for i in consumer.index[j]}
+    keep_out = torch.tensor([c for c in range(qkv.out_features) if c not in gone_out])
+    keep_in = torch.tensor([c for c in range(proj.in_features) if c not in gone_in])
+    for module, keep, dim in ((qkv, keep_out, 0), (proj, keep_in, 1)):
+        w = module.weight
+        module.weight = nn.Parameter(
+            w.detach().index_select(dim, keep.to(w.device)).clone(), requires_grad=w.requires_grad
+        )
+        if dim == 0 and module.bias is not None:
+            b = module.bias
+            module.bias = nn.Parameter(
+                b.detach().index_select(0, keep.to(b.device)).clone(), requires_grad=b.requires_grad
+            )
+    qkv.out_features, proj.in_features = len(keep_out), len(keep_in)
 
 
 def _reslice(module: nn.Module, weight, bias, gone: set[int]) -> None:
@@ -473,6 +512,7 @@ def _unit_group(
     if not ordered or not in_map:
         return None
     attention = _attention_of(ordered, in_map, modules)
+    third = None
     if attention is not None:  # a head: head-size consecutive channels of every projection
         hd = head_size(modules[attention])
         # one fused projection holds q, k and v side by side: head h is the same head-size
@@ -489,6 +529,19 @@ def _unit_group(
         Consumer(n, tuple(tuple(i for r in u for i in in_map[n].get(r, ())) for u in units))
         for n in in_map
     ]
+    if attention is not None and third:
+        # the output projection reads the v third: v channel c is its input c − 2·third
+        # (Torch-Pruning maps a split into q, k, v onto those inputs three times over)
+        fused = out_map[ordered[0]]
+        consumers = [
+            Consumer(
+                consumers[0].layer,
+                tuple(
+                    tuple(sorted(fused[r] - 2 * third for r in u if fused[r] >= 2 * third))
+                    for u in units
+                ),
+            )
+        ]
     return UnitGroup(
         name=ordered[0],
         size=len(units),
