@@ -14,7 +14,7 @@ from torch import nn
 from helpers import make_model, zero_consumers
 from mipp import prune
 from mipp.inputs import Samples
-from mipp.surgery.structure import build_structure
+from mipp.surgery.structure import UnsupportedModuleError, build_structure
 
 
 def test_attention_heads_are_units_when_the_module_declares_its_head_size():
@@ -241,6 +241,8 @@ def test_hugging_face_gpt2_conv1d_prunes_ffn_neurons_and_heads_and_stays_conv1d(
         assert block.mlp.c_fc.nf == groups[f"transformer.h.{i}.mlp.c_fc"].width_after < 128
     assert isinstance(model.transformer.h[0].mlp.c_fc, Conv1D)  # the input model unchanged
     assert model.transformer.h[0].mlp.c_fc.nf == 128
+    with pytest.raises(UnsupportedModuleError, match="as_linears"):  # unconverted: refused
+        build_structure(model, Samples(ids[:2]))
     out = result.model(input_ids=ids[:4]).logits
     assert out.shape == (4, 12, 100) and torch.isfinite(out).all()
     # heads removed by hand through the structure: equal to zeroing them

@@ -215,7 +215,10 @@ def check_match_model(report: PruneReport, model: nn.Module, example: Tensor) ->
         report, input_shape=tuple(example.shape[1:]), groups=[g.name for g in report.groups]
     )
     scope = report.options.get("scope", "internal")
+    from mipp.surgery.layers import as_linears
+
     work = copy.deepcopy(model).eval()
+    as_linears(work)  # GPT-2's Conv1D, as mipp.prune sees it
     structure = build_structure(work, example[:2])
     groups = structure.in_scope(scope) if scope in ("internal", "all") else structure.groups
     check_match(report, input_shape=tuple(example.shape[1:]), groups=[g.name for g in groups])

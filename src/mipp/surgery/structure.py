@@ -67,6 +67,7 @@ from mipp.surgery.layers import (
     conv_groups,
     head_size,
     is_depthwise,
+    is_transposed_linear,
     set_heads,
     zero_inputs,
 )
@@ -609,6 +610,13 @@ def build_structure(
         UnsupportedModuleError: a module mipp cannot handle (named, with its type).
     """
     check_modules(model)
+    transposed = [n for n, m in model.named_modules() if is_transposed_linear(m)]
+    if transposed:
+        raise UnsupportedModuleError(
+            f"{len(transposed)} transposed Linear layer(s) ({', '.join(map(repr, transposed[:3]))}"
+            f"{' …' if len(transposed) > 3 else ''}, Hugging Face's Conv1D): build the structure "
+            f"of a copy converted by mipp.surgery.layers.as_linears (mipp.prune does this)"
+        )
     example = as_samples(example_input)
     inside = [n + "." for n, m in model.named_modules() if isinstance(m, ATTENTION)]
     names = {  # an attention module's own projections are part of it, not unit layers
