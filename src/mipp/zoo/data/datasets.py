@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mipp.errors import InvalidOptionError
 from mipp.registry import lookup
 from mipp.zoo.data.deform import deform_images
 from mipp.zoo.data.readers import (
@@ -320,11 +321,14 @@ def train_val_split(
     Both parts keep their samples in the original order.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise InvalidOptionError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n = len(dataset)
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
-        raise ValueError(f"val_fraction={val_fraction} of {n} samples leaves a part empty")
+        raise InvalidOptionError(
+            f"val_fraction={val_fraction} of {n} samples leaves a part empty; give a fraction "
+            f"that rounds to between 1 and {n - 1} validation samples (e.g. 0.1)"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return dataset.subset(perm[n_val:].sort().values), dataset.subset(perm[:n_val].sort().values)
 
