@@ -647,7 +647,7 @@ class ClosedFormState(EstimatorState):
     def retarget_saves(self, moments: Moments, columns: Tensor | None) -> bool:
         """Whether :meth:`retargeted` costs fewer flops than a fresh start for ``columns``
         (a flop count of both, no timing); False where it does not apply."""
-        if self.heldout is not None or self._slots.n_active != self.n_units:
+        if self.heldout is not None or not self._untouched():
             return False
         final, keep = self._new_columns(moments, columns)
         n_keep = int(keep.sum())
@@ -666,8 +666,11 @@ class ClosedFormState(EstimatorState):
     def _check_start(self, what: str) -> None:
         if self.heldout is not None:
             raise ValueError(f"cannot {what} a state with a held-out test")
-        if self._slots.n_active != self.n_units:
+        if not self._untouched():
             raise ValueError(f"can only {what} a starting state (every unit still in S)")
+
+    def _untouched(self) -> bool:
+        return self._slots.n_active == self.n_units
 
     def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
         """Update the column-dependent matrices (set by each subclass): ``keep`` marks the old

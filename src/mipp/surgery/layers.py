@@ -173,15 +173,7 @@ def as_linears(model: nn.Module) -> dict[str, type]:
             continue
         w, b = m.weight, getattr(m, "bias", None)
         lin = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w.T)
-            if b is not None:
-                lin.bias.copy_(b)
-        lin.weight.requires_grad_(w.requires_grad)
-        if b is not None:
-            lin.bias.requires_grad_(b.requires_grad)
-        lin.train(m.training)
-        _set_submodule(model, name, lin)
+        _set_submodule(model, name, _transposed_copy(m, lin))
         replaced[name] = type(m)
     return replaced
 
@@ -192,15 +184,20 @@ def restore_transposed(model: nn.Module, replaced: dict[str, type]) -> None:
     for name, cls in replaced.items():
         lin = model.get_submodule(name)
         m = cls(lin.out_features, lin.in_features).to(lin.weight.device, lin.weight.dtype)
-        with torch.no_grad():
-            m.weight.copy_(lin.weight.T)
-            if lin.bias is not None:
-                m.bias.copy_(lin.bias)
-        m.weight.requires_grad_(lin.weight.requires_grad)
-        if lin.bias is not None:
-            m.bias.requires_grad_(lin.bias.requires_grad)
-        m.train(lin.training)
-        _set_submodule(model, name, m)
+        _set_submodule(model, name, _transposed_copy(lin, m))
+
+
+def _transposed_copy(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """``dst`` given ``src``'s weight transposed and its bias, their ``requires_grad`` and
+    ``src``'s training mode."""
+    with torch.no_grad():
+        dst.weight.copy_(src.weight.T)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    dst.weight.requires_grad_(src.weight.requires_grad)
+    if src.bias is not None:
+        dst.bias.requires_grad_(src.bias.requires_grad)
+    return dst.train(src.training)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

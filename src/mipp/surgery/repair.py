@@ -386,7 +386,11 @@ class _NormalEquations:
                 torch.zeros(0, self.width, **self.kw),
                 torch.zeros(0, self.outputs, **self.kw),
             )
-        return torch.cat([r[0] for r in self.rows]), torch.cat([r[1] for r in self.rows])
+        if len(self.rows) > 1:  # concatenated once, for the solve and both errors
+            self.rows = [
+                (torch.cat([r[0] for r in self.rows]), torch.cat([r[1] for r in self.rows]))
+            ]
+        return self.rows[0]
 
     def solve(self, ridge: float) -> Tensor:
         d = self.features

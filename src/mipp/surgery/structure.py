@@ -530,7 +530,7 @@ def _unit_group(
         Consumer(n, tuple(tuple(i for r in u for i in in_map[n].get(r, ())) for u in units))
         for n in in_map
     ]
-    if attention is not None and third:
+    if third:
         # the output projection reads the v third: v channel c is its input c − 2·third
         # (Torch-Pruning maps a split into q, k, v onto those inputs three times over)
         fused = out_map[ordered[0]]
