@@ -4,6 +4,7 @@
     python benchmarks/coverage.py --models zoo-mobilenetv2,tv-mobilenet_v2,hf-bert \\
         --samples 64 --size 32 --out /tmp/coverage         # a smoke run, 2-4 min
     python benchmarks/coverage.py --list                   # the models and what they are
+    python benchmarks/coverage.py --redo tv-resnet50       # run one model again, keep the rest
 
 As a new user would try it: each model of :data:`MODELS` (torchvision, timm and Hugging Face
 ``transformers`` models built in code, and the mipp zoo replicas) is built with random
@@ -36,10 +37,13 @@ parameters, tied ones once), the share removed, MIPP's achieved share of units, 
 time of the pruning call alone (recorded, not asserted).
 
 Each model runs in its own process (``--timeout`` per pruner, by ``SIGALRM``; the process is
-killed after ``4 × --timeout`` + 5 min), so a failure or a hang never stops the table. Writes
-``<out>/coverage.{csv,json}`` (rows; the JSON also holds the command, the settings, the
-package versions, the machine and the date) and prints a markdown table to stdout; progress
-goes to stderr.
+killed after ``4 × --timeout`` + 5 min), so a failure or a hang never stops the table. The run
+resumes: each finished model's rows are kept in ``<out>/coverage-parts/<model>.json`` with
+the settings they were made under, and a later run with the same settings takes them instead
+of running the model again (``--redo MODELS`` runs those again; a stopped run loses only the
+model it was on). Writes ``<out>/coverage.{csv,json}`` (rows; the JSON also holds the
+command, the settings, the package versions, the machine and the date) and prints a markdown
+table to stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -507,6 +511,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds per (model, pruner); 0: none")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--redo", default="",
+                        help="models to run again even if a part is kept")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--progress", default="", help=argparse.SUPPRESS)
@@ -530,32 +536,46 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {spec.about}")
         return 0
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
+    redo = {m.strip() for m in args.redo.split(",") if m.strip()}
+    unknown = [m for m in [*names, *sorted(redo)] if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
     command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings = {
+        "size": args.size,
+        "zoo_size": ZOO_SIZE,
+        "samples": args.samples,
+        "tokens": args.tokens,
+        "sparsity": args.sparsity,
+        "timeout_s": args.timeout,
+        "threads": args.threads or torch.get_num_threads(),
+        "seed": 0,
+    }
+    parts = args.out / f"{STEM}-parts"
     rows: list[dict] = []
     t0 = time.perf_counter()
     for k, name in enumerate(names, 1):
+        part = parts / f"{name}.json"
+        kept = json.loads(part.read_text()) if part.exists() and name not in redo else None
+        if kept is not None and kept["settings"] == settings:
+            log(f"[{k}/{len(names)}] {name}: kept from {part}")
+            rows += kept["rows"]
+            continue
         log(f"[{k}/{len(names)}] {name}: {MODELS[name].about}")
-        rows += run_model(name, args, progress=f"[{k}/{len(names)}]")
+        got = run_model(name, args, progress=f"[{k}/{len(names)}]")
+        parts.mkdir(parents=True, exist_ok=True)
+        tmp = part.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"settings": settings, "rows": got}, indent=1))
+        tmp.replace(part)  # atomic: a part is whole or absent
+        rows += got
     meta = {
         "command": command,
-        "settings": {
-            "models": names,
-            "size": args.size,
-            "zoo_size": ZOO_SIZE,
-            "samples": args.samples,
-            "tokens": args.tokens,
-            "sparsity": args.sparsity,
-            "timeout_s": args.timeout,
-            "seed": 0,
-        },
+        "settings": {"models": names, **settings},
         "versions": versions(),
         "models": {
             name: {"source": MODELS[name].source, "about": MODELS[name].about} for name in names
         },
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(time.perf_counter() - t0, 1),  # this invocation (kept parts: 0)
         "table": table(rows, names),
     }
     write_results(args.out / STEM, rows, meta)

@@ -560,8 +560,9 @@ def test_forked_state_selects_as_a_fresh_one_and_leaves_its_source_untouched(cls
 @pytest.mark.parametrize("pvalues", [False, True])
 def test_retargeted_state_selects_as_a_fresh_one_for_its_columns(cls, pvalues):
     """A state derived for other target columns (some dropped, some added, a constant one
-    requested and left out) gives the information, the TERC result and the p-values of a
-    state built fresh for those columns, up to rounding; its source stays untouched."""
+    requested and left out; all replaced) gives the information, the TERC result and the
+    p-values of a state built fresh for those columns, up to rounding; its source stays
+    untouched."""
     from mipp.estimators.moments import ClosedFormState
     from mipp.methods.selection import terc
 
@@ -572,7 +573,7 @@ def test_retargeted_state_selects_as_a_fresh_one_for_its_columns(cls, pvalues):
     source = est.start(prepared, torch.arange(0, 8))
     before = {k: v.clone() for k, v in vars(source).items() if isinstance(v, torch.Tensor)}
     options = {"confidence": 0.99} if pvalues else {"threshold": 2e-3}
-    for columns in ([2, 3, 9, 10, 12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 11], [5]):
+    for columns in ([2, 3, 9, 10, 12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 11], [5], [9, 10, 11]):
         columns = torch.tensor(columns)
         derived = source.retargeted(prepared, columns)
         fresh = est.start(prepared, columns)
@@ -596,8 +597,8 @@ def test_retargeted_state_selects_as_a_fresh_one_for_its_columns(cls, pvalues):
 
 def test_retarget_is_chosen_by_flop_count():
     """A handful of changed columns is cheaper derived than rebuilt; replacing every column
-    of a wide target is not (Gaussian: the Schur complement of all q columns costs more than
-    factorising the small new joint covariance)."""
+    of a wide target is not (Gaussian: a rank-q correction of the D×D inverse for the dropped
+    columns costs more than factorising the small new conditional covariance)."""
     x, y = _redundant_layer(30, 2, seed=3)
     y = torch.cat([y, y, y, y], 1)  # 48 columns
     est = GaussianEstimator()

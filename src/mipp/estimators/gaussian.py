@@ -6,10 +6,19 @@ columns are standardised and a ridge is added to the whole joint covariance: λ_
 With P = (Σ_SS + λ_x I)⁻¹ and Q = (Cov([X_S, Y]) + diag(λ_x, λ_y))⁻¹,
 
     Δ_i = I(X_i; Y | X_{S∖i}) = ½ log det Q_ii − ½ log det P_ii            (nats),
-    I(X_S; Y) = ½ log det(Σ_yy + λ_y I) + ½ log det Q_yy,
+    I(X_S; Y) = ½ log det(Σ_yy + λ_y I) + ½ log det Q_yy = ½ log det Q_XX − ½ log det P,
 
-Q_ii, P_ii being unit i's b×b diagonal blocks. Removing unit i downdates both P and Q by
-Schur complements, in place on full-size matrices whose removed rows and columns are 0.
+Q_ii, P_ii being unit i's b×b diagonal blocks. Only Q's X block is ever read, and it is
+the inverse of the conditional covariance of X given Y [ours]:
+
+    Q_XX = (A − Σ_Sy C_yy⁻¹ Σ_yS)⁻¹,   A = Σ_SS + λ_x I,  C_yy = Σ_yy + λ_y I,
+
+so the state holds two D×D matrices and never the (D + q)×(D + q) joint one: a start costs
+O(D³ + D²·q + D·q² + q³) instead of O(D³ + (D + q)³), and removing unit i downdates both P
+and Q_XX by Schur complements (the inverse of a principal submatrix is the Schur complement
+of the inverse) in O(D²·b) instead of O((D + q)²·b), in place on full-size matrices whose
+removed rows and columns are 0. I(X_S; Y) = ½ log det A − ½ log det Q_XX⁻¹ is read off the
+two Cholesky factorisations of the start.
 
 Test: under H0 (Δ_i = 0) the likelihood-ratio statistic 2·n·Δ_i is asymptotically χ² with
 b·q degrees of freedom. We evaluate it on the plain residual covariances of the ridge fits,
@@ -41,8 +50,8 @@ from mipp.estimators.moments import (
     ClosedFormState,
     Moments,
     check_folds,
+    cholesky_or_raise,
     logdet_spd,
-    spd_inverse,
 )
 
 __all__ = ["GaussianEstimator", "GaussianState"]
@@ -102,14 +111,15 @@ class GaussianState(ClosedFormState):
     ) -> None:
         a, sxy, syy, self.ridge_x = self._setup(moments, columns, ridge=ridge, heldout=heldout)
         self.ridge_y = ridge
-        cyy = syy + self.ridge_y * torch.eye(self._q, dtype=torch.float64)
-        self._cyy = cyy
-        self._half_logdet_cyy = 0.5 * logdet_spd(cyy)
+        self._cyy = syy + self.ridge_y * torch.eye(self._q, dtype=torch.float64)
         # full-size matrices; a removed unit's rows and columns are set to exactly 0, so no
         # test or removal copies a D×D matrix
-        self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
-        joint = torch.cat([torch.cat([a, sxy], 1), torch.cat([sxy.T, cyy], 1)], 0)
-        self._qinv = spd_inverse(joint, what="ridged joint covariance of (X, Y)")
+        self._p, logdet_p = _inverse_logdet(a, what="ridged feature covariance")  # (D, D)
+        self._w = _whitened(sxy, self._cyy)  # Σ_Sy L⁻ᵀ (D, q), C_yy = L Lᵀ
+        self._qx, logdet_qx = _inverse_logdet(
+            a - self._w @ self._w.T, what="ridged joint covariance of (X, Y)"
+        )  # Q_XX (D, D)
+        self._info: float | None = 0.5 * (logdet_qx - logdet_p) if self._q else 0.0
         # for the test only: the ridge coefficients B = P Σ_Sy (D, q), the penalised residual
         # covariance E = C_yy − Σ_yS B and G = BᵀB (q, q); built on the first p-value
         # (threshold and target modes ask for none) and kept current from then on
@@ -118,31 +128,27 @@ class GaussianState(ClosedFormState):
         self._g: Tensor | None = None
         self._test_current = False
         self._block: _Block | None = None
-        self._info: float | None = None
         self._logdet_r: float | None = None
 
     def information(self) -> float:
         """I(X_S; Y) in nats under the Gaussian model (ridged covariances).
 
-        Computed from Q_yy once; each removal then subtracts the unit's Δ_i (the chain rule
-        I(X_S; Y) = I(X_{S∖i}; Y) + I(X_i; Y | X_{S∖i}) holds exactly for the ridged Gaussian),
-        so no removal needs a q×q factorisation."""
+        ½ log det Q_XX − ½ log det P at the start (both log-determinants come with the
+        factorisations that built P and Q_XX); each removal then subtracts the unit's Δ_i (the
+        chain rule I(X_S; Y) = I(X_{S∖i}; Y) + I(X_i; Y | X_{S∖i}) holds exactly for the
+        ridged Gaussian), so no removal needs a factorisation."""
         if self._q == 0:
             return 0.0
-        if self._info is None:
-            self._flush()
-            q_yy = self._qinv[-self._q :, -self._q :]
-            self._info = self._half_logdet_cyy + 0.5 * logdet_spd(q_yy)
-        return max(self._info, 0.0)
+        return max(float(self._info), 0.0)
 
     def single_scores(self) -> Tensor:
         """float64 ``(U,)``: I(X_i; Y) in nats of each unit alone,
         ½ log det A_ii − ½ log det(A_ii − Σ_iy C_yy⁻¹ Σ_yi); exactly 0 for constant units."""
         if self._q == 0:
             return torch.zeros(self.n_units, dtype=torch.float64)
-        chol = torch.linalg.cholesky(self._cyy)
-        k = torch.linalg.solve_triangular(chol, self._sxy.T, upper=False).T  # Σ_xy L⁻ᵀ, (D, q)
-        k = k.view(self.n_units, self._b, self._q)
+        if self._w is None:  # after a retarget
+            self._w = _whitened(self._sxy, self._cyy)
+        k = self._w.view(self.n_units, self._b, self._q)
         cond = self._a_blocks - k @ k.transpose(1, 2)
         scores = 0.5 * (_batched_logdet(self._a_blocks) - _batched_logdet(cond))
         scores = scores.clamp_min(0.0)
@@ -151,51 +157,71 @@ class GaussianState(ClosedFormState):
     def _rows(self, i: int) -> slice:
         return slice(i * self._b, (i + 1) * self._b)
 
-    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
-        """Q for the new columns: the dropped ones leave by a Schur complement of Q (the
-        inverse of a marginal is the Schur complement of the inverse), the added ones enter by
-        bordering, M⁻¹ = [[Q + T S⁻¹ Tᵀ, −T S⁻¹], [−S⁻¹ Tᵀ, S⁻¹]] with T = Q c and
-        S = C_aa − cᵀ T (c: the added columns' covariances with X and the kept columns)."""
-        d = self.n_units * self._b
-        qi = self._qinv
-        if not bool(keep.all()):
-            kk = torch.cat([torch.arange(d), d + keep.nonzero().flatten()])
-            rr = d + (~keep).nonzero().flatten()
-            m_kr = qi[kk][:, rr]
-            qi = qi[kk][:, kk] - m_kr @ torch.linalg.solve(qi[rr][:, rr], m_kr.T)
-            qi = (qi + qi.T) / 2
+    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor, old_sxy: Tensor) -> None:
+        """Q_XX for the new columns by two low-rank corrections of its inverse A_c (Woodbury),
+        with K = C_yy⁻¹ over the old columns and C over the new ones (kept k, then added n):
+
+        - dropped columns a: A_c ← A_c + V K_aa⁻¹ Vᵀ, V = Σ_Sy K_·a (the inverse of a marginal
+          covariance is the Schur complement of the inverse);
+        - added columns n: A_c ← A_c − U S⁻¹ Uᵀ, U = Σ_Sn − Σ_Sk C_kk⁻¹ C_kn and
+          S = C_nn − C_nk C_kk⁻¹ C_kn (block inversion of C),
+
+        each O(D²·c + D·q·c) for c changed columns, and I(X_S; Y) follows by the matrix
+        determinant lemma. P does not depend on the columns."""
+        qx, info = self._qx, self._info
         n_keep, q = int(keep.sum()), self._q
         cyy = syy + self.ridge_y * torch.eye(q, dtype=torch.float64)
+        if not bool(keep.all()):
+            dropped = (~keep).nonzero().flatten()
+            chol = torch.linalg.cholesky(self._cyy)
+            eye = torch.eye(self._cyy.shape[0], dtype=torch.float64)[:, dropped]
+            k_a = torch.cholesky_solve(eye, chol)  # K_·a, (q_old, |a|)
+            v = old_sxy @ k_a  # (D, |a|)
+            k_aa = k_a[dropped]
+            qv = qx @ v
+            inner = k_aa + v.T @ qv
+            qx = qx - qv @ torch.linalg.solve(inner, qv.T)
+            # log det A_c rises by log det(K_aa + VᵀQV) − log det K_aa
+            info -= 0.5 * (logdet_spd((inner + inner.T) / 2) - logdet_spd(k_aa))
         if q > n_keep:
-            c = torch.cat([sxy[:, n_keep:], cyy[:n_keep, n_keep:]], 0)  # (D + kept, added)
-            t = qi @ c
-            s_inv = spd_inverse(cyy[n_keep:, n_keep:] - c.T @ t, what="ridged joint covariance")
-            ts = t @ s_inv
-            qi = torch.cat([torch.cat([qi + ts @ t.T, -ts], 1), torch.cat([-ts.T, s_inv], 1)], 0)
-            qi = (qi + qi.T) / 2
-        self._qinv = qi
+            c_kk, c_kn, c_nn = cyy[:n_keep, :n_keep], cyy[:n_keep, n_keep:], cyy[n_keep:, n_keep:]
+            if n_keep:
+                chol_k = torch.linalg.cholesky(c_kk)
+                coef = torch.cholesky_solve(c_kn, chol_k)  # C_kk⁻¹ C_kn
+                u = sxy[:, n_keep:] - sxy[:, :n_keep] @ coef
+                schur = c_nn - c_kn.T @ coef
+            else:
+                u, schur = sxy[:, n_keep:], c_nn
+            qu = qx @ u
+            inner = schur - u.T @ qu
+            qx = qx + qu @ torch.linalg.solve(inner, qu.T)
+            # log det A_c falls by log det S − log det(S − UᵀQU)
+            info += 0.5 * (logdet_spd((schur + schur.T) / 2) - logdet_spd((inner + inner.T) / 2))
+        self._qx = (qx + qx.T) / 2
+        self._info = info if q else 0.0
         self._cyy = cyy
-        self._half_logdet_cyy = 0.5 * logdet_spd(cyy)
+        self._w = None
         self._bm = self._e = self._g = None
         self._test_current = False
         self._block = None
-        self._info = None
         self._logdet_r = None
 
     def _retarget_flops(self, removed: int, added: int) -> float:
         d, q = self.n_units * self._b, self._q
-        kept = d + q - removed
-        return 2.0 * (d + q) ** 2 * removed + removed**3 + 4.0 * kept**2 * added + added**3
+        kept = q - removed
+        drop = 2.0 * q * q * removed + 2.0 * d * q * removed + 3.0 * d * d * removed
+        add = kept**3 / 3 + kept * kept * added + 2.0 * d * kept * added + 3.0 * d * d * added
+        return drop + add
 
     def _start_flops(self, q: int) -> float:
-        d = self.n_units * self._b
-        return float(d) ** 3 + float(d + q) ** 3
+        d = float(self.n_units * self._b)
+        return 2.0 * d**3 + q**3 / 3 + d * q * q + d * d * q
 
     def prefetch(self, units: list[int]) -> None:
         """Passed on to the held-out test (its block caches). Without p-values
         (``pvalues`` False) the announced units' blocks of P and Q are also cached, their
         removals kept exact there, and the full matrices downdated once per block (one GEMM
-        instead of one O((D + q)²) pass per removal); with p-values every removal also needs
+        instead of one O(D²) pass per removal); with p-values every removal also needs
         B, E and G, so the full matrices are downdated in place as before."""
         if self.heldout is not None:
             self.heldout.prefetch(units)
@@ -209,7 +235,7 @@ class GaussianState(ClosedFormState):
         self._block = _Block(
             units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
             rows=rows,
-            mats=[self._p[rows][:, rows].clone(), self._qinv[rows][:, rows].clone()],
+            mats=[self._p[rows][:, rows].clone(), self._qx[rows][:, rows].clone()],
         )
 
     def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
@@ -220,7 +246,7 @@ class GaussianState(ClosedFormState):
             return blk.mats[0][r, r], blk.mats[1][r, r]
         self._flush()
         r = self._rows(i)
-        return self._p[r, r], self._qinv[r, r]
+        return self._p[r, r], self._qx[r, r]
 
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) in nats and its p-value (the held-out test's when the
@@ -250,7 +276,7 @@ class GaussianState(ClosedFormState):
         return Delta(value=value, relative=relative, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
-        """S ← S ∖ {i} by Schur-complement downdates of P and Q, O((D + q)²·b) in place
+        """S ← S ∖ {i} by Schur-complement downdates of P and Q_XX, O(D²·b) in place
         (deferred to one block downdate when prefetched); with ``pvalues`` also of B, E and G,
         O(D·b·q + q²·b). Without, those are marked stale and rebuilt if a p-value is asked
         for later."""
@@ -274,7 +300,7 @@ class GaussianState(ClosedFormState):
                 self._bm[r] = 0.0
             else:
                 self._test_current = False
-            for m in (self._p, self._qinv):
+            for m in (self._p, self._qx):
                 _downdate(m, r)
         self._slots.remove(i)
         self._logdet_r = None
@@ -288,7 +314,7 @@ class GaussianState(ClosedFormState):
         if blk is None or not blk.removed:
             return
         rows = torch.cat([blk.rows[blk.units[u]] for u in blk.removed])
-        for m in (self._p, self._qinv):
+        for m in (self._p, self._qx):
             _downdate(m, rows)
         self._test_current = False
 
@@ -321,6 +347,23 @@ class GaussianState(ClosedFormState):
         hc = h @ coef
         d_g = coef.T @ gram @ coef - b_i.T @ b_i - hc - hc.T
         return (d_e + d_e.T) / 2, (d_g + d_g.T) / 2
+
+
+def _inverse_logdet(a: Tensor, *, what: str) -> tuple[Tensor, float]:
+    """``(a⁻¹, log det a⁻¹)`` of an SPD matrix from one Cholesky factorisation."""
+    if a.numel() == 0:
+        return a.clone(), 0.0
+    chol = cholesky_or_raise(a, what=what)
+    inv = torch.cholesky_inverse(chol)
+    return (inv + inv.T) / 2, -2.0 * float(chol.diagonal().log().sum())
+
+
+def _whitened(sxy: Tensor, cyy: Tensor) -> Tensor:
+    """Σ_Sy L⁻ᵀ with C_yy = L Lᵀ, ``(D, q)``: Σ_Sy C_yy⁻¹ Σ_yS = W Wᵀ."""
+    if cyy.numel() == 0:
+        return sxy
+    chol = torch.linalg.cholesky(cyy)
+    return torch.linalg.solve_triangular(chol, sxy.T, upper=False).T
 
 
 def _downdate(m: Tensor, rows: Tensor | slice) -> None:

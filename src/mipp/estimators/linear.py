@@ -115,7 +115,7 @@ class LinearState(ClosedFormState):
         self._block: _Block | None = None
         self._d_live = int(self._live.sum())  # non-constant features in S
 
-    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
+    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor, old_sxy: Tensor) -> None:
         """B for the new columns: the kept columns of B, then P Σ_Sa for the added ones."""
         n_keep = int(keep.sum())
         bm = self._bm[:, keep]

@@ -488,15 +488,21 @@ def ridged(sxx: Tensor, const_x: Tensor, lam: float) -> Tensor:
     return out
 
 
-def spd_inverse(a: Tensor, *, what: str) -> Tensor:
-    """Inverse of a symmetric positive-definite matrix via Cholesky; a clear error if singular."""
+def cholesky_or_raise(a: Tensor, *, what: str) -> Tensor:
+    """Lower Cholesky factor of a symmetric positive-definite matrix; a clear error if
+    singular."""
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         raise ValueError(
             f"the {what} is singular (collinear features, e.g. exact duplicate units); "
             "use a ridge > 0"
         )
-    inv = torch.cholesky_inverse(chol)
+    return chol
+
+
+def spd_inverse(a: Tensor, *, what: str) -> Tensor:
+    """Inverse of a symmetric positive-definite matrix via Cholesky; a clear error if singular."""
+    inv = torch.cholesky_inverse(cholesky_or_raise(a, what=what))
     return (inv + inv.T) / 2
 
 
@@ -608,7 +614,7 @@ class ClosedFormState(EstimatorState):
     def fork(self) -> ClosedFormState:
         """An independent copy of this state: removals from either leave the other as it was.
 
-        Costs one copy of its matrices (O((D + q)²)), far less than the factorisations that
+        Costs one copy of its matrices (O(D² + D·q + q²)), far less than the factorisations that
         built them, so a caller that restarts the selection from the same S and the same
         target columns (MIPP's bisection over thresholds) forks one state instead of
         rebuilding it each time."""
@@ -628,9 +634,9 @@ class ClosedFormState(EstimatorState):
 
         The ridged joint covariance of (X, Y_C) restricted to a subset of the columns is
         exactly the one a fresh :meth:`ClosedFormEstimator.start` would build (the columns
-        are standardised one by one and the ridge on them is per column), so dropped columns
-        leave the inverses by a Schur complement and added ones enter by bordering:
-        O((D + q)²·c) for c changed columns instead of the O(D³ + (D + q)³) factorisations.
+        are standardised one by one and the ridge on them is per column), so dropped and
+        added columns change the inverses by low-rank corrections: O((D² + D·q + q²)·c) for c
+        changed columns instead of the O(D³ + D²·q + D·q² + q³) factorisations.
         MIPP's bisection uses it when a layer's targets (the next layer's kept units) change
         by a few columns between passes. Equal to a fresh start up to rounding; the column
         order is this state's kept columns, then the added ones (no estimate depends on it).
@@ -640,8 +646,9 @@ class ClosedFormState(EstimatorState):
         final, keep = self._new_columns(moments, columns)
         _, sxy, syy = moments.standardised(final)
         other = self.fork()
+        old_sxy = other._sxy
         other.columns, other._q, other._sxy = final, int(final.numel()), sxy
-        other._retarget(keep, sxy, syy)
+        other._retarget(keep, sxy, syy, old_sxy)
         return other
 
     def retarget_saves(self, moments: Moments, columns: Tensor | None) -> bool:
@@ -672,9 +679,10 @@ class ClosedFormState(EstimatorState):
     def _untouched(self) -> bool:
         return self._slots.n_active == self.n_units
 
-    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor) -> None:
+    def _retarget(self, keep: Tensor, sxy: Tensor, syy: Tensor, old_sxy: Tensor) -> None:
         """Update the column-dependent matrices (set by each subclass): ``keep`` marks the old
-        columns that stay, ``sxy`` / ``syy`` are the standardised moments of the new ones."""
+        columns that stay, ``sxy`` / ``syy`` are the standardised moments of the new ones,
+        ``old_sxy`` Σ_Sy over the old columns."""
         raise NotImplementedError
 
     def _retarget_flops(self, removed: int, added: int) -> float:
