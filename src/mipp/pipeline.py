@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mipp import distributed
 from mipp.errors import CalibrationError, InvalidOptionError, MippError
 from mipp.inputs import Forward, Samples, reads_token_ids
 from mipp.methods import METHODS, TARGETS, Budget, Decision, Method, PruneContext, Target
@@ -266,6 +267,36 @@ def prune(
     >>> abs(l1.report.achieved["units"] - result.report.achieved["units"]) <= 0.01
     True
     """
+    arguments = dict(locals())
+    # under torch.distributed, a rank that fails tells the others (mipp.distributed)
+    with distributed.guard():
+        result = _prune(**arguments)
+        distributed.check_peers()  # a rank that failed after the last collective
+    return result
+
+
+def _prune(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str | Method,
+    sparsity: float | None,
+    match: PruneReport | None,
+    target: Target,
+    calib_samples: int,
+    scope: Scope,
+    tolerance: float,
+    compensate: bool | None,
+    recalibrate_bn: bool | None,
+    batch_size: int,
+    seed: int,
+    latency_batch: int,
+    exclude: Iterable[str],
+    verify: bool,
+    allow_degenerate: bool,
+    forward: Forward | None,
+    progress: ProgressCallback | None,
+) -> PruneResult:
     t0 = time.perf_counter()
     report = Reporter(progress, __name__)
     _check(
@@ -305,12 +336,14 @@ def prune(
             f"forward must be a callable forward(model, batch) -> Tensor, got {forward!r}"
         )
     check_modules(model)  # every module mipp cannot prune around, before any data is read
+    distributed.check_same_model(model)  # under torch.distributed: the same on every rank
     inputs, y = calibration_inputs(
         data,
         calib_samples,
         seed=seed,
         allow_degenerate=allow_degenerate,
         keep_integers=reads_token_ids(model),
+        shard=(distributed.rank(), distributed.world_size()),
     )
     modes = training_modes(model)
     work = copy.deepcopy(model).eval()
@@ -362,8 +395,8 @@ def prune(
     timings = ctx.timings
     timings["structure"] = time.perf_counter() - t0
 
-    # decide
-    decision = m.decide(ctx, budget)
+    # decide (under torch.distributed: rank 0's decision, so every rank removes the same units)
+    decision = distributed.broadcast_object(m.decide(ctx, budget))
     _check_decision(decision, groups, m.name)
 
     # collapse placeholders → remove
@@ -404,11 +437,15 @@ def prune(
     timings.update(repair_times)
     timings["total"] = time.perf_counter() - t0
 
+    n_calib = torch.tensor([float(len(x))], dtype=torch.float64)
+    distributed.all_reduce_([n_calib])  # every rank's samples (a no-op on one process)
+    ranks = {"ranks": distributed.world_size()} if distributed.active() else {}
     result = PruneReport(
         method=m.name,
         options={
             **decision.options,
-            "calib_samples": len(x),
+            "calib_samples": int(n_calib[0]),
+            **ranks,
             "scope": scope,
             "seed": seed,
             "sparsity": sparsity,

@@ -61,9 +61,10 @@ __all__ = [
 # ----------------------------------------------------------------------------- output
 
 
-def make_console(*, stderr: bool = False, soft_wrap: bool = False) -> Console:
-    """A console for one command (no syntax highlighting, no source paths in log lines)."""
-    return Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, log_path=False)
+def make_console(*, stderr: bool = False, soft_wrap: bool = False, quiet: bool = False) -> Console:
+    """A console for one command (no syntax highlighting, no source paths in log lines);
+    ``quiet`` prints nothing (the ranks other than 0 of a distributed run)."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap, log_path=False, quiet=quiet)
 
 
 def size_table(title: str, rows: list[tuple[str, str]]) -> Table:

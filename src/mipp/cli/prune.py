@@ -25,7 +25,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from mipp import __version__, pipeline
+from mipp import __version__, distributed, pipeline
 from mipp._io import run_directory
 from mipp.cli._common import (
     add_force_flag,
@@ -285,10 +285,25 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``mipp prune``; under ``torchrun`` every rank streams its share of the calibration
+    samples (:mod:`mipp.distributed`) and rank 0 alone prints, evaluates and writes."""
+    launched = distributed.init_from_env()
+    try:
+        with distributed.guard():
+            code = _run(args)
+            distributed.check_peers()  # a rank that failed after the last collective
+        return code
+    finally:
+        if launched:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     check_args(args)
-    console = make_console()
+    lead = distributed.rank() == 0
+    console = make_console(quiet=not lead)
     inputs = [args.checkpoint, sidecar_path(args.checkpoint), args.match, args.data_root]
-    rundir = run_directory(args.out, force=args.force, inputs=inputs)  # refuses now
+    rundir = run_directory(args.out, force=args.force, inputs=inputs) if lead else None
     method = build_method(args)
     ckpt = load_checkpoint(args.checkpoint)
     match = PruneReport.load(args.match) if args.match else None
@@ -301,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
             raise MippError(f"--match {args.match}: {e}") from None
     calib_samples = min(args.calib_samples, len(train_ds))  # what the pipeline can draw
     test_ds = None
-    if not args.no_eval:
+    if not args.no_eval and lead:
         test_ds = checkpoint_data(ckpt, args.checkpoint, split="test", root=args.data_root)
     mode = (
         f"sparsity {args.sparsity} of {args.target}"
@@ -337,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
         **({"exclude": sorted(set(args.exclude))} if args.exclude else {}),
         **({"verify": False} if args.no_verify else {}),
     }
-    with rendering(make_console(stderr=True), enabled=not args.no_progress) as progress:
+    show = lead and not args.no_progress
+    with rendering(make_console(stderr=True), enabled=show) as progress:
         result = pipeline.prune(
             ckpt.model, train_ds, method=method, match=match, progress=progress, **options
         )
@@ -378,6 +394,8 @@ def run(args: argparse.Namespace) -> int:
     extra.update(parent=str(args.checkpoint), pruned=metrics)
     if after is not None:
         extra["test_top1"] = after.top1
+    if rundir is None:  # not rank 0: the same model, written by rank 0
+        return 0
     with rundir as out:  # built under a temporary name, swapped into place at the end
         write_run_json(out / "config.json", run_config)
         report.save(out / "report.json")

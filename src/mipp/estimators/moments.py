@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mipp import distributed
+from mipp.errors import MippError
 from mipp.estimators.base import Estimator, EstimatorState, check_columns, check_pair
 
 __all__ = [
@@ -353,6 +355,34 @@ class _Running:
         self.max_y = torch.maximum(self.max_y, other.max_y)
         self.n = n
 
+    def all_reduce(self) -> None:
+        """Replace these moments by those of the union of every rank's rows
+        (:mod:`mipp.distributed`): each rank's centred sums are shifted to the global mean,
+        C_r + n_r (μ_r − μ)(μ_r − μ)ᵀ, and summed over ranks; minima and maxima likewise."""
+        d = self.sxy.shape[0]
+        totals = torch.cat(
+            [torch.tensor([float(self.n)], dtype=torch.float64), self.n * self.mean_x,
+             self.n * self.mean_y]
+        )  # fmt: skip
+        distributed.all_reduce_([totals])
+        n = int(totals[0])
+        if n == 0:
+            return
+        mean_x, mean_y = totals[1 : 1 + d] / n, totals[1 + d :] / n
+        dx, dy = self.mean_x - mean_x, self.mean_y - mean_y
+        self.sxx += self.n * torch.outer(dx, dx)
+        self.sxy += self.n * torch.outer(dx, dy)
+        if self.full_target:
+            self.syy += self.n * torch.outer(dy, dy)
+            distributed.all_reduce_([self.sxx, self.sxy, self.syy])
+        else:  # the variances only
+            var_y = self.syy.diagonal() + self.n * dy**2
+            distributed.all_reduce_([self.sxx, self.sxy, var_y])
+            self.syy.diagonal().copy_(var_y)
+        distributed.all_reduce_([self.min_x, self.min_y], op="min")
+        distributed.all_reduce_([self.max_x, self.max_y], op="max")
+        self.mean_x, self.mean_y, self.n = mean_x, mean_y, n
+
 
 class MomentAccumulator:
     """Streaming float64 second moments of (X, Y), one batch at a time: O(D² + D·Q + Q²) memory.
@@ -415,6 +445,32 @@ class MomentAccumulator:
                 if first < m:
                     part.add(xb[first :: self.folds], yb[first :: self.folds])
         self.n += m
+
+    def all_reduce(self) -> None:
+        """Merge every rank's moments into each rank's (``torch.distributed``; a no-op
+        without a process group): afterwards :meth:`moments` gives, on every rank, the
+        moments of all the ranks' rows, equal to one process's on their union up to float64
+        rounding (:mod:`mipp.distributed`). With ``folds`` each fold merges with the same
+        fold of the other ranks (row r of a rank's stream in fold r mod K). Every rank must
+        call it, after its last :meth:`update` and having seen at least one batch."""
+        if not distributed.active():
+            return
+        if self._shape is None:
+            raise MippError(
+                f"rank {distributed.rank()} saw no calibration batch: every rank needs at "
+                f"least one (give each rank a non-empty shard)"
+            )
+        shapes = distributed.gather_objects(self._shape)
+        if any(s != self._shape for s in shapes):
+            raise MippError(
+                f"the ranks' statistics differ in shape (units, features, target columns): "
+                f"{shapes}; every rank must prune the same model"
+            )
+        for part in self._parts:
+            part.all_reduce()
+        count = torch.tensor([float(self.n)], dtype=torch.float64)
+        distributed.all_reduce_([count])
+        self.n = int(count[0])
 
     def moments(self) -> Moments:
         """The accumulated :class:`Moments` (1/n normalisation, constant features zeroed;

@@ -35,7 +35,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mipp.errors import CalibrationError
+from mipp import distributed
+from mipp.errors import CalibrationError, InvalidOptionError
 from mipp.estimators import ESTIMATOR_NAMES, Estimator, make_estimator
 from mipp.methods.allocation import remove_while_closer
 from mipp.methods.base import Budget, Decision, Method, PruneContext, sparsities
@@ -236,6 +237,8 @@ class MIPP(Method):
             folds=est.confidence_folds() if confidence is not None else 0,
             test=confidence is not None,
         )
+        if distributed.rank() != 0:  # every rank holds the merged statistics; rank 0 selects
+            return None  # type: ignore[return-value]  # the pipeline broadcasts rank 0's
         units_total = ctx.units_total
 
         t = time.perf_counter()
@@ -370,6 +373,12 @@ class MIPP(Method):
             nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
         }
         layers = {n: m for n, m in work.named_modules() if n in wanted}
+        if distributed.active() and not est.streams:
+            raise InvalidOptionError(
+                f"the {est.name!r} estimator needs the calibration samples themselves, which "
+                f"mipp does not gather across ranks; under torch.distributed use a closed form "
+                f"(estimator='gaussian' or 'linear'), or prune on one process"
+            )
         _check_samples(ctx, est, layers, self.pool, test=test, folds=folds)
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))
@@ -508,8 +517,13 @@ def _check_samples(
 ) -> None:
     """Refuse a calibration set too small for the estimator on the widest group, or
     statistics larger than the machine's memory (:func:`_check_memory`), from a two-sample
-    probe of the layer sizes — before the statistics pass."""
+    probe of the layer sizes — before the statistics pass. Under ``torch.distributed`` the
+    samples of every rank count."""
     n = len(ctx.inputs)
+    if distributed.active():
+        count = torch.tensor([float(n)], dtype=torch.float64)
+        distributed.all_reduce_([count])
+        n = int(count[0])
     shapes: list[tuple[int, int, int]] = []
 
     def probe(acts) -> None:

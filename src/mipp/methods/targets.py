@@ -199,6 +199,8 @@ class StreamedMoments:
         if self._labels is None:
             raise MippError("no calibration batch was seen")
         t = time.perf_counter()
+        for acc in self._acc:  # under torch.distributed: every rank's rows (a no-op otherwise)
+            acc.all_reduce()
         data = [
             GroupData(g, acc.moments(), owner, unit, f)
             for g, acc, (owner, unit, f) in zip(self._groups, self._acc, self._labels, strict=True)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mipp import distributed
 from mipp.errors import CalibrationError
 from mipp.inputs import Batch, Samples, describe
 from mipp.zoo.data import ImageDataset, calibration_subset
@@ -293,6 +294,7 @@ def calibration_inputs(
     seed: int,
     allow_degenerate: bool = False,
     keep_integers: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[Batch, Tensor | None]:
     """The calibration inputs and their labels ``(n,)`` (None if unknown).
 
@@ -302,6 +304,11 @@ def calibration_inputs(
     ``(n, *input_shape)``, or a dict / tuple of tensors ``(n, ...)`` (numpy arrays become
     tensors). ``keep_integers``: a bare integer tensor is token ids, kept as it is (the model
     reads it with an embedding); otherwise it is converted to float32 (module docstring).
+
+    ``shard=(r, N)``: this process is rank r of N (:mod:`mipp.distributed`). In-memory data
+    is the same on every rank: the subset of ``n`` is drawn as above and rank r keeps its
+    rows r, r + N, …; an iterable is the rank's own shard, of which it reads its
+    :func:`~mipp.distributed.share` of ``n``.
 
     Raises:
         CalibrationError: ``data`` is of no accepted form (the message names its type), is
@@ -313,6 +320,7 @@ def calibration_inputs(
     """
     y: Tensor | None = None
     x: Batch | None
+    streamed = False
     if isinstance(data, ImageDataset):
         ds = calibration_subset(data, min(n, len(data)), seed=seed) if len(data) else data
         x, y = ds.x, ds.y
@@ -348,15 +356,23 @@ def calibration_inputs(
             x = _take(x, pick)
             y = None if y is None else y[pick]
     elif isinstance(data, Iterable) and not isinstance(data, str | bytes):
-        x, y = _from_iterable(data, n)
+        x, y = _from_iterable(data, distributed.share(n, *shard))  # the rank's own shard
+        streamed = True
     else:
         raise CalibrationError(
             f"data must be an ImageDataset, a tensor or numpy array of inputs (or a dict of "
             f"them), a pair (inputs, labels), an iterable of batches or of (input, label) "
             f"pairs, got {_type(data)}"
         )
+    rank, world = shard
+    if world > 1 and not streamed and x is not None:
+        # in memory, the same set on every rank: this rank's rows rank, rank + world, ...
+        pick = torch.arange(rank, _count(x, "the calibration inputs"), world)
+        x = _take(x, pick)
+        y = None if y is None else y[pick]
     if x is None or len(_leaves(x)[0]) == 0:
-        raise CalibrationError("the calibration set is empty")
+        where = f" on rank {rank} of {world}" if world > 1 else ""
+        raise CalibrationError(f"the calibration set is empty{where}")
     return _checked(x, allow_degenerate=allow_degenerate, keep_integers=keep_integers), y
 
 

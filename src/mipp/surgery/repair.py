@@ -104,6 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mipp import distributed
 from mipp.errors import MippError
 from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
@@ -380,6 +381,38 @@ class _NormalEquations:
         self.a += x.T @ x
         self.b += x.T @ y
 
+    def all_reduce(self) -> None:
+        """Under ``torch.distributed``, make these the equations of every rank's rows
+        (:mod:`mipp.distributed`): the rows themselves, gathered in rank order, while the
+        ranks hold no more rows in all than features (each rank is then still keeping its
+        rows); else the sums A, B, Σy², Σy added over ranks (a rank still keeping rows sums
+        them first). A no-op without a process group."""
+        if not distributed.active():
+            return
+        count = torch.tensor([float(self.n)], dtype=torch.float64)
+        distributed.all_reduce_([count])
+        total = int(count[0])
+        if total <= self.width:  # every rank keeps its rows: gather them
+            parts = distributed.gather_objects(tuple(t.cpu() for t in self._stack()))
+            x = torch.cat([p[0] for p in parts]).to(self.device)
+            y = torch.cat([p[1] for p in parts]).to(self.device)
+            self.rows = [(x, y)]
+            self.yy = (y * y).sum(0)
+            self.sy = y.sum(0)
+            self.n = total
+            return
+        if self.rows is not None:
+            x, y = self._stack()
+            self.rows = None
+            self.a = x.T @ x
+            self.b = x.T @ y
+        sums = [self.a, self.b, self.yy, self.sy]
+        moved = [t.cpu() for t in sums]
+        distributed.all_reduce_(moved)
+        for t, m in zip(sums, moved, strict=True):
+            t.copy_(m)
+        self.n = total
+
     def _stack(self) -> tuple[Tensor, Tensor]:
         if not self.rows:
             return (
@@ -465,6 +498,7 @@ def _accumulator(layer: nn.Module) -> _NormalEquations:
 def _solve(name: str, layer: nn.Module, ne: _NormalEquations, ridge: float) -> LayerFit:
     """Solve the accumulated equations, write the new weights; the record of the fit."""
     old = _stacked(layer).to(ne.device)
+    ne.all_reduce()  # under torch.distributed: every rank's rows (mipp.distributed)
     new = ne.solve(ridge)
     _write(layer, new)
     return LayerFit(name, ne.n, ne.features, _out_width(layer), ne.error(old), ne.error(new))
@@ -1167,6 +1201,7 @@ def recalibrate_bn(model: nn.Module, x: Tensor | Samples, *, batch_size: int = 2
         with torch.no_grad():
             for a, b in zip(starts, ends, strict=True):
                 x[a:b].to(device).run(model)
+        _merge_ranks(bns)
         ok = True
     finally:
         for m, mode in modes:
@@ -1178,6 +1213,25 @@ def recalibrate_bn(model: nn.Module, x: Tensor | Samples, *, batch_size: int = 2
                     for k, v in bn.named_buffers():
                         v.copy_(buffers[k])
     return len(bns)
+
+
+def _merge_ranks(bns: Sequence[nn.Module]) -> None:
+    """Under ``torch.distributed``, every rank's cumulative BatchNorm statistics become the
+    average over all the ranks' batches (each rank's weighted by its batch count), as one
+    process running every rank's batches would give; a no-op without a process group."""
+    if not distributed.active() or not bns:
+        return
+    counts = [bn.num_batches_tracked.to(torch.float64).reshape(1) for bn in bns]
+    weighted = []
+    for bn, c in zip(bns, counts, strict=True):
+        weighted += [bn.running_mean.to(torch.float64) * c, bn.running_var.to(torch.float64) * c]
+    distributed.all_reduce_([*counts, *weighted])
+    with torch.no_grad():
+        for k, bn in enumerate(bns):
+            total = counts[k].clamp_min(1.0)
+            bn.running_mean.copy_((weighted[2 * k] / total).to(bn.running_mean.device))
+            bn.running_var.copy_((weighted[2 * k + 1] / total).to(bn.running_var.device))
+            bn.num_batches_tracked.fill_(int(counts[k]))
 
 
 def kept_outputs(

@@ -4,7 +4,9 @@ Nothing here downloads. Image datasets are read from standard files on disk (IDX
 Fashion-MNIST, python pickle batches for CIFAR), found by :func:`find_root`; every fault in
 a file raises :class:`~mipp.errors.CorruptDatasetError` naming the file and the fault. A whole
 dataset is held in memory as tensors (:class:`ImageDataset`) and batched by indexing
-(:class:`BatchLoader`), with CIFAR-style augmentation vectorised over the batch.
+(:class:`BatchLoader`), with CIFAR-style augmentation vectorised over the batch. ImageNet-style
+folders of JPEG / PNG files are streamed instead: :class:`ImageFolderDataset` decodes one image
+at a time and :func:`folder_loader` batches it.
 
 Synthetic data: :func:`make_separable` (an easy classification task) and
 :func:`gaussian_pair` (Gaussian vectors with a closed-form mutual information, in nats).
@@ -30,6 +32,7 @@ from mipp.zoo.data.datasets import (
     train_val_split,
 )
 from mipp.zoo.data.deform import deform_images, elastic_displacement, warp_images
+from mipp.zoo.data.folders import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, folder_loader
 from mipp.zoo.data.readers import (
     DEBIAN_DATA_DIRS,
     find_root,
@@ -50,15 +53,19 @@ from mipp.zoo.data.synthetic import (
 __all__ = [
     "DATASETS",
     "DEBIAN_DATA_DIRS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "BatchLoader",
     "DatasetInfo",
     "GaussianPair",
     "ImageDataset",
+    "ImageFolderDataset",
     "calibration_subset",
     "deform_images",
     "describe_dataset",
     "elastic_displacement",
     "find_root",
+    "folder_loader",
     "gaussian_mi",
     "gaussian_pair",
     "list_datasets",

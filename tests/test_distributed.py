@@ -1,0 +1,243 @@
+"""Pruning under torch.distributed (gloo, 2 ranks on the CPU): merged statistics, one
+decision, failures that reach every rank (mipp.distributed)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mipp
+from mipp import distributed
+from mipp.estimators.moments import MomentAccumulator, second_moments
+from mipp.methods import MIPP
+
+F64 = torch.float64
+
+
+def test_share_splits_exactly():
+    """The parts sum to the total and differ by at most one, whatever the split."""
+    for total in (0, 1, 7, 2048):
+        for world in (1, 2, 3, 8):
+            parts = [distributed.share(total, r, world) for r in range(world)]
+            assert sum(parts) == total and max(parts) - min(parts) <= 1
+    with pytest.raises(ValueError, match="rank must be in"):
+        distributed.share(10, 2, 2)
+
+
+def test_without_a_process_group_everything_is_local():
+    """No process group: rank 0 of 1, collectives are no-ops, objects come back as given."""
+    assert not distributed.active()
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    t = torch.ones(3)
+    distributed.all_reduce_([t])
+    assert torch.equal(t, torch.ones(3))
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.gather_objects(5) == [5]
+
+
+# ------------------------------------------------------------------------------ 2 ranks
+
+
+def _run(fn, tmp: Path, *args) -> list:
+    """Run ``fn(rank, tmp, *args)`` on 2 gloo ranks; each rank's pickled return value."""
+    ctx = mp.spawn(_entry, args=(fn, tmp, args), nprocs=2, join=False)
+    while not ctx.join(timeout=240):
+        pass
+    return [pickle.loads((tmp / f"out{r}.pkl").read_bytes()) for r in range(2)]
+
+
+def _entry(rank: int, fn, tmp: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank, world_size=2
+    )
+    try:
+        try:
+            out = fn(rank, tmp, *args)
+        except Exception as e:  # the test inspects every rank's error
+            out = {"error": type(e).__name__, "message": str(e)}
+        (tmp / f"out{rank}.pkl").write_bytes(pickle.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _data(n: int = 300, d: int = 12, q: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=F64) * 3 + 50  # large means: cancellation-prone
+    x[:, 3] = 7.0  # a constant feature
+    y = x[:, :q] @ torch.randn(q, q, generator=g, dtype=F64) + torch.randn(n, q, generator=g)
+    return x.view(n, d // 2, 2), y
+
+
+def _moments_on_rank(rank: int, tmp: Path, full_target: bool, folds: int) -> dict:
+    x, y = _data()
+    acc = MomentAccumulator(full_target=full_target, folds=folds)
+    mine_x, mine_y = x[rank::2], y[rank::2]  # the halves, streamed in uneven batches
+    for i in range(0, len(mine_x), 37):
+        acc.update(mine_x[i : i + 37], mine_y[i : i + 37])
+    acc.all_reduce()
+    m = acc.moments()
+    return {k: getattr(m, k) for k in ("n", "sxx", "sxy", "syy", "mean_x", "mean_y", "const_x")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full_target, folds", [(True, 0), (False, 0), (False, 3)])
+def test_two_ranks_merge_moments_into_the_single_process_ones(tmp_path, full_target, folds):
+    """2 ranks streaming the two halves of a set (means near 50, a constant feature) give,
+    on both ranks, the moments of one process on the whole set: counts exact, everything
+    else within 1e-10 (relative to the entries' scale)."""
+    outs = _run(_moments_on_rank, tmp_path, full_target, folds)
+    x, y = _data()
+    ref = second_moments(x, y)
+    for out in outs:
+        assert "error" not in out, out
+        assert out["n"] == 300
+        assert torch.equal(out["const_x"], ref.const_x) and bool(out["const_x"][3])
+        for k in ("sxx", "sxy", "mean_x", "mean_y"):
+            assert torch.allclose(out[k], getattr(ref, k), rtol=1e-10, atol=1e-10), k
+        syy = out["syy"] if full_target else out["syy"].diagonal()
+        want = ref.syy if full_target else ref.syy.diagonal()
+        assert torch.allclose(syy, want, rtol=1e-10, atol=1e-10)
+
+
+def _net(name: str) -> torch.nn.Module:
+    with mipp.seeded(0):
+        if name == "lenet5":
+            return mipp.create_model("lenet5", in_channels=1, input_size=28)
+        return mipp.create_model("resnet20", in_channels=3, input_size=32)
+
+
+def _inputs(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    shape = (1, 28, 28) if name == "lenet5" else (3, 32, 32)
+    return torch.randn(256, *shape, generator=g)
+
+
+def _prune_on_rank(rank: int, tmp: Path, name: str, estimator: str) -> dict:
+    result = mipp.prune(
+        _net(name), _inputs(name), method=MIPP(estimator=estimator), sparsity=0.5, batch_size=64
+    )
+    return {
+        "removed": {g.name: g.removed for g in result.report.groups},
+        "state": {k: v.clone() for k, v in result.model.state_dict().items()},
+        "calib_samples": result.report.options["calib_samples"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+@pytest.mark.parametrize("estimator", ["linear", "gaussian"])
+def test_two_ranks_prune_the_units_one_process_prunes(tmp_path, name, estimator):
+    """Each rank streams half of the calibration set: both remove exactly the units a single
+    process removes on the whole set, and hold the same pruned model (the compensation's
+    equations are merged too); the report counts every rank's samples."""
+    outs = _run(_prune_on_rank, tmp_path, name, estimator)
+    for out in outs:
+        assert "error" not in out, out
+    single = mipp.prune(
+        _net(name), _inputs(name), method=MIPP(estimator=estimator), sparsity=0.5, batch_size=64
+    )
+    want = {g.name: g.removed for g in single.report.groups}
+    assert outs[0]["removed"] == want
+    assert outs[1]["removed"] == want
+    assert outs[0]["calib_samples"] == outs[1]["calib_samples"] == 256  # both ranks' halves
+    for k, v in outs[0]["state"].items():
+        assert torch.allclose(v.double(), outs[1]["state"][k].double(), rtol=0, atol=1e-6), k
+
+
+def _fail_on_rank_1(rank: int, tmp: Path) -> dict:
+    x = _inputs("lenet5")
+    if rank == 1:
+        x = torch.zeros_like(x)  # degenerate: refused on this rank only
+    mipp.prune(_net("lenet5"), x, sparsity=0.5)
+    return {"error": None}
+
+
+def _ksg_on_rank(rank: int, tmp: Path) -> dict:
+    mipp.prune(_net("lenet5"), _inputs("lenet5"), method=MIPP(estimator="ksg"), sparsity=0.5)
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_every_rank(tmp_path):
+    """Rank 1's calibration data is degenerate: rank 1 raises its CalibrationError, rank 0
+    stops at its next collective with a PeerFailedError naming rank 1 and the error line,
+    and neither waits forever (the spawn's join would time out). An estimator that needs
+    the samples themselves is refused on every rank."""
+    outs = _run(_fail_on_rank_1, tmp_path)
+    assert outs[1]["error"] == "CalibrationError"
+    assert outs[0]["error"] == "PeerFailedError"
+    assert (
+        "rank 1 failed: CalibrationError: the calibration set is degenerate" in outs[0]["message"]
+    )
+    for f in tmp_path.glob("out*.pkl"):
+        f.unlink()
+    (tmp_path / "rendezvous").unlink(missing_ok=True)
+    outs = _run(_ksg_on_rank, tmp_path)
+    for out in outs:
+        assert out["error"] == "InvalidOptionError"
+        assert "needs the calibration samples themselves" in out["message"]
+
+
+@pytest.mark.slow
+def test_mipp_prune_under_torchrun_writes_once_what_one_process_writes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m mipp.cli prune``: exit 0, one run directory (rank 0
+    writes it), and the report removes exactly the units a single-process ``mipp prune``
+    removes; a second run into the same directory is refused on rank 0 and rank 1 stops too
+    (exit 2 from both, no hang)."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mipp.cli import main
+    from test_cli import _write_idx  # the tiny IDX Fashion-MNIST of test_cli's fixture
+
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 50)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4 : 2 * k + 6, :] = 250
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    common = ["--data-root", str(root), "--no-progress"]
+    base = tmp_path / "base"
+    train = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "1"]
+    train += ["--batch-size", "20", "--out", str(base), "--latency-repeats", "0", *common]
+    assert main(train) == 0
+    ckpt = str(base / "model.safetensors")
+    prune = ["prune", ckpt, "--sparsity", "0.5", "--calib-samples", "256", *common]
+    assert main([*prune, "--out", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += ["--nproc_per_node", "2", "-m", "mipp.cli"]
+    done = subprocess.run(
+        [*launch, *prune, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir()
+    )
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("single", "two")]
+    removed = [{g["name"]: g["removed"] for g in r["groups"]} for r in reports]
+    assert removed[0] == removed[1]
+    assert reports[1]["options"]["calib_samples"] == 256  # both ranks' halves
+    assert reports[1]["options"]["ranks"] == 2 and "ranks" not in reports[0]["options"]
+    again = subprocess.run(
+        [*launch, *prune, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode != 0
+    assert "rank 0 failed: RunDirectoryError" in again.stderr
