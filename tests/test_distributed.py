@@ -188,10 +188,10 @@ def test_a_rank_that_fails_stops_every_rank(tmp_path):
 
 @pytest.mark.slow
 def test_mipp_prune_under_torchrun_writes_once_what_one_process_writes(tmp_path):
-    """``torchrun --nproc_per_node 2 -m mipp.cli prune``: exit 0, one run directory (rank 0
-    writes it), and the report removes exactly the units a single-process ``mipp prune``
-    removes; a second run into the same directory is refused on rank 0 and rank 1 stops too
-    (exit 2 from both, no hang)."""
+    """``torchrun --nproc_per_node 2 -m mipp.cli train`` (DDP) then ``… prune``: exit 0, one
+    run directory each (rank 0 writes it), and the report removes exactly the units a
+    single-process ``mipp prune`` removes; a second run into the same directory is refused
+    on rank 0 and rank 1 stops too (exit 2 from both, no hang)."""
     import json
     import subprocess
     import sys
@@ -212,16 +212,18 @@ def test_mipp_prune_under_torchrun_writes_once_what_one_process_writes(tmp_path)
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     common = ["--data-root", str(root), "--no-progress"]
-    base = tmp_path / "base"
-    train = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "1"]
-    train += ["--batch-size", "20", "--out", str(base), "--latency-repeats", "0", *common]
-    assert main(train) == 0
-    ckpt = str(base / "model.safetensors")
-    prune = ["prune", ckpt, "--sparsity", "0.5", "--calib-samples", "256", *common]
-    assert main([*prune, "--out", str(tmp_path / "single")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launch += ["--nproc_per_node", "2", "-m", "mipp.cli"]
+    base = tmp_path / "base"
+    train = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "1"]
+    train += ["--batch-size", "10", "--out", str(base), "--latency-repeats", "0", *common]
+    trained = subprocess.run([*launch, *train], env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]  # DDP, rank 0 writes
+    assert (base / "model.safetensors").exists() and (base / "metrics.json").exists()
+    ckpt = str(base / "model.safetensors")
+    prune = ["prune", ckpt, "--sparsity", "0.5", "--calib-samples", "256", *common]
+    assert main([*prune, "--out", str(tmp_path / "single")]) == 0
     done = subprocess.run(
         [*launch, *prune, "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600,
@@ -241,3 +243,47 @@ def test_mipp_prune_under_torchrun_writes_once_what_one_process_writes(tmp_path)
     )  # fmt: skip
     assert again.returncode != 0
     assert "rank 0 failed: RunDirectoryError" in again.stderr
+
+
+def _fmnist_like(n: int = 96) -> mipp.zoo.data.ImageDataset:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(n) % 10
+    x = torch.randn(n, 1, 28, 28, generator=g) * 0.3
+    for i, k in enumerate(y.tolist()):
+        x[i, 0, 2 * k + 4 : 2 * k + 6, :] += 2.0
+    return mipp.zoo.data.ImageDataset(x, y, num_classes=10, name="toy")
+
+
+def _train_on_rank(rank: int, tmp: Path) -> dict:
+    torch.manual_seed(100 + rank)  # different initial weights: DDP starts from rank 0's
+    net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    config = mipp.TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=0)
+    history = mipp.train(net, _fmnist_like(), config)
+    return {
+        "losses": [e.train_loss for e in history.epochs],
+        "top1": [e.train_top1 for e in history.epochs],
+        "state": {k: v.clone() for k, v in net.state_dict().items()},
+    }
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_training_is_one_process_with_twice_the_batch(tmp_path):
+    """2 ranks with batch 8 each train LeNet-5 (no BatchNorm) as one process with batch 16
+    does: the same epoch losses and accuracies (the ranks' rows counted together) and the
+    same weights, within 1e-5 (float32 gradients summed in another order); both ranks end
+    with identical weights though they were initialised differently."""
+    outs = _run(_train_on_rank, tmp_path)
+    for out in outs:
+        assert "error" not in out, out
+    torch.manual_seed(100)  # rank 0's initialisation
+    net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    history = mipp.train(
+        net, _fmnist_like(), mipp.TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=0)
+    )
+    want = [e.train_loss for e in history.epochs]
+    for out in outs:
+        assert out["losses"] == pytest.approx(want, rel=1e-5)
+        assert out["top1"] == [e.train_top1 for e in history.epochs]
+    for k, v in net.state_dict().items():
+        assert torch.equal(outs[0]["state"][k], outs[1]["state"][k]), k
+        assert torch.allclose(outs[0]["state"][k], v, rtol=1e-4, atol=1e-5), k

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mipp import __version__
+import torch
+
+from mipp import __version__, distributed
 from mipp._io import run_directory
 from mipp.cli._common import (
     add_force_flag,
@@ -51,9 +53,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = make_console()
+    """``mipp finetune``; under ``torchrun`` with DistributedDataParallel (``--batch-size`` per
+    rank, :func:`mipp.zoo.training.train`), rank 0 alone evaluating, printing and writing."""
+    launched = distributed.init_from_env()
+    try:
+        with distributed.guard():
+            code = _run(args)
+            distributed.check_peers()  # a rank that failed after the last collective
+        return code
+    finally:
+        if launched:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    lead = distributed.rank() == 0
+    console = make_console(quiet=not lead)
     inputs = [args.checkpoint, sidecar_path(args.checkpoint), args.data_root]
-    rundir = run_directory(args.out, force=args.force, inputs=inputs)  # refuses now
+    rundir = run_directory(args.out, force=args.force, inputs=inputs) if lead else None
     ckpt = load_checkpoint(args.checkpoint)
     config = train_config(args)
     full = checkpoint_data(ckpt, args.checkpoint, split="train", root=args.data_root)
@@ -74,11 +91,13 @@ def run(args: argparse.Namespace) -> int:
         "mipp_version": __version__,
         "device": args.device,
     }
-    with rendering(console, enabled=not args.no_progress) as progress:
+    with rendering(console, enabled=lead and not args.no_progress) as progress:
         history = training.train(
             ckpt.model, train_ds, config, val_data=val_ds, device=args.device, progress=progress
         )
     ckpt.model.to("cpu")
+    if not lead:  # the same model: rank 0 evaluates and writes it
+        return 0
     after = training.evaluate(ckpt.model, test)
     metrics = {
         "test_top1_before": before.top1,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mipp import __version__
+from mipp import __version__, distributed
 from mipp._io import run_directory
 from mipp.cli._common import (
     add_data_flags,
@@ -76,8 +76,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = make_console()
-    rundir = run_directory(args.out, force=args.force, inputs=[args.data_root])  # refuses now
+    """``mipp train``; under ``torchrun`` with DistributedDataParallel (``--batch-size`` per
+    rank, :func:`mipp.zoo.training.train`), rank 0 alone evaluating, printing and writing."""
+    launched = distributed.init_from_env()
+    try:
+        with distributed.guard():
+            code = _run(args)
+            distributed.check_peers()  # a rank that failed after the last collective
+        return code
+    finally:
+        if launched:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    lead = distributed.rank() == 0
+    console = make_console(quiet=not lead)
+    rundir = run_directory(args.out, force=args.force, inputs=[args.data_root]) if lead else None
     config = train_config(args)
     data_options = {"root": args.data_root, "pad_to_32": args.pad_to_32, "channels": args.channels}
     full = load_dataset(args.dataset, split="train", **data_options)
@@ -119,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
         "train": config.to_dict(),
         "device": args.device,
     }
-    with rendering(console, enabled=not args.no_progress) as progress:
+    with rendering(console, enabled=lead and not args.no_progress) as progress:
         history = training.train(
             model, train_ds, config, val_data=val_ds, device=args.device, progress=progress
         )
     model.to("cpu")
+    if not lead:  # the same model: rank 0 evaluates and writes it
+        return 0
     result = training.evaluate(model, test)
     numbers = model_numbers(model, input_shape(full), latency_repeats=args.latency_repeats)
     metrics = {

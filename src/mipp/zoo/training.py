@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from mipp import distributed
 from mipp.errors import TrainingDivergedError
 from mipp.modules import eval_mode
 from mipp.progress import ProgressCallback, ProgressEvent, Reporter
@@ -129,6 +131,19 @@ def train(
     model's current parameters, so call this again after pruning rather than reusing an
     optimizer.
 
+    Under ``torch.distributed`` (:mod:`mipp.distributed`, more than one rank) the model is
+    wrapped in ``DistributedDataParallel`` (which starts every rank from rank 0's weights) and
+    ``config.batch_size`` is per rank. An :class:`~mipp.zoo.data.ImageDataset` is batched as
+    one process would batch it with ``world × batch_size`` (the same seeded order and
+    augmentation on every rank) and each rank trains on its contiguous slice of every batch,
+    trimmed to a multiple of the number of ranks — so the run is one process's with the
+    larger batch, up to floating point, for models without BatchNorm (BatchNorm normalises
+    each rank's slice on its own; SyncBatchNorm needs GPUs). Another iterable is taken to be
+    the rank's own shard (e.g. a ``DataLoader`` with a ``DistributedSampler``), and every rank
+    must yield the same number of batches. The epoch's loss and accuracy count every rank's
+    rows; each rank's torch RNG (dropout) is seeded from ``(config.seed, rank)`` during
+    training; a non-finite loss on any rank stops every rank.
+
     ``progress`` receives a transient ``"train"`` :class:`~mipp.progress.ProgressEvent` per
     step (``done`` / ``total`` steps of the epoch) and an ``"epoch"`` event with the
     :class:`EpochStats` fields after each epoch; epochs are also logged (logger
@@ -143,12 +158,52 @@ def train(
     >>> len(hist.epochs)
     2
     """
+    world = distributed.world_size()
+    if world > 1:  # under torch.distributed: DistributedDataParallel, every rank's batches
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_rank_seed(config.seed, distributed.rank()))  # dropout etc.
+            return _train(model, data, config, val_data, device, progress, on_epoch_end, world)
+    return _train(model, data, config, val_data, device, progress, on_epoch_end, 1)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank ``rank``'s own torch seed, derived from the run's ``seed``."""
+    return int(np.random.SeedSequence((seed, rank)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _my_rows(x: torch.Tensor, y: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous 1/world of a global batch, trimmed to a multiple of ``world``
+    rows so that every rank's part is the same size (the mean of the ranks' mean losses is
+    then the global batch's mean loss)."""
+    per = len(y) // world
+    r = distributed.rank()
+    return x[r * per : (r + 1) * per], y[r * per : (r + 1) * per]
+
+
+def _train(
+    model: nn.Module,
+    data: ImageDataset | Batches,
+    config: TrainConfig,
+    val_data: ImageDataset | Batches | None,
+    device: str | torch.device,
+    progress: ProgressCallback | None,
+    on_epoch_end: Callable[[EpochStats], None] | None,
+    world: int,
+) -> TrainHistory:
     device = torch.device(device)
     augment = config.augment
     if augment is None:
         augment = bool(getattr(data, "augment", False))
+    # with several ranks an in-memory dataset is batched as one process would batch it with
+    # world × batch_size, and each rank takes its slice of every batch (the same order and
+    # augmentation on every rank: one process with the larger batch, exactly)
+    shared = world > 1 and isinstance(data, ImageDataset)
     loader = _batches(
-        data, batch_size=config.batch_size, shuffle=True, augment=augment, seed=config.seed
+        data,
+        batch_size=config.batch_size * (world if shared else 1),
+        shuffle=True,
+        augment=augment,
+        seed=config.seed,
     )
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
@@ -159,6 +214,10 @@ def train(
     total_steps = max(1, (steps_per_epoch or 1) * config.epochs)
 
     model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)  # rank 0's weights
     optimizer = _make_optimizer(model, config)
     factor = _lr_factor(config, total_steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -174,13 +233,17 @@ def train(
         correct = 0
         seen = 0
         for epoch_steps, (x, y) in enumerate(loader, 1):
+            if shared:
+                x, y = _my_rows(x, y, world)
+                if len(y) == 0:  # a last global batch smaller than the number of ranks
+                    continue
             x, y = x.to(device), y.to(device)
             lr = config.lr * factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(x)
+            logits = net(x)
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, world):
                 raise TrainingDivergedError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
                     f"lower the learning rate (lr={config.lr})"
@@ -204,6 +267,10 @@ def train(
                         fields={"epoch": epoch, "epochs": config.epochs},
                     )
                 )
+        if world > 1:  # the epoch's numbers over every rank's rows
+            totals = torch.tensor([float(loss_sum), float(correct), float(seen)])
+            distributed.all_reduce_([totals])
+            loss_sum, correct, seen = totals[0].double(), int(totals[1]), int(totals[2])
         if seen == 0:
             raise ValueError("the training data yields no batches (is the dataset empty?)")
         val = evaluate(model, val_data, device=device) if val_data is not None else None
@@ -230,6 +297,15 @@ def train(
             on_epoch_end(stats)
     history.seconds = time.perf_counter() - t_start
     return history
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (one scalar all-reduce per step with several
+    ranks, so that all stop together rather than some waiting in the gradient all-reduce)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=loss.device)
+    if world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return float(bad) == 0.0
 
 
 @torch.no_grad()
