@@ -37,6 +37,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory, e.g. runs/sweeps/bases): a base is trained once per (model, data, "
         "recipe, seed)",
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one run after another in this process (default); ray: every run as a "
+        "Ray task (pip install 'mipp[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: the cluster to join ('auto', 'ray://HOST:10001'); "
+        "default: a local cluster for this sweep",
+    )
+    p.add_argument(
+        "--task-cpus", type=float, default=1.0, help="with --executor ray: CPUs per run task"
+    )
+    p.add_argument(
+        "--task-gpus", type=float, default=0.0, help="with --executor ray: GPUs per run task"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="with --executor ray: how often a task whose worker died is run again",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--report", action="store_true", help="write the report (mipp report) when done")
     p.add_argument("--report-out", default=None, help="report folder (default results/<name>)")
@@ -61,6 +86,18 @@ def run(args: argparse.Namespace) -> int:
         raise MippError(
             f"the sweep directory {out} is also the base cache; give --out or --bases another path"
         )
+    executor = None
+    if args.executor == "ray":
+        from mipp.experiments.ray_executor import RayExecutor
+
+        executor = RayExecutor(
+            address=args.address,
+            num_cpus=args.task_cpus,
+            num_gpus=args.task_gpus,
+            retries=args.retries,
+        )
+    elif args.address is not None:
+        raise MippError("--address applies to --executor ray only")
     with rendering(console) as progress:
         result = run_sweep(
             spec,
@@ -69,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             command=command,
             progress=progress,
             bases=bases,
+            executor=executor,
         )
     finished = len(result.skipped) + len(result.done)
     console.print(

@@ -65,7 +65,7 @@ from mipp.progress import ProgressCallback, Reporter
 from mipp.report import PruneReport
 from mipp.zoo.config import TrainConfig
 
-__all__ = ["SweepResult", "protocol", "run_config", "run_sweep"]
+__all__ = ["SweepResult", "attempt", "protocol", "run_config", "run_sweep"]
 
 
 @dataclass
@@ -240,6 +240,42 @@ def _execute(
     }
 
 
+def attempt(
+    spec: SweepSpec,
+    run: Run,
+    out: Path,
+    bases: Bases,
+    data: SweepData,
+    device: torch.device,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """One run into ``out/runs/<run_id>``, from a clean directory: ``(metrics, None)`` once
+    its ``metrics.json`` is written, or ``(None, "Type: message")`` with ``error.txt``
+    written (the failure, or a reference run that did not finish). Used by every executor;
+    ``KeyboardInterrupt`` / ``SystemExit`` propagate."""
+    rdir = out / "runs" / run.run_id
+    if rdir.exists():  # an interrupted or failed attempt: start clean
+        shutil.rmtree(rdir)
+    rdir.mkdir(parents=True)
+    write_json(rdir / "config.json", run_config(spec, run))
+    label = spec.reference_for(run.method)
+    try:
+        ref = None
+        if label is not None:
+            ref_id = Run(run.model, run.dataset, run.regime, label, run.sparsity, run.seed)
+            ref_path = out / "runs" / ref_id.run_id / "report.json"
+            if read_json(ref_path.with_name("metrics.json")) is None:
+                raise MippError(f"its reference run {ref_id.run_id} did not finish")
+            ref = PruneReport.load(ref_path)
+        t = time.perf_counter()
+        metrics = _execute(spec, run, rdir, bases, data, device, ref)
+        metrics["run_s"] = time.perf_counter() - t
+    except Exception as e:  # recorded; the sweep goes on with the other runs
+        atomic_write_bytes(rdir / "error.txt", traceback.format_exc().encode())
+        return None, f"{type(e).__name__}: {e}"
+    write_json(rdir / "metrics.json", metrics)
+    return metrics, None
+
+
 def _eta(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -270,8 +306,13 @@ def run_sweep(
     progress: ProgressCallback | None = None,
     on_run_done: Callable[[str], None] | None = None,
     bases: str | Path | None = None,
+    executor: Any = None,
 ) -> SweepResult:
     """Run every unfinished run of ``spec`` into ``out`` (see the module docstring).
+
+    ``executor``: None runs the runs one after another in this process; a
+    :class:`~mipp.experiments.ray_executor.RayExecutor` submits them as Ray tasks (the same
+    directory layout, resumability, progress and failure records).
 
     Failed runs are recorded (``error.txt``) and the sweep goes on; runs that need a failed
     reference fail too. ``progress`` receives the sweep's events (see the module
@@ -284,7 +325,7 @@ def run_sweep(
     """
     out = Path(out)
     with lock_directory(out, what="sweep directory"):
-        return _run_sweep(spec, out, device, command, progress, on_run_done, bases)
+        return _run_sweep(spec, out, device, command, progress, on_run_done, bases, executor)
 
 
 def _run_sweep(
@@ -295,6 +336,7 @@ def _run_sweep(
     progress: ProgressCallback | None,
     on_run_done: Callable[[str], None] | None,
     bases: str | Path | None,
+    executor: Any,
 ) -> SweepResult:
     report = Reporter(progress, __name__)
     device = torch.device(device)
@@ -336,63 +378,28 @@ def _run_sweep(
     data = SweepData(spec.config["data"])
     for name in dict.fromkeys(r.dataset for r in pending):  # a missing dataset fails now
         data(name)
-    base_cache = Bases(bases_dir, spec, data, device, report)
     t0 = time.perf_counter()
-    for i, run in enumerate(pending, 1):
+    count = [0]  # runs attempted in this invocation (for the ETA)
+
+    def record(run: Run, metrics: dict[str, Any] | None, error: str | None) -> None:
+        """Book one attempted run: progress with the ETA, the failure, the callback."""
+        count[0] += 1
         finished = len(result.skipped) + len(result.done)
-        report(
-            "sweep",
-            f"[{finished + 1}/{len(runs)}] {run.run_id} ...",
-            done=finished,
-            total=len(runs),
-            transient=True,
-            run_id=run.run_id,
-        )
-        rdir = out / "runs" / run.run_id
-        if rdir.exists():  # an interrupted or failed attempt: start clean
-            shutil.rmtree(rdir)
-        rdir.mkdir(parents=True)
-        write_json(rdir / "config.json", run_config(spec, run))
-        ref = None
-        label = spec.reference_for(run.method)
-        try:
-            if label is not None:
-                ref_id = Run(run.model, run.dataset, run.regime, label, run.sparsity, run.seed)
-                ref_path = out / "runs" / ref_id.run_id / "report.json"
-                if read_json(ref_path.with_name("metrics.json")) is None:
-                    raise MippError(f"its reference run {ref_id.run_id} did not finish")
-                ref = PruneReport.load(ref_path)
-            t = time.perf_counter()
-            metrics = _execute(spec, run, rdir, base_cache, data, device, ref)
-            metrics["run_s"] = time.perf_counter() - t
-        except (KeyboardInterrupt, SystemExit):
+        if error is not None:
+            result.failed[run.run_id] = error
             report(
                 "sweep",
-                f"interrupted during {run.run_id}: {len(result.skipped) + len(result.done)} of "
-                f"{len(runs)} runs finished; run the same command again to resume",
-                done=len(result.skipped) + len(result.done),
+                f"[{count[0]}/{len(pending)}] {run.run_id} FAILED: {error}",
+                done=finished,
                 total=len(runs),
                 run_id=run.run_id,
+                error=error,
             )
-            raise
-        except Exception as e:  # record, go on with the other runs
-            msg = f"{type(e).__name__}: {e}"
-            atomic_write_bytes(rdir / "error.txt", traceback.format_exc().encode())
-            result.failed[run.run_id] = msg
-            report(
-                "sweep",
-                f"[{i}/{len(pending)}] {run.run_id} FAILED: {msg}",
-                done=len(result.skipped) + len(result.done),
-                total=len(runs),
-                run_id=run.run_id,
-                error=msg,
-            )
-            continue
-        write_json(rdir / "metrics.json", metrics)
+            return
         result.done.append(run.run_id)
         elapsed = time.perf_counter() - t0
-        eta = elapsed / i * (len(pending) - i)
-        finished = len(result.skipped) + len(result.done)
+        eta = elapsed / count[0] * (len(pending) - count[0])
+        finished += 1
         report(
             "sweep",
             f"[{finished}/{len(runs)}] {run.run_id}: "
@@ -411,6 +418,42 @@ def _run_sweep(
         )
         if on_run_done is not None:
             on_run_done(run.run_id)
+
+    def interrupted(run_id: str | None) -> None:
+        report(
+            "sweep",
+            f"interrupted{f' during {run_id}' if run_id else ''}: "
+            f"{len(result.skipped) + len(result.done)} of {len(runs)} runs finished; run the "
+            f"same command again to resume",
+            done=len(result.skipped) + len(result.done),
+            total=len(runs),
+            run_id=run_id,
+        )
+
+    if executor is not None:
+        try:
+            executor.execute(spec, out, pending, bases_dir, device, report, record)
+        except (KeyboardInterrupt, SystemExit):
+            interrupted(None)
+            raise
+    else:
+        base_cache = Bases(bases_dir, spec, data, device, report)
+        for run in pending:
+            finished = len(result.skipped) + len(result.done)
+            report(
+                "sweep",
+                f"[{finished + 1}/{len(runs)}] {run.run_id} ...",
+                done=finished,
+                total=len(runs),
+                transient=True,
+                run_id=run.run_id,
+            )
+            try:
+                metrics, error = attempt(spec, run, out, base_cache, data, device)
+            except (KeyboardInterrupt, SystemExit):
+                interrupted(run.run_id)
+                raise
+            record(run, metrics, error)
     if result.failed:
         report(
             "sweep",
