@@ -287,3 +287,27 @@ def test_two_rank_ddp_training_is_one_process_with_twice_the_batch(tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(outs[0]["state"][k], outs[1]["state"][k]), k
         assert torch.allclose(outs[0]["state"][k], v, rtol=1e-4, atol=1e-5), k
+
+
+def _labels_for(name: str) -> torch.Tensor:
+    return torch.arange(256) % 10
+
+
+def _baseline_on_rank(rank: int, tmp: Path, method: str) -> dict:
+    data = (_inputs("lenet5"), _labels_for("lenet5"))
+    result = mipp.prune(_net("lenet5"), data, method=method, sparsity=0.5, batch_size=64)
+    return {"removed": {g.name: g.removed for g in result.report.groups}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_two_ranks_score_gradient_baselines_on_the_whole_set(tmp_path, method):
+    """SNIP's gradient and GraSP's Hessian-gradient product are summed over the ranks'
+    halves: both ranks remove the units one process removes on the whole set."""
+    outs = _run(_baseline_on_rank, tmp_path, method)
+    data = (_inputs("lenet5"), _labels_for("lenet5"))
+    single = mipp.prune(_net("lenet5"), data, method=method, sparsity=0.5, batch_size=64)
+    want = {g.name: g.removed for g in single.report.groups}
+    for out in outs:
+        assert "error" not in out, out
+        assert out["removed"] == want

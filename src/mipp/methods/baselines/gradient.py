@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from mipp import distributed
 from mipp.errors import MippError
 from mipp.inputs import Samples, as_samples
 from mipp.methods.base import PruneContext
@@ -73,7 +74,14 @@ def layer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _count(batches: Batches) -> int:
+    """n, the calibration samples of every rank under ``torch.distributed``
+    (:mod:`mipp.distributed`: the sums below are then all-reduced, so every rank scores with
+    the whole set's loss)."""
     n = sum(len(x) for x, _ in batches)
+    if distributed.active():
+        count = torch.tensor([float(n)], dtype=torch.float64)
+        distributed.all_reduce_([count])
+        n = int(count[0])
     if n == 0:
         raise MippError("no calibration samples to score with")
     return n
@@ -125,6 +133,7 @@ def loss_gradient(
         loss = F.cross_entropy(logits / temperature, _labels(y), reduction="sum") / n
         for t, g in zip(total, _grad(loss, params), strict=True):
             t += g.detach()
+    distributed.all_reduce_(total)  # every rank's chunks (no-op on one process)
     return total
 
 
@@ -154,6 +163,7 @@ def hessian_vector_product(
             continue  # the loss is linear in θ on this chunk
         for t, h in zip(total, _grad(z, params), strict=True):
             t += h.detach()
+    distributed.all_reduce_(total)  # every rank's chunks (no-op on one process)
     return total
 
 
@@ -201,6 +211,7 @@ def gauss_newton_product(
         w = p * u - p * (p * u).sum(-1, keepdim=True)
         for t, h in zip(total, _grad(logits, params, grad_outputs=w / n), strict=True):
             t += h.detach()
+    distributed.all_reduce_(total)  # every rank's chunks (no-op on one process)
     return total
 
 
