@@ -31,6 +31,11 @@ def _write_idx(path, array: np.ndarray) -> None:
 @pytest.fixture
 def fake_fmnist(tmp_path):
     """A tiny Fashion-MNIST in the real IDX format: class k is a bright k-th row band."""
+    return write_fake_fmnist(tmp_path)
+
+
+def write_fake_fmnist(tmp_path):
+    """The files of :func:`fake_fmnist` under ``tmp_path / "fashion-mnist"``; the folder."""
     root = tmp_path / "fashion-mnist"
     root.mkdir()
     rng = np.random.default_rng(0)

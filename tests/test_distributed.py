@@ -196,21 +196,10 @@ def test_mipp_prune_under_torchrun_writes_once_what_one_process_writes(tmp_path)
     import subprocess
     import sys
 
-    import numpy as np
-
     from mipp.cli import main
-    from test_cli import _write_idx  # the tiny IDX Fashion-MNIST of test_cli's fixture
+    from test_cli import write_fake_fmnist  # the tiny IDX Fashion-MNIST of test_cli
 
-    root = tmp_path / "fashion-mnist"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 300), ("t10k", 50)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 40, size=(n, 28, 28))
-        for i, k in enumerate(labels):
-            images[i, 2 * k + 4 : 2 * k + 6, :] = 250
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    root = write_fake_fmnist(tmp_path)
     common = ["--data-root", str(root), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
+from mipp import distributed
 from mipp._io import write_json
 from mipp.errors import MippError
 from mipp.metrics import count_macs, count_params, layer_widths, measure_latency
@@ -450,3 +451,20 @@ def model_numbers(
         lat = measure_latency(model, shape, batch_sizes=(1, 64), repeats=latency_repeats)
         out["latency_ms"] = {str(b): r.median_ms for b, r in lat.items()}
     return out
+
+
+def distributed_command(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command's ``body`` so that it also works under ``torchrun``: join the process
+    group the environment describes (:func:`mipp.distributed.init_from_env`), tell the other
+    ranks when this one fails (:func:`mipp.distributed.guard`, then a last status exchange
+    for a failure after the last collective), and destroy the group if it was created here.
+    Without a launcher it is just ``body(args)``."""
+    launched = distributed.init_from_env()
+    try:
+        with distributed.guard():
+            code = body(args)
+            distributed.check_peers()
+        return code
+    finally:
+        if launched:
+            torch.distributed.destroy_process_group()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from mipp import __version__, distributed
 from mipp._io import run_directory
 from mipp.cli._common import (
@@ -21,6 +19,7 @@ from mipp.cli._common import (
     add_train_flags,
     checkpoint_data,
     device,
+    distributed_command,
     make_console,
     rendering,
     size_table,
@@ -55,15 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """``mipp finetune``; under ``torchrun`` with DistributedDataParallel (``--batch-size`` per
     rank, :func:`mipp.zoo.training.train`), rank 0 alone evaluating, printing and writing."""
-    launched = distributed.init_from_env()
-    try:
-        with distributed.guard():
-            code = _run(args)
-            distributed.check_peers()  # a rank that failed after the last collective
-        return code
-    finally:
-        if launched:
-            torch.distributed.destroy_process_group()
+    return distributed_command(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from mipp.cli._common import (
     add_force_flag,
     check_data_fits,
     checkpoint_data,
+    distributed_command,
     fraction,
     make_console,
     pool,
@@ -287,15 +288,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """``mipp prune``; under ``torchrun`` every rank streams its share of the calibration
     samples (:mod:`mipp.distributed`) and rank 0 alone prints, evaluates and writes."""
-    launched = distributed.init_from_env()
-    try:
-        with distributed.guard():
-            code = _run(args)
-            distributed.check_peers()  # a rank that failed after the last collective
-        return code
-    finally:
-        if launched:
-            torch.distributed.destroy_process_group()
+    return distributed_command(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from mipp.cli._common import (
     add_force_flag,
     add_train_flags,
     device,
+    distributed_command,
     fmt_int,
     input_shape,
     make_console,
@@ -78,15 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """``mipp train``; under ``torchrun`` with DistributedDataParallel (``--batch-size`` per
     rank, :func:`mipp.zoo.training.train`), rank 0 alone evaluating, printing and writing."""
-    launched = distributed.init_from_env()
-    try:
-        with distributed.guard():
-            code = _run(args)
-            distributed.check_peers()  # a rank that failed after the last collective
-        return code
-    finally:
-        if launched:
-            torch.distributed.destroy_process_group()
+    return distributed_command(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
