@@ -300,3 +300,24 @@ def test_two_ranks_score_gradient_baselines_on_the_whole_set(tmp_path, method):
     for out in outs:
         assert "error" not in out, out
         assert out["removed"] == want
+
+
+def _diverge_on_rank_1(rank: int, tmp: Path) -> dict:
+    ds = _fmnist_like()
+    if rank == 1:  # only this rank's batches hold a NaN
+        ds.x[:] = float("nan")
+    net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    mipp.train(net, ds, mipp.TrainConfig(epochs=1, batch_size=8, lr=0.05, seed=0))
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_in_training(tmp_path):
+    """Rank 1's loss is NaN from the first step: both ranks raise TrainingDivergedError at
+    that step (rank 0's own loss is finite), and neither waits in the gradient all-reduce."""
+    outs = _run(_diverge_on_rank_1, tmp_path)
+    for out in outs:
+        assert out["error"] == "TrainingDivergedError", out
+        assert "at epoch 1, step 0" in out["message"]
+    assert "became non-finite on another rank" in outs[0]["message"]
+    assert "became nan" in outs[1]["message"]

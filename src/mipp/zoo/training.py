@@ -244,8 +244,10 @@ def _train(
             logits = net(x)
             loss = loss_fn(logits, y)
             if not _finite_everywhere(loss, world):
+                mine = bool(torch.isfinite(loss))
+                value = "non-finite on another rank" if mine else str(loss.item())
                 raise TrainingDivergedError(
-                    f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                    f"training loss became {value} at epoch {epoch}, step {step}; "
                     f"lower the learning rate (lr={config.lr})"
                 )
             optimizer.zero_grad(set_to_none=True)
