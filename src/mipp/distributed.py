@@ -56,6 +56,7 @@ __all__ = [
     "init_from_env",
     "rank",
     "share",
+    "total",
     "world_size",
 ]
 
@@ -180,6 +181,19 @@ def all_reduce_(tensors: Sequence[Tensor], op: str = "sum") -> None:
         n = t.numel()
         t.copy_(buffer[start : start + n].view_as(t))
         start += n
+
+
+def total(n: int) -> int:
+    """The sum of an integer count over every rank (``n`` itself without a process group).
+
+    >>> total(7)
+    7
+    """
+    if not active():
+        return n
+    count = torch.tensor([float(n)], dtype=torch.float64)
+    all_reduce_([count])
+    return int(count[0])
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

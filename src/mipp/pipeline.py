@@ -437,14 +437,12 @@ def _prune(
     timings.update(repair_times)
     timings["total"] = time.perf_counter() - t0
 
-    n_calib = torch.tensor([float(len(x))], dtype=torch.float64)
-    distributed.all_reduce_([n_calib])  # every rank's samples (a no-op on one process)
     ranks = {"ranks": distributed.world_size()} if distributed.active() else {}
     result = PruneReport(
         method=m.name,
         options={
             **decision.options,
-            "calib_samples": int(n_calib[0]),
+            "calib_samples": distributed.total(len(x)),  # every rank's samples
             **ranks,
             "scope": scope,
             "seed": seed,

@@ -119,7 +119,7 @@ class GaussianState(ClosedFormState):
         self._qx, logdet_qx = _inverse_logdet(
             a - self._w @ self._w.T, what="ridged joint covariance of (X, Y)"
         )  # Q_XX (D, D)
-        self._info: float | None = 0.5 * (logdet_qx - logdet_p) if self._q else 0.0
+        self._info = 0.5 * (logdet_qx - logdet_p) if self._q else 0.0
         # for the test only: the ridge coefficients B = P Σ_Sy (D, q), the penalised residual
         # covariance E = C_yy − Σ_yS B and G = BᵀB (q, q); built on the first p-value
         # (threshold and target modes ask for none) and kept current from then on
@@ -139,7 +139,7 @@ class GaussianState(ClosedFormState):
         ridged Gaussian), so no removal needs a factorisation."""
         if self._q == 0:
             return 0.0
-        return max(float(self._info), 0.0)
+        return max(self._info, 0.0)
 
     def single_scores(self) -> Tensor:
         """float64 ``(U,)``: I(X_i; Y) in nats of each unit alone,
@@ -281,7 +281,7 @@ class GaussianState(ClosedFormState):
         O(D·b·q + q²·b). Without, those are marked stale and rebuilt if a p-value is asked
         for later."""
         i = self._slots.check(i)
-        if self._info is not None and not self._const_units[i] and self._q:
+        if not self._const_units[i] and self._q:
             p_ii, q_ii = self._blocks(i)
             self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
         blk = self._block

@@ -468,9 +468,7 @@ class MomentAccumulator:
             )
         for part in self._parts:
             part.all_reduce()
-        count = torch.tensor([float(self.n)], dtype=torch.float64)
-        distributed.all_reduce_([count])
-        self.n = int(count[0])
+        self.n = distributed.total(self.n)
 
     def moments(self) -> Moments:
         """The accumulated :class:`Moments` (1/n normalisation, constant features zeroed;

@@ -7,9 +7,8 @@ progress with an ETA, the failure records. The executor
 
 1. trains every missing base network first, one task per (model, dataset, recipe, seed), so
    a base is trained once however many runs need it;
-2. submits the runs that need no reference run (MIPP's), then, as each finishes, nothing
-   more is needed: the runs matched to a reference (the baselines, given its achieved
-   sparsity) are submitted once every reference is done;
+2. submits the runs that need no reference run (MIPP's), and once they are all done the
+   runs matched to a reference (the baselines, given its achieved sparsity);
 3. books each run as it finishes (``ray.wait``), in whatever order the cluster finishes them.
 
 Each task runs :func:`~mipp.experiments.runner.attempt` — the very function the local
@@ -45,6 +44,7 @@ import torch
 from mipp._io import atomic_write_bytes
 from mipp.errors import MippError
 from mipp.experiments.bases import Bases, SweepData
+from mipp.experiments.runner import attempt
 from mipp.experiments.spec import Run, SweepSpec
 from mipp.progress import Reporter
 
@@ -64,11 +64,17 @@ def _import_ray() -> Any:
     return ray
 
 
-def _base_task(spec: SweepSpec, bases_dir: str, key: tuple[str, str, int], device: str) -> float:
-    """Train (or find) one base network in the shared cache; its accuracy."""
+def _worker(spec: SweepSpec, bases_dir: str, device: str) -> tuple[Bases, SweepData]:
+    """A task's own data and base cache (the threads Ray gave it: ``OMP_NUM_THREADS``)."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     data = SweepData(spec.config["data"])
     bases = Bases(Path(bases_dir), spec, data, torch.device(device), Reporter(None, __name__))
+    return bases, data
+
+
+def _base_task(spec: SweepSpec, bases_dir: str, key: tuple[str, str, int], device: str) -> float:
+    """Train (or find) one base network in the shared cache; its accuracy."""
+    bases, _ = _worker(spec, bases_dir, device)
     _, accuracy = bases.get(*key, "trained")
     return accuracy
 
@@ -77,18 +83,13 @@ def _run_task(
     spec: SweepSpec, run: Run, out: str, bases_dir: str, device: str
 ) -> tuple[dict[str, Any] | None, str | None]:
     """One run on a worker: :func:`~mipp.experiments.runner.attempt`."""
-    from mipp.experiments.runner import attempt
-
     marker = os.environ.get(CRASH_ONCE)
     if marker:
         with contextlib.suppress(OSError):
             os.rename(marker, marker + ".claimed")  # only one task gets it
             os._exit(1)  # a worker process that dies mid-run
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    data = SweepData(spec.config["data"])
-    dev = torch.device(device)
-    bases = Bases(Path(bases_dir), spec, data, dev, Reporter(None, __name__))
-    return attempt(spec, run, Path(out), bases, data, dev)
+    bases, data = _worker(spec, bases_dir, device)
+    return attempt(spec, run, Path(out), bases, data, torch.device(device))
 
 
 class RayExecutor:

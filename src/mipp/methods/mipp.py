@@ -519,11 +519,7 @@ def _check_samples(
     statistics larger than the machine's memory (:func:`_check_memory`), from a two-sample
     probe of the layer sizes — before the statistics pass. Under ``torch.distributed`` the
     samples of every rank count."""
-    n = len(ctx.inputs)
-    if distributed.active():
-        count = torch.tensor([float(n)], dtype=torch.float64)
-        distributed.all_reduce_([count])
-        n = int(count[0])
+    n = distributed.total(len(ctx.inputs))
     shapes: list[tuple[int, int, int]] = []
 
     def probe(acts) -> None:

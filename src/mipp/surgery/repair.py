@@ -389,9 +389,7 @@ class _NormalEquations:
         them first). A no-op without a process group."""
         if not distributed.active():
             return
-        count = torch.tensor([float(self.n)], dtype=torch.float64)
-        distributed.all_reduce_([count])
-        total = int(count[0])
+        total = distributed.total(self.n)
         if total <= self.width:  # every rank keeps its rows: gather them
             parts = distributed.gather_objects(tuple(t.cpu() for t in self._stack()))
             x = torch.cat([p[0] for p in parts]).to(self.device)

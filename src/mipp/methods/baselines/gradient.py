@@ -77,11 +77,7 @@ def _count(batches: Batches) -> int:
     """n, the calibration samples of every rank under ``torch.distributed``
     (:mod:`mipp.distributed`: the sums below are then all-reduced, so every rank scores with
     the whole set's loss)."""
-    n = sum(len(x) for x, _ in batches)
-    if distributed.active():
-        count = torch.tensor([float(n)], dtype=torch.float64)
-        distributed.all_reduce_([count])
-        n = int(count[0])
+    n = distributed.total(sum(len(x) for x, _ in batches))
     if n == 0:
         raise MippError("no calibration samples to score with")
     return n
