@@ -47,8 +47,14 @@ def test_without_a_process_group_everything_is_local():
 def _run(fn, tmp: Path, *args) -> list:
     """Run ``fn(rank, tmp, *args)`` on 2 gloo ranks; each rank's pickled return value."""
     ctx = mp.spawn(_entry, args=(fn, tmp, args), nprocs=2, join=False)
-    while not ctx.join(timeout=240):
-        pass
+    try:
+        while not ctx.join(timeout=240):
+            pass
+    except mp.ProcessExitedException:
+        # a signal in gloo's teardown, after every rank wrote what it did, is not mipp's
+        # behaviour under test; a rank that died before writing still fails below
+        if not all((tmp / f"out{r}.pkl").exists() for r in range(2)):
+            raise
     return [pickle.loads((tmp / f"out{r}.pkl").read_bytes()) for r in range(2)]
 
 
@@ -64,6 +70,7 @@ def _entry(rank: int, fn, tmp: Path, args: tuple) -> None:
         except Exception as e:  # the test inspects every rank's error
             out = {"error": type(e).__name__, "message": str(e)}
         (tmp / f"out{rank}.pkl").write_bytes(pickle.dumps(out))
+        dist.barrier()  # tear down together: gloo aborts on a peer that left mid-teardown
     finally:
         dist.destroy_process_group()
 
