@@ -285,6 +285,52 @@ def test_two_rank_ddp_training_is_one_process_with_twice_the_batch(tmp_path):
         assert torch.allclose(outs[0]["state"][k], v, rtol=1e-4, atol=1e-5), k
 
 
+class _Recording(torch.utils.data.Dataset):
+    """A map-style dataset that records which items this process read."""
+
+    def __init__(self, ds: mipp.zoo.data.ImageDataset) -> None:
+        self.ds, self.read = ds, []
+
+    def __len__(self) -> int:
+        return len(self.ds) + 1  # 97 items: one is left over on 2 ranks
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        return self.ds[i % len(self.ds)]
+
+
+def _train_map_style_on_rank(rank: int, tmp: Path) -> dict:
+    torch.manual_seed(100 + rank)
+    net = mipp.create_model("lenet5", in_channels=1, input_size=28)
+    data = _Recording(_fmnist_like())
+    config = mipp.TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=0)
+    history = mipp.train(net, data, config)
+    return {
+        "read": data.read,
+        "top1": [e.train_top1 for e in history.epochs],
+        "state": {k: v.clone() for k, v in net.state_dict().items()},
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_shard_a_map_style_dataset(tmp_path):
+    """A map-style dataset (e.g. an image folder) under 2 ranks: a DistributedSampler gives
+    each rank 48 of the 97 items per epoch, the ranks' shards disjoint, a new order each
+    epoch; the epoch's accuracy counts both ranks' rows; the weights end identical."""
+    outs = _run(_train_map_style_on_rank, tmp_path)
+    for out in outs:
+        assert "error" not in out, out
+    epochs = [[out["read"][e * 48 : (e + 1) * 48] for e in range(2)] for out in outs]
+    assert all(len(out["read"]) == 96 for out in outs)
+    for e in range(2):
+        assert not set(epochs[0][e]) & set(epochs[1][e])
+        assert len(set(epochs[0][e]) | set(epochs[1][e])) == 96
+    assert epochs[0][0] != epochs[0][1]
+    assert outs[0]["top1"] == outs[1]["top1"]  # both ranks' rows counted on each
+    for k in outs[0]["state"]:
+        assert torch.equal(outs[0]["state"][k], outs[1]["state"][k]), k
+
+
 def _labels_for(name: str) -> torch.Tensor:
     return torch.arange(256) % 10
 

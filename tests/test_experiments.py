@@ -333,7 +333,7 @@ def _with(**changes):
         ({"grid__sparsities": []}, r"grid.sparsities must be a non-empty list"),
         ({"grid__seeds": [-1]}, r"grid.seeds: -1 is not an integer >= 0"),
         ({"grid__models": ["lenet7"]}, r"unknown model 'lenet7'; valid: \[.*'lenet5'"),
-        ({"grid__datasets": ["imagenet"]}, r"unknown dataset 'imagenet'"),
+        ({"grid__datasets": ["imagenet21k"]}, r"unknown dataset 'imagenet21k'.*'imagenet'"),
         ({"grid__regimes": ["pbt"]}, r"unknown regime 'pbt'; valid: \['pat', 'pai'\]"),
         ({"grid__methods": ["mipp", "l2"]}, r"'l2' is neither a method .* \[methods.l2\]"),
         ({"grid__methods": ["l1"]}, r"prune.reference 'mipp' is not in grid.methods"),

@@ -9,7 +9,7 @@ from rich.table import Table
 from mipp.cli._common import make_console
 from mipp.methods import METHOD_NAMES, METHODS, describe_method, make_method
 from mipp.zoo import models
-from mipp.zoo.data import describe_dataset, list_datasets
+from mipp.zoo.data import FOLDER_DATASETS, describe_dataset, list_datasets
 
 __all__ = ["register", "run"]
 
@@ -41,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("description")
         for name in list_datasets():
             table.add_row(name, describe_dataset(name))
+        console.print(table)
+        table = Table(title="image-folder datasets (sweeps; mipp.zoo.data.load_folder_dataset)")
+        table.add_column("name")
+        table.add_column("description")
+        for name, info in FOLDER_DATASETS.items():
+            table.add_row(name, info.description)
         console.print(table)
     if args.what in ("methods", "all"):
         table = Table(title="pruning methods (mipp prune --method NAME)")

@@ -13,25 +13,38 @@ own pruning and fine-tuning::
 
 ``<hash>`` covers every setting the base depends on (data, model options, training
 recipe), so a changed recipe trains a new base instead of reusing a stale one.
+
+A model given ``weights = "<file>"`` in ``[models.<name>]`` is not trained: its PaT base is
+that file (a mipp checkpoint with its sidecar, or torchvision's ResNet-18/34/50 state dict,
+e.g. the released ImageNet weights), identified in the hash by the file's SHA-256; PaI still
+starts from the seeded initialisation.
+
+Folder datasets (:data:`mipp.zoo.data.FOLDER_DATASETS`: ImageNet, TinyImageNet) are streamed
+from disk, never held in memory; ``train_subset`` / ``test_subset`` pick seeded subsets of
+their files, and the calibration set of a run is a seeded subset of the training files read
+without augmentation (:meth:`SweepData.calibration`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from mipp._io import read_json, write_json
+from mipp.errors import MippError
 from mipp.experiments.spec import SweepSpec
 from mipp.progress import Reporter
 from mipp.types import ModelSpec
 from mipp.zoo import data as mdata
 from mipp.zoo import models
-from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint
+from mipp.zoo.checkpoint import load_checkpoint, save_checkpoint, sidecar_path
 from mipp.zoo.config import TrainConfig
 from mipp.zoo.training import evaluate, seeded, train
 
@@ -44,21 +57,47 @@ def _hash(obj: Any) -> str:
 
 class SweepData:
     """Train/test splits per dataset, loaded on first use and kept (``[data]`` of a sweep:
-    padding, channels and seeded subsets)."""
+    padding, channels and seeded subsets; ``[folders.<name>]`` for folder datasets)."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], folders: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
-        self.cache: dict[str, tuple[mdata.ImageDataset, mdata.ImageDataset]] = {}
+        self.folders = folders or {}
+        self.cache: dict[str, tuple[Any, Any]] = {}
 
-    def __call__(self, name: str) -> tuple[mdata.ImageDataset, mdata.ImageDataset]:
+    def folder(self, name: str) -> dict[str, Any] | None:
+        """The settings a folder dataset's images depend on (``size``, ``resize``), or None
+        for an in-memory dataset: part of the base key and of every run's config."""
+        if name not in mdata.FOLDER_DATASETS:
+            return None
+        table = self.folders.get(name, {})
+        size = table.get("size", mdata.FOLDER_DATASETS[name].size)
+        return {"size": size, "resize": table.get("resize", round(size / 0.875))}
+
+    def workers(self, name: str) -> int:
+        """Decoding processes for dataset ``name`` (0 for in-memory data)."""
+        return int(self.folders.get(name, {}).get("workers", 0))
+
+    def __call__(self, name: str) -> tuple[Dataset, Dataset]:
         if name not in self.cache:
             d = self.cfg
+            folder = self.folder(name)
             opts = {"pad_to_32": d["pad_to_32"], "channels": d["channels"]}
-            if mdata.DATASETS[name].size is None:
+            if folder is not None:
+                root = self.folders.get(name, {}).get("root")
+                opts = {
+                    **folder,
+                    "root": None if root is None else os.path.expandvars(root),
+                }
+            elif mdata.DATASETS[name].size is None:
                 opts = {}
             splits = []
             for split, key in (("train", "train_subset"), ("test", "test_subset")):
-                ds = mdata.load_dataset(name, split=split, **opts)
+                if folder is not None:
+                    ds = mdata.load_folder_dataset(
+                        name, split="train" if split == "train" else "val", **opts
+                    )
+                else:
+                    ds = mdata.load_dataset(name, split=split, **opts)
                 if d[key] and d[key] < len(ds):
                     g = torch.Generator().manual_seed(0)
                     ds = ds.subset(torch.randperm(len(ds), generator=g)[: d[key]].sort().values)
@@ -66,8 +105,24 @@ class SweepData:
             self.cache[name] = (splits[0], splits[1])
         return self.cache[name]
 
+    def calibration(self, name: str, n: int, *, seed: int, batch_size: int) -> Any:
+        """The calibration source of a run on dataset ``name``: None for an in-memory dataset
+        (:func:`mipp.prune` draws its seeded subset itself); for a folder dataset a loader
+        over ``n`` training files drawn from ``seed`` (sorted), read without augmentation."""
+        if name not in mdata.FOLDER_DATASETS:
+            return None
+        train = self(name)[0]
+        if not 1 <= n <= len(train):
+            raise MippError(
+                f"calib_samples={n} but the {name} training split has {len(train):,} images"
+            )
+        g = torch.Generator().manual_seed(seed)
+        calib = train.subset(torch.randperm(len(train), generator=g)[:n].sort().values)
+        calib.augment = False
+        return mdata.folder_loader(calib, batch_size=batch_size, num_workers=self.workers(name))
 
-def _model_spec(cfg: dict[str, Any], model: str, ds: mdata.ImageDataset) -> ModelSpec:
+
+def _model_spec(cfg: dict[str, Any], model: str, ds: Any) -> ModelSpec:
     widths = cfg["models"].get(model, {}).get("widths")
     return ModelSpec(
         model,
@@ -104,15 +159,31 @@ class Bases:
     def key(self, model: str, dataset: str, seed: int) -> dict[str, Any]:
         cfg = self.spec.config
         recipe = TrainConfig.from_dict(cfg["train"]).to_dict()
-        return {
+        options = dict(cfg["models"].get(model, {}))
+        key = {
             "model": model,
             "dataset": dataset,
             "seed": seed,
             "data": cfg["data"],
-            "model_options": cfg["models"].get(model, {}),
+            "model_options": options,
             # the resolved recipe, so configs spelling the same recipe differently share a base
             "train": {k: v for k, v in recipe.items() if k != "seed"},
         }
+        folder = self.data.folder(dataset)
+        if folder is not None:  # (absent for in-memory data: their existing keys unchanged)
+            key["folder"] = folder
+        if "weights" in options:  # the file's content, wherever it lies
+            options.pop("weights")
+            key["weights_sha256"] = _file_sha256(self.weights_path(model))
+        return key
+
+    def weights_path(self, model: str) -> Path:
+        """The ``weights`` file of ``[models.<model>]``, ``$VARS`` and ``~`` expanded."""
+        given = self.spec.config["models"][model]["weights"]
+        path = Path(os.path.expandvars(given)).expanduser()
+        if not path.is_file():
+            raise MippError(f"models.{model}.weights: {given!r} ({path}) is not a file")
+        return path
 
     def dir(self, model: str, dataset: str, seed: int) -> Path:
         key = self.key(model, dataset, seed)
@@ -140,19 +211,32 @@ class Bases:
             )
         save_checkpoint(d / "init.safetensors", net, spec=mspec)
         tcfg = TrainConfig.from_dict({**self.spec.config["train"], "seed": seed})
-        self.report(
-            "base",
-            f"training the base {model} on {dataset} (seed {seed}, {tcfg.epochs} epochs, "
-            f"{len(train_ds):,} images) ...",
-            model=model,
-            dataset=dataset,
-            seed=seed,
-        )
-        net = net.to(self.device)
+        workers = self.data.workers(dataset)
         t = time.perf_counter()
-        train(net, train_ds, tcfg, device=self.device, progress=self.report.callback)
+        if "weights" in self.spec.config["models"].get(model, {}):
+            net = self._pretrained(model, mspec)
+            self.report("base", f"the base {model} is {self.weights_path(model)} (not trained)")
+        else:
+            self.report(
+                "base",
+                f"training the base {model} on {dataset} (seed {seed}, {tcfg.epochs} epochs, "
+                f"{len(train_ds):,} images) ...",
+                model=model,
+                dataset=dataset,
+                seed=seed,
+            )
+            net = net.to(self.device)
+            train(
+                net,
+                train_ds,
+                tcfg,
+                device=self.device,
+                progress=self.report.callback,
+                num_workers=workers,
+            )
         seconds = time.perf_counter() - t
-        acc = evaluate(net, test_ds, device=self.device).top1
+        net = net.to(self.device)
+        acc = evaluate(net, test_ds, device=self.device, num_workers=workers).top1
         d_cfg = self.spec.config["data"]
         dataset_meta = {  # lets `mipp prune` / `mipp eval` find the data of a cached base
             "name": dataset,
@@ -160,6 +244,8 @@ class Bases:
             "channels": d_cfg["channels"],
             "train_subset": d_cfg["train_subset"],
         }
+        if self.data.folder(dataset) is not None:
+            dataset_meta["folder"] = self.data.folder(dataset)
         save_checkpoint(d / "trained.safetensors", net, spec=mspec, extra={"dataset": dataset_meta})
         meta = {**self.key(model, dataset, seed), "accuracy": acc, "train_s": seconds}
         write_json(d / "base.json", meta)
@@ -173,3 +259,37 @@ class Bases:
             train_s=seconds,
         )
         return meta
+
+    def _pretrained(self, model: str, mspec: ModelSpec) -> torch.nn.Module:
+        """The ``weights`` of ``[models.<model>]`` in the architecture ``mspec`` describes."""
+        path = self.weights_path(model)
+        if sidecar_path(path).is_file():  # a mipp checkpoint
+            ckpt = load_checkpoint(path)
+            net, spec = ckpt.model, ckpt.spec
+        elif model in ("resnet18", "resnet34", "resnet50"):
+            net = models.load_torchvision_resnet(path, input_size=mspec.input_size)
+            spec = ModelSpec(
+                f"resnet{net.depth}",
+                num_classes=net.fc.out_features,
+                in_channels=net.conv1.in_channels,
+                input_size=mspec.input_size,
+            )
+        else:
+            raise MippError(
+                f"models.{model}.weights: {path} has no mipp sidecar "
+                f"({sidecar_path(path).name}) and only resnet18/34/50 read torchvision's weights"
+            )
+        if spec.to_dict() != mspec.to_dict():
+            raise MippError(
+                f"models.{model}.weights: {path} holds {spec.to_dict()}, but this sweep builds "
+                f"{mspec.to_dict()}"
+            )
+        return net
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from mipp.methods import Method, Target
 from mipp.pipeline import PruneResult, prune
@@ -75,8 +77,8 @@ class Cell:
 
 def run_cell(
     net: nn.Module,
-    train_ds: ImageDataset,
-    test_ds: ImageDataset,
+    train_ds: ImageDataset | Dataset,
+    test_ds: ImageDataset | Dataset,
     *,
     method: Method,
     retrain: TrainConfig,
@@ -92,17 +94,20 @@ def run_cell(
     batch_size: int = 256,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    calib_data: Any = None,
+    num_workers: int = 0,
 ) -> Cell:
     """Prune ``net`` with ``method``, evaluate, re-train with ``retrain``, evaluate again.
 
-    ``train_ds`` is the calibration source of :func:`mipp.prune` and the re-training data;
-    accuracies are measured on ``test_ds``. ``sparsity`` / ``match`` and the pipeline options
-    are those of :func:`mipp.prune`; ``progress`` receives its events and the re-training's.
-    ``net`` itself is not modified.
+    ``train_ds`` is the re-training data and, unless ``calib_data`` is given, the
+    calibration source of :func:`mipp.prune`; accuracies are measured on ``test_ds``. A
+    map-style dataset (e.g. an image folder) is read by ``num_workers`` processes.
+    ``sparsity`` / ``match`` and the pipeline options are those of :func:`mipp.prune`;
+    ``progress`` receives its events and the re-training's. ``net`` itself is not modified.
     """
     result = prune(
         net,
-        train_ds,
+        train_ds if calib_data is None else calib_data,
         method=method,
         sparsity=sparsity,
         match=match,
@@ -116,11 +121,18 @@ def run_cell(
         seed=seed,
         progress=progress,
     )
-    one_shot = evaluate(result.model, test_ds, device=device).top1
+    one_shot = evaluate(result.model, test_ds, device=device, num_workers=num_workers).top1
     t = time.perf_counter()
-    train(result.model, train_ds, retrain, device=device, progress=progress)
+    train(
+        result.model,
+        train_ds,
+        retrain,
+        device=device,
+        progress=progress,
+        num_workers=num_workers,
+    )
     retrain_s = time.perf_counter() - t
-    final = evaluate(result.model, test_ds, device=device)
+    final = evaluate(result.model, test_ds, device=device, num_workers=num_workers)
     return Cell(
         result=result,
         one_shot=one_shot,

@@ -67,7 +67,7 @@ def _import_ray() -> Any:
 def _worker(spec: SweepSpec, bases_dir: str, device: str) -> tuple[Bases, SweepData]:
     """A task's own data and base cache (the threads Ray gave it: ``OMP_NUM_THREADS``)."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    data = SweepData(spec.config["data"])
+    data = SweepData(spec.config["data"], spec.config["folders"])
     bases = Bases(Path(bases_dir), spec, data, torch.device(device), Reporter(None, __name__))
     return bases, data
 
@@ -157,7 +157,8 @@ class RayExecutor:
         run_fn = ray.remote(_run_task).options(max_retries=self.retries, **resources)
         dev = str(device)
         # 1. every missing base network, once
-        cache = Bases(bases_dir, spec, SweepData(spec.config["data"]), device, report)
+        sweep_data = SweepData(spec.config["data"], spec.config["folders"])
+        cache = Bases(bases_dir, spec, sweep_data, device, report)
         keys = list(dict.fromkeys((r.model, r.dataset, r.seed) for r in pending))
         missing = [k for k in keys if not (cache.dir(*k) / "base.json").exists()]
         failed_bases: dict[tuple[str, str, int], str] = {}

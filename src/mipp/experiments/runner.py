@@ -158,7 +158,7 @@ def _identity(run: Run) -> dict[str, Any]:
 def run_config(spec: SweepSpec, run: Run) -> dict[str, Any]:
     """The settings a run depends on (stored as its ``config.json``, checked on resume)."""
     cfg = spec.config
-    return {
+    out = {
         **_identity(run),
         "method_options": spec.variant(run.method),
         "reference": spec.reference_for(run.method),
@@ -168,6 +168,10 @@ def run_config(spec: SweepSpec, run: Run) -> dict[str, Any]:
         "train": cfg["train"],
         "finetune": {**cfg["finetune"], "epochs": finetune_epochs(cfg)},
     }
+    folder = SweepData(cfg["data"], cfg["folders"]).folder(run.dataset)
+    if folder is not None:  # (in-memory datasets: the key is absent, as before)
+        out["folder"] = folder
+    return out
 
 
 def _retrain_config(spec: SweepSpec, run: Run) -> TrainConfig:
@@ -193,6 +197,9 @@ def _execute(
     net, base_acc = bases.get(run.model, run.dataset, run.seed, which)
     method, pipeline = spec.method(run.method)
     tcfg = _retrain_config(spec, run)
+    calib = data.calibration(
+        run.dataset, pipeline["calib_samples"], seed=run.seed, batch_size=pipeline["batch_size"]
+    )
     cell = run_cell(
         net,
         train_ds,
@@ -203,6 +210,8 @@ def _execute(
         sparsity=None if ref is not None else run.sparsity,
         match=ref,
         seed=run.seed,
+        calib_data=calib,
+        num_workers=data.workers(run.dataset),
         **pipeline,
     )
     report = cell.report
@@ -375,7 +384,7 @@ def _run_sweep(
         total=len(runs),
         out=str(out),
     )
-    data = SweepData(spec.config["data"])
+    data = SweepData(spec.config["data"], spec.config["folders"])
     for name in dict.fromkeys(r.dataset for r in pending):  # a missing dataset fails now
         data(name)
     t0 = time.perf_counter()

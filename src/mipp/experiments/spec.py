@@ -19,7 +19,10 @@ every run of the grid shares::
     [train]                           # the base training recipe (a TrainConfig); PaI re-uses it
     [finetune]                        # PaT re-training: a TrainConfig with epochs, or fraction
                                       # (of train.epochs) instead of epochs
-    [models.vgg11]                    # constructor options per model, e.g. widths = [...]
+    [folders.imagenet]                # a folder dataset (imagenet, tinyimagenet): root, size,
+                                      # resize, workers (see FOLDER_KEYS)
+    [models.vgg11]                    # constructor options per model, e.g. widths = [...], or
+                                      # weights = "<file>": the PaT base (no base training)
     [methods.mipp-gaussian]           # a variant: method = "mipp", estimator = "gaussian"
 
     [profiles.quick]                  # deep-merged over the above by --profile quick
@@ -62,7 +65,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["PIPELINE_KEYS", "REGIMES", "Run", "SweepSpec", "Variant", "load_spec", "resolve"]
+__all__ = [
+    "FOLDER_KEYS",
+    "PIPELINE_KEYS",
+    "REGIMES",
+    "Run",
+    "SweepSpec",
+    "Variant",
+    "load_spec",
+    "resolve",
+]
 
 REGIMES = ("pat", "pai")
 #: keys of a [methods.<label>] variant that are :func:`mipp.prune` arguments, not method options
@@ -82,9 +94,15 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {},
     "finetune": {"lr": 0.01, "schedule": "step"},
+    "folders": {},
     "models": {},
     "methods": {},
 }
+#: keys of a ``[folders.<name>]`` table: where the tree is (``root``; default
+#: ``$MIPP_DATA/<name>``; ``$VARS`` and ``~`` expanded), the image ``size`` and ``resize`` of
+#: the evaluation transform (defaults: the dataset's own, round(size / 0.875)), and how many
+#: ``workers`` processes decode images (0: the run's own process)
+FOLDER_KEYS = ("root", "size", "resize", "workers")
 GRID_KEYS = ("models", "datasets", "regimes", "methods", "sparsities", "seeds")
 
 
@@ -277,9 +295,10 @@ def resolve(
     for m in g["models"]:
         if m not in models.list_models():
             raise MippError(f"grid.models: unknown model {m!r}; valid: {models.list_models()}")
+    known = [*mdata.list_datasets(), *mdata.FOLDER_DATASETS]
     for d in g["datasets"]:
-        if d not in mdata.list_datasets():
-            raise MippError(f"grid.datasets: unknown dataset {d!r}; valid: {mdata.list_datasets()}")
+        if d not in known:
+            raise MippError(f"grid.datasets: unknown dataset {d!r}; valid: {known}")
     for r in g["regimes"]:
         if r not in REGIMES:
             raise MippError(f"grid.regimes: unknown regime {r!r}; valid: {list(REGIMES)}")
@@ -320,10 +339,18 @@ def resolve(
             raise MippError(f"finetune.fraction must be > 0 (of train.epochs), got {fraction!r}")
     _check_train(ft, "finetune", drop=("fraction",))
 
+    _check_folders(cfg["folders"])
     for m, opts in cfg["models"].items():
         if m not in models.list_models():
             raise MippError(f"[models.{m}]: unknown model; valid: {models.list_models()}")
-        _unknown(opts, ("widths",), f"[models.{m}]")
+        _unknown(opts, ("widths", "weights"), f"[models.{m}]")
+        if "weights" in opts and not isinstance(opts["weights"], str):
+            raise MippError(
+                f"models.{m}.weights must be a path to a weights file (or \"\" for none), "
+                f"got {opts['weights']!r}"
+            )
+        if opts.get("weights") == "":  # a profile's way of saying: train the base instead
+            del opts["weights"]
 
     variants = {
         label: _variant(label, table, cfg["prune"]) for label, table in cfg["methods"].items()
@@ -358,6 +385,23 @@ def resolve(
     for label in g["methods"]:
         _check_budgets(spec, label)
     return spec
+
+
+def _check_folders(folders: Mapping[str, Any]) -> None:
+    for name, table in folders.items():
+        where = f"[folders.{name}]"
+        if name not in mdata.FOLDER_DATASETS:
+            raise MippError(f"{where}: not a folder dataset; valid: {list(mdata.FOLDER_DATASETS)}")
+        if not isinstance(table, Mapping):
+            raise MippError(f"{where} must be a table with keys among {list(FOLDER_KEYS)}")
+        _unknown(table, FOLDER_KEYS, where)
+        if "root" in table and (not isinstance(table["root"], str) or not table["root"]):
+            raise MippError(f"folders.{name}.root must be a folder path, got {table['root']!r}")
+        size = table.get("size", mdata.FOLDER_DATASETS[name].size)
+        for key, low in (("size", 8), ("resize", size), ("workers", 0)):
+            v = table.get(key, low)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise MippError(f"folders.{name}.{key} must be an integer >= {low}, got {v!r}")
 
 
 def _variant(label: str, table: Any, prune: Mapping[str, Any]) -> Variant:

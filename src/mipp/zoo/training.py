@@ -3,8 +3,10 @@
 :func:`train` runs SGD (momentum, weight decay) or Adam with a cosine, step or constant
 learning-rate schedule, seeded: on CPU two runs with the same seed, model initialisation and
 data give bit-identical weights. :func:`evaluate` returns the mean cross-entropy loss and
-top-1 accuracy. Both take a :class:`~mipp.zoo.data.ImageDataset` or any iterable of
-``(x, y)`` batches (e.g. a ``torch.utils.data.DataLoader``).
+top-1 accuracy. Both take a :class:`~mipp.zoo.data.ImageDataset`, a map-style dataset of
+``(x, y)`` items (e.g. :class:`~mipp.zoo.data.ImageFolderDataset`, streamed in batches by a
+``DataLoader`` with ``num_workers`` decoding processes) or any iterable of ``(x, y)``
+batches (e.g. a ``torch.utils.data.DataLoader``).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from mipp import distributed
 from mipp.errors import TrainingDivergedError
 from mipp.modules import eval_mode
 from mipp.progress import ProgressCallback, ProgressEvent, Reporter
 from mipp.zoo.config import TrainConfig
-from mipp.zoo.data import BatchLoader, ImageDataset
+from mipp.zoo.data import BatchLoader, ImageDataset, folder_loader
 
 __all__ = ["EpochStats", "EvalResult", "TrainHistory", "evaluate", "seeded", "train"]
 
@@ -82,11 +85,64 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _is_map_dataset(data: object) -> bool:
+    """A map-style dataset of (x, y) items other than an in-memory ImageDataset."""
+    return (
+        isinstance(data, Dataset)
+        and not isinstance(data, ImageDataset | IterableDataset)
+        and hasattr(data, "__len__")
+    )
+
+
+class _ShardLoader:
+    """Rank ``rank``'s batches of a map-style dataset under torch.distributed: a
+    ``DistributedSampler`` (shuffled from ``seed``, reshuffled at every pass, the tail
+    dropped so every rank yields the same number of batches); pass k also calls
+    ``dataset.set_epoch(k)`` when the dataset has it."""
+
+    def __init__(self, data: Dataset, *, batch_size: int, seed: int, num_workers: int) -> None:
+        self.sampler = DistributedSampler(
+            data,
+            num_replicas=distributed.world_size(),
+            rank=distributed.rank(),
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            data, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers
+        )
+        self.data, self.epoch = data, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+        return iter(self.loader)
+
+
 def _batches(
-    data: ImageDataset | Batches, *, batch_size: int, shuffle: bool, augment: bool, seed: int
+    data: ImageDataset | Dataset | Batches,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+    num_workers: int = 0,
+    shard: bool = False,
 ) -> Batches:
     if isinstance(data, ImageDataset):
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, augment=augment, seed=seed)
+    if _is_map_dataset(data):
+        if shard:
+            return _ShardLoader(data, batch_size=batch_size, seed=seed, num_workers=num_workers)
+        return folder_loader(
+            data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, seed=seed
+        )
     return data
 
 
@@ -121,13 +177,17 @@ def train(
     device: str | torch.device = "cpu",
     progress: ProgressCallback | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    num_workers: int = 0,
 ) -> TrainHistory:
     """Train ``model`` in place with cross-entropy and return its :class:`TrainHistory`.
 
     ``data`` yields ``x`` of shape (batch, *input_shape) and integer labels ``y`` of shape
     (batch,). With an :class:`~mipp.zoo.data.ImageDataset` the batches are shuffled from
     ``config.seed`` (epoch k in its own seeded order) and augmented when ``config.augment``
-    (or, if that is ``None``, the dataset) says so. The optimizer is built here, from the
+    (or, if that is ``None``, the dataset) says so. A map-style dataset of ``(x, y)`` items
+    (e.g. :class:`~mipp.zoo.data.ImageFolderDataset`, which augments by itself) is batched
+    by :func:`~mipp.zoo.data.folder_loader`, shuffled from ``config.seed`` and decoded by
+    ``num_workers`` worker processes. The optimizer is built here, from the
     model's current parameters, so call this again after pruning rather than reusing an
     optimizer.
 
@@ -138,7 +198,9 @@ def train(
     augmentation on every rank) and each rank trains on its contiguous slice of every batch,
     trimmed to a multiple of the number of ranks — so the run is one process's with the
     larger batch, up to floating point, for models without BatchNorm (BatchNorm normalises
-    each rank's slice on its own; SyncBatchNorm needs GPUs). Another iterable is taken to be
+    each rank's slice on its own; SyncBatchNorm needs GPUs). A map-style dataset is sharded
+    by a ``DistributedSampler`` (shuffled from ``config.seed``, ``config.batch_size`` items
+    per rank, the last ``len % world`` items of each pass dropped). Another iterable is taken to be
     the rank's own shard (e.g. a ``DataLoader`` with a ``DistributedSampler``), and every rank
     must yield the same number of batches. The epoch's loss and accuracy count every rank's
     rows; each rank's torch RNG (dropout) is seeded from ``(config.seed, rank)`` during
@@ -162,8 +224,10 @@ def train(
     if world > 1:  # under torch.distributed: DistributedDataParallel, every rank's batches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_rank_seed(config.seed, distributed.rank()))  # dropout etc.
-            return _train(model, data, config, val_data, device, progress, on_epoch_end, world)
-    return _train(model, data, config, val_data, device, progress, on_epoch_end, 1)
+            return _train(
+                model, data, config, val_data, device, progress, on_epoch_end, world, num_workers
+            )
+    return _train(model, data, config, val_data, device, progress, on_epoch_end, 1, num_workers)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -189,6 +253,7 @@ def _train(
     progress: ProgressCallback | None,
     on_epoch_end: Callable[[EpochStats], None] | None,
     world: int,
+    num_workers: int = 0,
 ) -> TrainHistory:
     device = torch.device(device)
     augment = config.augment
@@ -204,6 +269,8 @@ def _train(
         shuffle=True,
         augment=augment,
         seed=config.seed,
+        num_workers=num_workers,
+        shard=world > 1,
     )
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
@@ -275,7 +342,9 @@ def _train(
             loss_sum, correct, seen = totals[0].double(), int(totals[1]), int(totals[2])
         if seen == 0:
             raise ValueError("the training data yields no batches (is the dataset empty?)")
-        val = evaluate(model, val_data, device=device) if val_data is not None else None
+        val = None
+        if val_data is not None:
+            val = evaluate(model, val_data, device=device, num_workers=num_workers)
         stats = EpochStats(
             epoch=epoch,
             train_loss=loss_sum.item() / seen,
@@ -317,10 +386,12 @@ def evaluate(
     *,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
+    num_workers: int = 0,
 ) -> EvalResult:
     """Mean cross-entropy and top-1 accuracy of ``model`` on ``data`` (eval mode, no grad).
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. A map-style dataset is read in order
+    by ``num_workers`` worker processes (0: this one).
 
     >>> from mipp.zoo.data import ImageDataset
     >>> ds = ImageDataset(torch.eye(3), torch.tensor([0, 1, 2]), num_classes=3, name="id")
@@ -328,7 +399,9 @@ def evaluate(
     1.0
     """
     device = torch.device(device)
-    loader = _batches(data, batch_size=batch_size, shuffle=False, augment=False, seed=0)
+    loader = _batches(
+        data, batch_size=batch_size, shuffle=False, augment=False, seed=0, num_workers=num_workers
+    )
     with eval_mode(model):
         loss_sum = 0.0
         correct = 0

@@ -32,7 +32,15 @@ from mipp.zoo.data.datasets import (
     train_val_split,
 )
 from mipp.zoo.data.deform import deform_images, elastic_displacement, warp_images
-from mipp.zoo.data.folders import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, folder_loader
+from mipp.zoo.data.folders import (
+    FOLDER_DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderDataset,
+    find_folder_root,
+    folder_loader,
+    load_folder_dataset,
+)
 from mipp.zoo.data.readers import (
     DEBIAN_DATA_DIRS,
     find_root,
@@ -53,6 +61,7 @@ from mipp.zoo.data.synthetic import (
 __all__ = [
     "DATASETS",
     "DEBIAN_DATA_DIRS",
+    "FOLDER_DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchLoader",
@@ -64,6 +73,7 @@ __all__ = [
     "deform_images",
     "describe_dataset",
     "elastic_displacement",
+    "find_folder_root",
     "find_root",
     "folder_loader",
     "gaussian_mi",
@@ -72,6 +82,7 @@ __all__ = [
     "load_cifar",
     "load_dataset",
     "load_digits_arrays",
+    "load_folder_dataset",
     "load_mnist_like",
     "make_separable",
     "random_crop_flip",

@@ -35,10 +35,12 @@ with a :class:`~torch.utils.data.DataLoader` that moves to the next epoch at eac
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,11 +55,15 @@ from mipp.zoo.data.datasets import _epoch_seed
 from mipp.zoo.data.readers import StrPath
 
 __all__ = [
+    "FOLDER_DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "FolderDatasetInfo",
     "ImageFolderDataset",
+    "find_folder_root",
     "folder_loader",
+    "load_folder_dataset",
     "random_resized_crop_box",
 ]
 
@@ -423,6 +429,14 @@ class ImageFolderDataset(Dataset):
             x = (x - self._mean) / self._std
         return x.contiguous(), torch.tensor(label, dtype=torch.int64)
 
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageFolderDataset:
+        """The same reader over ``samples[i]`` for ``i`` in ``indices`` (in that order); the
+        item index that seeds the augmentation is the position in the subset."""
+        idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        out = copy.copy(self)
+        out.samples = [self.samples[i] for i in idx]
+        return out
+
     def __repr__(self) -> str:
         return (
             f"ImageFolderDataset(root={str(self.root)!r}, layout={self.name!r}, "
@@ -479,4 +493,88 @@ def folder_loader(
         shuffle=shuffle,
         num_workers=num_workers,
         drop_last=drop_last,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Named folder datasets: where their files are
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderDatasetInfo:
+    """A named folder dataset: its ``layout``, default image ``size``, the sub-folders of
+    ``$MIPP_DATA/<name>`` that may hold the tree (besides that folder itself) and a
+    one-line ``description``."""
+
+    layout: Layout
+    size: int
+    subdirs: tuple[str, ...]
+    description: str
+
+
+#: Folder datasets by name (``mipp list``, sweeps' ``grid.datasets``); the files are never
+#: downloaded: put the tree under ``$MIPP_DATA/<name>`` or give its root.
+FOLDER_DATASETS: dict[str, FolderDatasetInfo] = {
+    "imagenet": FolderDatasetInfo(
+        "imagenet",
+        224,
+        (),
+        "ImageNet (ILSVRC-2012), 1,000 classes: train/ and val/ class folders of JPEGs, "
+        "streamed (Pillow), 224 px",
+    ),
+    "tinyimagenet": FolderDatasetInfo(
+        "tinyimagenet",
+        64,
+        ("tiny-imagenet-200",),
+        "TinyImageNet-200, 100k/10k colour 64x64, 200 classes (its release layout), streamed",
+    ),
+}
+
+
+def find_folder_root(name: str, root: StrPath | None = None) -> Path:
+    """The root of folder dataset ``name``: ``root`` if given (and nowhere else), else the
+    first of ``$MIPP_DATA/<name>`` and its :attr:`FolderDatasetInfo.subdirs` that has a
+    ``train`` folder. :class:`~mipp.errors.DatasetNotFoundError` lists every place looked at."""
+    info = lookup(FOLDER_DATASETS, name, kind="folder dataset")
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("MIPP_DATA")
+    if not env:
+        raise DatasetNotFoundError(
+            f"{name}: $MIPP_DATA is not set and no root was given; put the "
+            f"{_EXPECTED[info.layout]} tree in $MIPP_DATA/{name}/ or pass its root"
+        )
+    base = Path(env).expanduser() / name
+    places = [base] + [base / sub for sub in info.subdirs]
+    for place in places:
+        if (place / "train").is_dir():
+            return place
+    raise DatasetNotFoundError(
+        f"{name}: no train/ folder in {', '.join(str(p) for p in places)}; layout "
+        f"{info.layout!r} expects {_EXPECTED[info.layout]} (nothing is downloaded)"
+    )
+
+
+def load_folder_dataset(
+    name: str,
+    *,
+    split: FolderSplit = "train",
+    root: StrPath | None = None,
+    size: int | None = None,
+    resize: int | None = None,
+    augment: bool | None = None,
+    seed: int = 0,
+) -> ImageFolderDataset:
+    """:class:`ImageFolderDataset` of the named folder dataset (:data:`FOLDER_DATASETS`),
+    found by :func:`find_folder_root`; ``size`` defaults to the dataset's own (224 / 64)."""
+    info = lookup(FOLDER_DATASETS, name, kind="folder dataset")
+    return ImageFolderDataset(
+        find_folder_root(name, root),
+        split=split,
+        layout=info.layout,
+        size=info.size if size is None else size,
+        resize=resize,
+        augment=augment,
+        seed=seed,
     )

@@ -26,7 +26,13 @@ from mipp.zoo.models.googlenet import GoogLeNet, googlenet
 from mipp.zoo.models.lenet import LeNet5, lenet5
 from mipp.zoo.models.mlp import MLP, mlp
 from mipp.zoo.models.mobilenet import MobileNetV2, mobilenetv2
-from mipp.zoo.models.resnet import ResNet, resnet18, resnet34, resnet50
+from mipp.zoo.models.resnet import (
+    ResNet,
+    load_torchvision_resnet,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 from mipp.zoo.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
 from mipp.zoo.models.transformers import ConvNeXt, ViT, convnext, vit
 from mipp.zoo.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19
@@ -47,6 +53,7 @@ __all__ = [
     "create",
     "describe",
     "list_models",
+    "load_torchvision_resnet",
     "output_layer",
 ]
 
@@ -81,9 +88,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "resnet20": "CIFAR ResNet-20 (3×3 basic blocks, 16/32/64 ch, projection shortcuts); 0.27 M",
     "resnet32": "CIFAR ResNet-32 (3×3 basic blocks, 16/32/64 ch, projection shortcuts); 0.47 M",
     "resnet56": "CIFAR ResNet-56 (3×3 basic blocks, 16/32/64 ch, projection shortcuts); 0.86 M",
-    "resnet18": "ResNet-18 for 32 px (3×3 stem, no max-pool, basic blocks); 11.17 M params",
-    "resnet34": "ResNet-34 for 32 px (3×3 stem, no max-pool, basic blocks); 21.28 M params",
-    "resnet50": "ResNet-50 for 32 px (3×3 stem, no max-pool, bottlenecks); 23.52 M params",
+    "resnet18": "ResNet-18, basic blocks: 3×3 stem < 128 px, ImageNet stem ≥ 128 px; 11.17 M",
+    "resnet34": "ResNet-34, basic blocks: 3×3 stem < 128 px, ImageNet stem ≥ 128 px; 21.28 M",
+    "resnet50": "ResNet-50, bottlenecks: 3×3 stem < 128 px, ImageNet stem ≥ 128 px; 23.52 M",
     "mobilenetv2": "MobileNetV2 for 32 px (inverted residuals, depthwise 3×3); 2.24 M params",
     "convnext": "ConvNeXt for 32 px (depthwise 7×7, LayerNorm, 4× MLP), widths 32-256; 1.92 M",
     "googlenet": "GoogLeNet for 32 px (9 four-branch Inception modules, concatenations); 5.87 M",
