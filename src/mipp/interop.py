@@ -283,7 +283,7 @@ class MippImportance(tp.importance.Importance):
         as :class:`~mipp.methods.mipp.MIPP` computes them (streamed moments for the closed
         forms, recorded activations otherwise)."""
         model = self.model
-        layers = {n: m for n, m in model.named_modules() if n in structure.readers}
+        layers = structure.recorded_modules(structure.readers)
         batches = (x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size))
         if est.streams:
             stream = StreamedMoments(

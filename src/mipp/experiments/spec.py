@@ -346,7 +346,7 @@ def resolve(
         _unknown(opts, ("widths", "weights"), f"[models.{m}]")
         if "weights" in opts and not isinstance(opts["weights"], str):
             raise MippError(
-                f"models.{m}.weights must be a path to a weights file (or \"\" for none), "
+                f'models.{m}.weights must be a path to a weights file (or "" for none), '
                 f"got {opts['weights']!r}"
             )
         if opts.get("weights") == "":  # a profile's way of saying: train the base instead

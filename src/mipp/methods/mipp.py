@@ -372,7 +372,7 @@ class MIPP(Method):
         wanted = set(structure.readers) | {
             nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
         }
-        layers = {n: m for n, m in work.named_modules() if n in wanted}
+        layers = structure.recorded_modules(wanted)
         if distributed.active() and not est.streams:
             raise InvalidOptionError(
                 f"the {est.name!r} estimator needs the calibration samples themselves, which "

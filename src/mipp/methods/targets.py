@@ -3,7 +3,11 @@
 For a unit group (:mod:`mipp.surgery.structure`), ``X`` is what its consumers read, one
 feature block per unit ``(n, units, f)``; the target ``Y`` is what those consumers produce —
 the next activations (or the network output), one column per feature of each next unit, as
-the next layers read them (after their norms and activations). Where a next layer reads a
+the next layers read them (after their norms and activations). Layers that read a
+concatenation through their own BatchNorm (:attr:`ModelStructure.read_through`, a DenseNet's
+layers) are recorded at the concatenation, and a block of features equal to one already
+taken from such a reader is not repeated, on either side: a unit read by 24 later layers
+of a dense block is one feature, not 24. Where a next layer reads a
 concatenation, only the channels the consumer produced are target columns (a DenseNet
 layer's input holds every earlier layer's channels: q would grow with depth²),
 labelled with the group and unit it belongs to so the walk can restrict it to the units
@@ -88,15 +92,21 @@ def group_columns(
     """
     walk_index = {g.name: i for i, g in enumerate(groups)}
     producers = {h.name: set(h.producers) for h in structure.groups}
+    through = structure.read_through
     for g in groups:
-        blocks, seen = [], set()
+        blocks, seen, shared = [], set(), []
         for c in g.consumers:
             key = acts.alias.get(c.layer, c.layer)
             if key not in seen:
                 seen.add(key)
-                blocks.append(unit_features(acts.of(c.layer), c.index, pool))
+                block = unit_features(acts.of(c.layer), c.index, pool)
+                if c.layer in through:  # the concatenation's values: once for all readers
+                    if any(torch.equal(block, b) for b in shared):
+                        continue
+                    shared.append(block)
+                blocks.append(block)
         x = torch.cat(blocks, dim=2)
-        cols, owner, unit, seen = [], [], [], set()
+        cols, owner, unit, seen, shared_y = [], [], [], set(), []
         for c in g.consumers:
             if c.layer == structure.output_layer:
                 if "output" not in seen:
@@ -124,6 +134,10 @@ def group_columns(
                         continue
                     seen.add(key)
                     feats = unit_features(acts.of(nxt), h_cons.index, pool)  # (n, U_h, f)
+                    if nxt in through:  # read through a norm of a concatenation: once
+                        if any(h == h_name and torch.equal(feats, b) for h, b in shared_y):
+                            continue
+                        shared_y.append((h_name, feats))
                     cols.append(feats.reshape(len(feats), -1))
                     f = feats.shape[2]
                     owner += [walk_index.get(h_name, -2)] * (feats.shape[1] * f)

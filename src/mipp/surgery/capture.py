@@ -163,7 +163,8 @@ def _recording(
     handles = []
 
     def make(name: str, module: nn.Module):
-        is_conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+        # (a BatchNorm stands for the conv reading it: ModelStructure.read_through)
+        is_conv = isinstance(module, nn.Conv1d | nn.Conv2d | nn.BatchNorm1d | nn.BatchNorm2d)
 
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]

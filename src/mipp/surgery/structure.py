@@ -36,6 +36,12 @@ producer whose head h is the same slice of each third. The forward must size its
 from the projections' outputs (``view(..., -1, head_size)``, as Hugging Face's do) or from
 those attributes (as timm's do); the verification refuses a removal that breaks it.
 
+Readers of a concatenation through their own BatchNorm (a DenseNet layer: ``cat`` →
+``norm1`` → ReLU → ``conv1``, every layer of a block re-normalising the same earlier
+channels) are listed in :attr:`ModelStructure.read_through`: MIPP describes a unit there by
+its value in the concatenation (the BatchNorm's input), once for all such readers, instead of
+once per reader (each reader's BatchNorm is a per-channel affine map of that value).
+
 Groups are returned from the output towards the input (reverse topological order of their
 first producer). :meth:`ModelStructure.remove` deletes units physically with explicit
 indices through ``DG.get_pruning_group(layer, fn, idxs).prune()``; the record of what was
@@ -156,6 +162,15 @@ class ModelStructure:
     example_shape: tuple[int, ...]
     #: Conv/Linear/BatchNorm layer → how often it ran in one forward (more than 1: reused)
     calls: dict[str, int] = field(default_factory=dict)
+    #: conv layer → the BatchNorm it reads a concatenation through (with only pointwise
+    #: activations between): its units are described by the BatchNorm's input (see above)
+    read_through: dict[str, str] = field(default_factory=dict)
+
+    def recorded_modules(self, names: set[str] | Sequence[str]) -> dict[str, nn.Module]:
+        """Layer name → the module whose input describes what it reads: the layer itself,
+        or for a :attr:`read_through` layer its BatchNorm (the concatenation)."""
+        modules = dict(self.model.named_modules())
+        return {n: modules[self.read_through.get(n, n)] for n in modules if n in set(names)}
 
     @property
     def reused(self) -> dict[str, int]:
@@ -384,6 +399,66 @@ def _next_layers(
                 found.extend(d for d in direct if d not in found)
         result[name] = found
     return result
+
+
+#: autograd names of pointwise activations (Torch-Pruning's element-wise op nodes)
+_POINTWISE = (
+    "Relu",
+    "Gelu",
+    "Silu",
+    "Sigmoid",
+    "Tanh",
+    "Hardswish",
+    "Hardsigmoid",
+    "LeakyRelu",
+    "Elu",
+    "Hardtanh",
+    "Mish",
+    "Softplus",
+)
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Softplus,
+)
+
+
+def _read_through(
+    graph: tp.DependencyGraph, layers: Sequence[str], modules: Mapping[str, nn.Module]
+) -> dict[str, str]:
+    """Conv layers of ``layers`` that read ``act(batchnorm(cat(...)))``: layer → BatchNorm."""
+    norm_names = {
+        m: n for n, m in modules.items() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+    }
+    out: dict[str, str] = {}
+    for name in layers:
+        module = modules[name]
+        if not isinstance(module, nn.Conv1d | nn.Conv2d) or module not in graph.module2node:
+            continue
+        node = graph.module2node[module]
+        while len(node.inputs) == 1:
+            node = node.inputs[0]
+            m = node.module
+            if m in norm_names:
+                if len(node.inputs) == 1 and "Concat" in str(getattr(node.inputs[0], "name", "")):
+                    out[name] = norm_names[m]
+                break
+            pointwise = isinstance(m, _ACTIVATIONS) or any(
+                f"({op}Backward" in str(getattr(node, "name", "")) for op in _POINTWISE
+            )
+            if not pointwise or len(node.outputs) != 1:
+                break
+    return out
 
 
 def _joins(node) -> bool:
@@ -698,4 +773,5 @@ def build_structure(
         readers=readers,
         example_shape=example.sample_shape,
         calls=dict(calls),
+        read_through=_read_through(graph, list(readers), modules),
     )
