@@ -35,7 +35,7 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     assert set(METHOD_NAMES) == {
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
-        "apoz",
+        "apoz", "taylor", "taylor-weight", "slimming",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, chip"):
@@ -217,6 +217,7 @@ def test_extra_training_epochs_count_imps_retraining():
     assert IMP(rounds=4, epochs=2).extra_training_epochs() == 6
     assert IMP(retrain=lambda model: None).extra_training_epochs() == 0  # unknown budget
     assert all(make_method(n).extra_training_epochs() == 0 for n in METHOD_NAMES if n != "imp")
+    assert make_method("slimming", epochs=3).extra_training_epochs() == 3
 
 
 def test_rounds_follow_the_exponential_schedule():

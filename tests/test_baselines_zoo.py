@@ -7,9 +7,11 @@ import torch
 
 import mipp
 from helpers import make_model
+from mipp.errors import MippError
 from mipp.methods import BASELINE_NAMES, make_method
 from mipp.report import PruneReport
 from mipp.surgery.replay import apply_report
+from mipp.surgery.structure import build_structure
 
 SMALL = ["mlp", "lenet5", "vgg11-narrow", "tiny-resnet", "resnet20"]
 REST = ["vgg11", "vgg13", "vgg16", "vgg19", "resnet32", "resnet56", "resnet18", "resnet34",
@@ -23,9 +25,20 @@ def _method(name: str, rounds_cap: int | None):
     return make_method(name)
 
 
+def _unnormalised(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """In-scope groups no normalisation layer scales (Network Slimming refuses them)."""
+    groups = build_structure(model, x[:2]).in_scope("internal")
+    return sorted(g.name for g in groups if not g.norm_index)
+
+
 def _check(name: str, method: str, sparsity: float, rounds_cap: int | None, n: int) -> None:
     model, x = make_model(name, n=n)
     y = torch.arange(len(x)) % 3
+    if method == "slimming" and _unnormalised(model, x):  # refused, with the groups named
+        with pytest.raises(MippError, match="have none") as info:
+            mipp.prune(model, (x, y), method=method, sparsity=sparsity)
+        assert str(_unnormalised(model, x)[-1]) in str(info.value)
+        return
     result = mipp.prune(model, (x, y), method=_method(method, rounds_cap), sparsity=sparsity,
                         batch_size=16)  # fmt: skip
     rep = result.report

@@ -16,7 +16,15 @@ CHANGE_WEIGHTS = {"thinet", "imp"}
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_registered_method_conforms(name):
-    assert check_method(lambda: make_method(name), exact=name not in CHANGE_WEIGHTS) == []
+    problems = check_method(lambda: make_method(name), exact=name not in CHANGE_WEIGHTS)
+    if name == "slimming":  # the tiny model's Linear(32→12) has no BatchNorm to score
+        assert problems == [
+            "prune raised MippError: method 'slimming' scores the scale γ of each unit's "
+            "normalisation layer; group(s) ['8'] have none (a model without BatchNorm cannot "
+            "use it; exclude them with exclude=[...] or pick another method)"
+        ]
+        return
+    assert problems == []
 
 
 def test_methods_that_change_weights_are_caught_by_the_exact_check():

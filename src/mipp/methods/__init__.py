@@ -28,6 +28,10 @@ name                 what decides (higher score = keep)                         
 ``chip``             nuclear-norm drop when the unit's map is removed            uniform
 ``mean-activation``  mean |activation|                                           global
 ``apoz``             1 − average percentage of zeros                             global
+``taylor``           |mean(a ⊙ ∂C/∂a)| per example (Molchanov et al. 2017)       global
+``taylor-weight``    (Σ g·w over the unit's weights)² (Molchanov et al. 2019)    global
+``slimming``         |γ| of the unit's BatchNorm after λΣ|γ| training            global
+                     (Liu et al. 2017)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -4,7 +4,8 @@ Two allocations, both hitting a requested sparsity of units, parameters or MACs:
 
 - ``"global"``: one ranking across all groups. Scores are first normalised per group
   (``normalize="mean"``: divided by the mean |score| of the group's units still in play, so
-  a unit of average importance scores 1 in every layer; ``"none"``: raw scores). Ties are
+  a unit of average importance scores 1 in every layer; ``"l2"``: divided by their ℓ2 norm;
+  ``"none"``: raw scores). Ties are
   broken deterministically — walk order of the group (output → input), then unit index —
   so exactly the requested number of units goes (Torch-Pruning's own global ranking drops
   every unit tied at the threshold). Global ranking may remove every unit of a group: that
@@ -44,7 +45,7 @@ def normalise(scores: Tensor, alive: Tensor, how: str) -> Tensor:
     s = scores.double()
     if how == "none" or not alive.any():
         return s
-    scale = s[alive].abs().mean()
+    scale = s[alive].norm() if how == "l2" else s[alive].abs().mean()
     if not torch.isfinite(scale) or scale <= 0:
         return torch.zeros_like(s)
     return s / scale

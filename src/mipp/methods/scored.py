@@ -47,8 +47,8 @@ Allocation = Literal["global", "uniform", "widths"]
 #: ``"widths"`` keeps, in every group, as many units as a matched report's group kept
 #: (``match=`` required): the allocation comes from that report, the choice from the method
 ALLOCATIONS: tuple[str, ...] = ("global", "uniform", "widths")
-Normalize = Literal["mean", "none"]
-NORMALIZE: tuple[str, ...] = ("mean", "none")
+Normalize = Literal["mean", "l2", "none"]
+NORMALIZE: tuple[str, ...] = ("mean", "l2", "none")
 
 
 class ScoredMethod(Method):
@@ -61,7 +61,8 @@ class ScoredMethod(Method):
       ``default_allocation``);
     - ``rounds``: score → allocate → mask rounds, >= 1;
     - ``normalize``: ``"mean"`` divides each group's scores by their mean |score| before a
-      global ranking, ``"none"`` ranks raw scores;
+      global ranking, ``"l2"`` by their ℓ2 norm (Molchanov et al. 2017), ``"none"`` ranks
+      raw scores;
     - ``cost_aware``: with a params / MACs budget and the global ranking, rank units by
       normalised score per unit of cost, s_i / (c_i / c̄) — the same Lagrangian trade MIPP
       makes (c_i: what removing unit i saves, c̄: the mean over the network's units). Off by

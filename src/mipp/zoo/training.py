@@ -178,6 +178,7 @@ def train(
     progress: ProgressCallback | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     num_workers: int = 0,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place with cross-entropy and return its :class:`TrainHistory`.
 
@@ -187,7 +188,9 @@ def train(
     (or, if that is ``None``, the dataset) says so. A map-style dataset of ``(x, y)`` items
     (e.g. :class:`~mipp.zoo.data.ImageFolderDataset`, which augments by itself) is batched
     by :func:`~mipp.zoo.data.folder_loader`, shuffled from ``config.seed`` and decoded by
-    ``num_workers`` worker processes. The optimizer is built here, from the
+    ``num_workers`` worker processes. ``penalty(model)``, when given, is added to every
+    step's loss before the backward pass (a regulariser, e.g. Network Slimming's λΣ|γ|); the
+    reported losses are the cross-entropy alone. The optimizer is built here, from the
     model's current parameters, so call this again after pruning rather than reusing an
     optimizer.
 
@@ -225,9 +228,20 @@ def train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_rank_seed(config.seed, distributed.rank()))  # dropout etc.
             return _train(
-                model, data, config, val_data, device, progress, on_epoch_end, world, num_workers
+                model,
+                data,
+                config,
+                val_data,
+                device,
+                progress,
+                on_epoch_end,
+                world,
+                num_workers,
+                penalty,
             )
-    return _train(model, data, config, val_data, device, progress, on_epoch_end, 1, num_workers)
+    return _train(
+        model, data, config, val_data, device, progress, on_epoch_end, 1, num_workers, penalty
+    )
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -254,6 +268,7 @@ def _train(
     on_epoch_end: Callable[[EpochStats], None] | None,
     world: int,
     num_workers: int = 0,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainHistory:
     device = torch.device(device)
     augment = config.augment
@@ -318,7 +333,7 @@ def _train(
                     f"lower the learning rate (lr={config.lr})"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty(model)).backward()
             optimizer.step()
             step += 1
             n = y.shape[0]

@@ -3,7 +3,9 @@
 Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-based
 (:mod:`~mipp.methods.baselines.gradient`: SNIP, GraSP, SynFlow, their iterative forms,
 SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
-activation, APoZ) and reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet).
+activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet) and
+first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor on activations and
+on weights, Network Slimming).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from mipp.methods.baselines.gradient import (
     SynFlow,
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
+from mipp.methods.baselines.taylor import NetworkSlimming, TaylorActivation, TaylorWeight
 from mipp.methods.baselines.thinet import ThiNet
 from mipp.methods.scored import ScoredMethod
 
@@ -34,8 +37,11 @@ __all__ = [
     "IterativeSNIP",
     "L1Norm",
     "MeanActivation",
+    "NetworkSlimming",
     "RandomScores",
     "SynFlow",
+    "TaylorActivation",
+    "TaylorWeight",
     "ThiNet",
 ]
 
@@ -55,4 +61,7 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     CHIP,
     MeanActivation,
     APoZ,
+    TaylorActivation,
+    TaylorWeight,
+    NetworkSlimming,
 )

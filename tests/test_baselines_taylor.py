@@ -1,0 +1,181 @@
+"""Taylor (activation and weight) and Network Slimming: known answers on hand-built networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mipp
+from helpers import make_ctx
+from mipp.errors import MippError
+from mipp.methods import make_method
+from mipp.methods.allocation import normalise
+from mipp.methods.baselines.taylor import (
+    NetworkSlimming,
+    TaylorActivation,
+    TaylorWeight,
+    gamma_l1_penalty,
+)
+from mipp.zoo.training import seeded
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    with seeded(seed):
+        return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+
+
+def _data(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=gen
+    )
+
+
+def _hand(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor):
+    """Pre-activation h, activation a, ∂C_i/∂a_i (per example) and ∂(mean CE)/∂h."""
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    w2, b2 = model[2].weight.detach(), model[2].bias.detach()
+    h = x @ w1.T + b1
+    a = h.clamp_min(0)
+    dz = torch.softmax(a @ w2.T + b2, dim=1) - F.one_hot(y, 3).double()  # ∂C_i/∂logits_i
+    return h, a, dz @ w2, (dz @ w2) * (h > 0).double() / len(x)
+
+
+def test_taylor_activation_is_the_mean_of_per_example_first_order_terms():
+    model = _mlp()
+    x, y = _data(8)
+    _, a, da, _ = _hand(model, x, y)
+    expected = (a * da).abs().mean(0)  # Θ_ij = |a_ij ∂C_i/∂a_ij| (one position per neuron)
+    for bs in (3, 8):  # chunking does not change it
+        got = TaylorActivation().scores(make_ctx(model, x, y, batch_size=bs))["0"]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    assert bool((expected > 0).any())
+
+
+def test_taylor_activation_averages_a_conv_map_before_the_absolute_value():
+    """Θ = |(1/M) Σ_m a_m ∂C/∂a_m|, not (1/M) Σ_m |…|: on a conv map the two differ."""
+    with seeded(0):
+        net = nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)
+        ).double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    a = torch.tanh(net[0](x)).detach().requires_grad_(True)
+    loss = F.cross_entropy(net[3](a.flatten(1)), y, reduction="sum")
+    (ga,) = torch.autograd.grad(loss, a)
+    expected = (a.detach() * ga).mean((2, 3)).abs().mean(0)
+    got = TaylorActivation().scores(make_ctx(net, x, y))["0"]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    assert not torch.allclose(got, (a.detach() * ga).abs().mean((2, 3)).mean(0))
+
+
+def test_taylor_weight_is_the_squared_first_order_change_of_zeroing_the_unit():
+    model = _mlp()
+    x, y = _data(8)
+    _, _, _, dh = _hand(model, x, y)
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    expected = ((dh.T @ x) * w1).sum(1).add(dh.sum(0) * b1).pow(2)  # (Σ g·w + g_b·b)²
+    for bs in (3, 8):
+        got = TaylorWeight().scores(make_ctx(model, x, y, batch_size=bs))["0"]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+
+
+def test_taylor_weight_first_order_term_predicts_the_loss_change_of_a_small_unit():
+    """The signed first-order term Σ g·w is the derivative of the loss along the unit's own
+    parameters: scaling unit j's weights by (1 − ε) changes the loss by −ε Σ g·w + O(ε²)."""
+    model = _mlp()
+    x, y = _data(8)
+    _, _, _, dh = _hand(model, x, y)
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    first = ((dh.T @ x) * w1).sum(1) + dh.sum(0) * b1
+    eps = 1e-6
+    for j in range(4):
+        net = _mlp()
+        with torch.no_grad():
+            net[0].weight[j] *= 1 - eps
+            net[0].bias[j] *= 1 - eps
+        change = F.cross_entropy(net(x), y) - F.cross_entropy(model(x), y)
+        assert float(change.detach()) == pytest.approx(-eps * float(first[j]), rel=1e-4, abs=1e-13)
+
+
+def test_l2_normalisation_divides_by_the_norm_of_the_live_scores():
+    s = torch.tensor([3.0, 4.0, 100.0])
+    alive = torch.tensor([True, True, False])
+    torch.testing.assert_close(normalise(s, alive, "l2"), s.double() / 5.0)
+
+
+# --- Network Slimming ----------------------------------------------------------------------
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_slimming_scores_are_the_batchnorm_scales():
+    with seeded(0):
+        net = _BNNet().eval()
+    with torch.no_grad():
+        net.bn1.weight.copy_(torch.tensor([0.5, -2.0, 0.01, 1.0]))
+        net.bn2.weight.copy_(torch.tensor([-0.3, 0.2, 3.0]))
+    x = torch.randn(8, 1, 6, 6)
+    scores = NetworkSlimming().scores(make_ctx(net, x))
+    torch.testing.assert_close(scores["conv1"], torch.tensor([0.5, 2.0, 0.01, 1.0]).double())
+    torch.testing.assert_close(scores["conv2"], torch.tensor([0.3, 0.2, 3.0]).double())
+    # raw |γ| ranked globally: at 3 of 7 units the three smallest scales go
+    report = mipp.prune(net, x, method="slimming", sparsity=3 / 7).report
+    kept = {g.name: g.kept for g in report.groups}
+    assert kept == {"conv1": [0, 1, 3], "conv2": [2]}
+
+
+def test_slimming_refuses_groups_without_a_normalisation_layer():
+    model = _mlp().float()
+    with pytest.raises(MippError, match=r"group\(s\) \['0'\] have none"):
+        mipp.prune(model, torch.randn(8, 3), method="slimming", sparsity=0.5)
+
+
+def test_gamma_penalty_gradient_matches_finite_differences():
+    with seeded(0):
+        net = _BNNet().double()
+    with torch.no_grad():
+        net.bn1.weight.copy_(torch.tensor([0.5, -2.0, 0.3, 1.0]))
+    penalty = gamma_l1_penalty(1e-2)
+    value = penalty(net)
+    (grad,) = torch.autograd.grad(value, net.bn1.weight)
+    torch.testing.assert_close(grad, 1e-2 * torch.sign(net.bn1.weight.detach()))
+    eps = 1e-6
+    for j in range(4):
+        with torch.no_grad():
+            net.bn1.weight[j] += eps
+            up = float(penalty(net))
+            net.bn1.weight[j] -= 2 * eps
+            down = float(penalty(net))
+            net.bn1.weight[j] += eps
+        assert (up - down) / (2 * eps) == pytest.approx(float(grad[j]), rel=1e-6)
+    assert float(value.detach()) == pytest.approx(1e-2 * (3.8 + float(net.bn2.weight.abs().sum())))
+
+
+def test_slimming_training_shrinks_the_scales_and_counts_its_epochs():
+    with seeded(0):
+        net = _BNNet().eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 6, 6, generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    plain = make_method("slimming", epochs=2, penalty=0.0, lr=0.05)
+    sparse = make_method("slimming", epochs=2, penalty=0.5, lr=0.05)
+    assert sparse.extra_training_epochs() == 2 and NetworkSlimming().extra_training_epochs() == 0
+    sums = []
+    for method in (plain, sparse):
+        ctx = make_ctx(net, x, y, batch_size=16)
+        ctx.data = (x, y)
+        scores = method.scores(ctx)
+        sums.append(float(sum(s.sum() for s in scores.values())))
+    assert sums[1] < sums[0]
