@@ -35,11 +35,11 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     assert set(METHOD_NAMES) == {
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
-        "apoz", "taylor", "taylor-weight", "slimming",
+        "apoz", "taylor", "taylor-weight", "slimming", "obd",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, chip"):
-        make_method("obd")
+        make_method("obs")
     with pytest.raises(
         ValueError,
         match=r"no option.*banana.*valid options: allocation, rounds, normalize, cost_aware",

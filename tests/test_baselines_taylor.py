@@ -161,7 +161,9 @@ def test_gamma_penalty_gradient_matches_finite_differences():
             down = float(penalty(net))
             net.bn1.weight[j] += eps
         assert (up - down) / (2 * eps) == pytest.approx(float(grad[j]), rel=1e-6)
-    assert float(value.detach()) == pytest.approx(1e-2 * (3.8 + float(net.bn2.weight.abs().sum())))
+    assert float(value.detach()) == pytest.approx(
+        1e-2 * (3.8 + float(net.bn2.weight.detach().abs().sum()))
+    )
 
 
 def test_slimming_training_shrinks_the_scales_and_counts_its_epochs():
@@ -179,3 +181,79 @@ def test_slimming_training_shrinks_the_scales_and_counts_its_epochs():
         scores = method.scores(ctx)
         sums.append(float(sum(s.sum() for s in scores.values())))
     assert sums[1] < sums[0]
+
+
+# --- Optimal Brain Damage -------------------------------------------------------------------
+
+
+def _ggn_reference(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """diag((1/n) Σ_i J_iᵀ H_i J_i) from full per-sample Jacobians (torch.func.jacrev)."""
+    from torch.func import functional_call, jacrev
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    out = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(len(x)):
+        jac = jacrev(lambda ps, i=i: functional_call(net, ps, (x[i : i + 1],)).squeeze(0))(params)
+        p = torch.softmax(net(x[i : i + 1]).detach().squeeze(0), -1)
+        h = torch.diag(p) - torch.outer(p, p)
+        for k, j in jac.items():
+            jf = j.reshape(len(p), -1)
+            out[k] += torch.einsum("cw,cd,dw->w", jf, h, jf).reshape(out[k].shape) / len(x)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["conv2d-grouped", "conv1d", "tokens"])
+def test_gauss_newton_diagonal_is_exact(kind):
+    from mipp.methods.baselines.curvature import ggn_diagonal
+
+    gen = torch.Generator().manual_seed(3)
+    with seeded(0):
+        if kind == "conv2d-grouped":
+            net = nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+                nn.ReLU(), nn.Flatten(), nn.Linear(16, 5),
+            )  # fmt: skip
+            x = torch.randn(6, 2, 5, 5, generator=gen)
+        elif kind == "conv1d":
+            net = nn.Sequential(
+                nn.Conv1d(2, 3, 3, padding=2, dilation=2), nn.Tanh(), nn.Flatten(),
+                nn.Linear(18, 4),
+            )  # fmt: skip
+            x = torch.randn(5, 2, 6, generator=gen)
+        else:  # a Linear on (batch, tokens, features), pooled
+            net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3), _MeanTokens())
+            x = torch.randn(5, 4, 3, generator=gen)
+    net = net.double().eval()
+    x = x.double()
+    want = _ggn_reference(net, x)
+    got = ggn_diagonal(net, [(x[:3], None), (x[3:], None)])  # chunked
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(got[id(p)], want[name], rtol=1e-9, atol=1e-15)
+
+
+class _MeanTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
+def test_gauss_newton_diagonal_monte_carlo_fisher_converges_to_it():
+    from mipp.methods.baselines.curvature import ggn_diagonal
+
+    model = _mlp()
+    x, _ = _data(6)
+    exact = ggn_diagonal(model, [(x, None)])
+    sampled = ggn_diagonal(model, [(x, None)], max_classes=1, draws=20000, seed=0)
+    for p in model.parameters():
+        torch.testing.assert_close(sampled[id(p)], exact[id(p)], rtol=0.05, atol=1e-4)
+
+
+def test_obd_scores_half_the_diagonal_saliency_summed_over_the_unit():
+    from mipp.methods.baselines.curvature import OBD
+
+    model = _mlp()
+    x, _ = _data(8)
+    diag = _ggn_reference(model, x)
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    expected = 0.5 * (diag["0.weight"] * w1**2).sum(1) + 0.5 * diag["0.bias"] * b1**2
+    got = OBD().scores(make_ctx(model, x, batch_size=3))["0"]  # no labels needed
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)

@@ -32,6 +32,8 @@ name                 what decides (higher score = keep)                         
 ``taylor-weight``    (Σ g·w over the unit's weights)² (Molchanov et al. 2019)    global
 ``slimming``         |γ| of the unit's BatchNorm after λΣ|γ| training            global
                      (Liu et al. 2017)
+``obd``              ½ Σ G_ww w², G the Gauss–Newton diagonal (LeCun et al.     global
+                     1989)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -5,12 +5,14 @@ Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-
 SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet) and
 first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor on activations and
-on weights, Network Slimming).
+on weights, Network Slimming) and second-order (:mod:`~mipp.methods.baselines.curvature`:
+Optimal Brain Damage).
 """
 
 from __future__ import annotations
 
 from mipp.methods.baselines.activation import CHIP, APoZ, HRank, MeanActivation
+from mipp.methods.baselines.curvature import OBD
 from mipp.methods.baselines.gradient import (
     SNIP,
     SOSPH,
@@ -28,6 +30,7 @@ __all__ = [
     "BASELINES",
     "CHIP",
     "IMP",
+    "OBD",
     "SNIP",
     "SOSPH",
     "APoZ",
@@ -64,4 +67,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     TaylorActivation,
     TaylorWeight,
     NetworkSlimming,
+    OBD,
 )

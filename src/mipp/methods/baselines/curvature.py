@@ -1,0 +1,191 @@
+"""Optimal Brain Damage, structured: diagonal second-order saliency (LeCun, Denker & Solla 1989).
+
+OBD removes the parameters whose deletion raises the loss least under a quadratic model with a
+diagonal Hessian, ``δL ≈ ½ Σ_w h_ww w²`` (the gradient term vanishes at a trained minimum). The
+paper approximates h_ww by the Gauss–Newton (Levenberg–Marquardt) diagonal, dropping the
+second derivatives of the network's output; for the cross-entropy that is the diagonal of the
+generalised Gauss–Newton matrix
+
+    G = (1/n) Σ_i J_iᵀ H_i J_i,    H_i = diag(p_i) − p_i p_iᵀ,    J_i = ∂f(x_i)/∂θ,
+
+computed here exactly (:func:`ggn_diagonal`), not by the paper's layer-local recursion, which
+adds a further approximation. Structured: removing a unit deletes its weight rows and bias
+entries, and under the diagonal model their saliencies add, so a unit's score is
+``s_j = ½ Σ_{w ∈ unit j} G_ww w²`` (no absolute value is needed: G_ww ≥ 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mipp import distributed
+from mipp.errors import MippError
+from mipp.inputs import as_samples
+from mipp.methods.base import PruneContext
+from mipp.methods.baselines.gradient import Batches, _count, _scoring, layer_parameters
+from mipp.methods.scored import Allocation, Normalize, ScoredMethod, unit_sum
+
+__all__ = ["OBD", "ggn_diagonal"]
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _per_sample_squares(module: nn.Module, a: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_i (∂/∂W of sample i)² and Σ_i (∂/∂b of sample i)² for one layer, from its input
+    ``a`` and the backpropagated signal ``delta`` at its output (samples independent)."""
+    if isinstance(module, nn.Linear):
+        if a.ndim > 2:  # tokens: (b, ..., in) → per-sample sums over the positions
+            a2 = a.flatten(1, -2)
+            d2 = delta.flatten(1, -2)
+            per = torch.einsum("bpo,bpi->boi", d2, a2)
+            return per.pow(2).sum(0), d2.sum(1).pow(2).sum(0)
+        return delta.pow(2).T @ a.pow(2), delta.pow(2).sum(0)
+    if isinstance(module, nn.Conv1d):
+        a, delta = a.unsqueeze(2), delta.unsqueeze(2)
+        kernel, stride = (1, *module.kernel_size), (1, *module.stride)
+        padding, dilation = (0, *module.padding), (1, *module.dilation)
+    else:
+        kernel, stride = module.kernel_size, module.stride
+        padding, dilation = module.padding, module.dilation
+    if isinstance(padding, str):
+        raise MippError(f"OBD: padding={padding!r} convolutions are not supported")
+    cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # (b, Ck, P)
+    b, groups = a.shape[0], module.groups
+    d = delta.reshape(b, groups, delta.shape[1] // groups, -1)  # (b, G, O/G, P)
+    c = cols.reshape(b, groups, cols.shape[1] // groups, -1)  # (b, G, I/G·k, P)
+    per = torch.einsum("bgop,bgip->bgoi", d, c).reshape(b, delta.shape[1], -1)
+    return per.pow(2).sum(0).reshape(module.weight.shape), d.sum(-1).pow(2).sum(0).flatten()
+
+
+def ggn_diagonal(
+    model: nn.Module, batches: Batches, *, max_classes: int = 64, draws: int = 16, seed: int = 0
+) -> dict[int, Tensor]:
+    """The diagonal of the Gauss–Newton matrix G of the mean cross-entropy, for the weight and
+    bias of every Conv1d / Conv2d / Linear layer: ``{id(param): tensor like param}``.
+
+    Exact for at most ``max_classes`` outputs: with H_i = Σ_k λ_ik u_ik u_ikᵀ (its
+    eigendecomposition), G = (1/n) Σ_i Σ_k (J_iᵀ s_ik)(J_iᵀ s_ik)ᵀ, s_ik = √λ_ik u_ik, so one
+    backward pass per k with output gradients s_k gives every sample's J_iᵀ s_ik at once
+    (the samples of a batch do not interact in eval mode), and each layer's per-sample
+    weight gradients — from its input and the signal at its output, unfolded for a conv — are
+    squared and summed. With more classes, ``draws`` labels y ~ p_i per sample give the
+    Monte-Carlo Fisher, an unbiased estimate of the same diagonal (seeded by ``seed``).
+    Labels are not used. The model runs as it is (set eval mode yourself).
+    """
+    layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+    total: dict[int, Tensor] = {}
+    for m in layers:
+        for p in (m.weight, m.bias):
+            if p is not None:
+                total.setdefault(id(p), torch.zeros_like(p, dtype=torch.float64))
+    n = _count(batches)
+    gen = torch.Generator().manual_seed(seed)
+    for x, _ in batches:
+        inputs: dict[nn.Module, Tensor] = {}
+        outputs: dict[nn.Module, Tensor] = {}
+
+        def hook(
+            module: nn.Module,
+            args: tuple,
+            out: Tensor,
+            inputs: dict[nn.Module, Tensor] = inputs,
+            outputs: dict[nn.Module, Tensor] = outputs,
+        ) -> None:
+            if module not in inputs:  # a reused layer: its first call
+                inputs[module], outputs[module] = args[0].detach(), out
+
+        handles = [m.register_forward_hook(hook) for m in layers]
+        try:
+            logits = as_samples(x).run(model)
+        finally:
+            for h in handles:
+                h.remove()
+        if logits.ndim != 2:
+            raise MippError(f"OBD needs (batch, classes) logits, got {tuple(logits.shape)}")
+        p = torch.softmax(logits.detach().double(), dim=-1)
+        classes = p.shape[1]
+        if classes <= max_classes:
+            lam, u = torch.linalg.eigh(torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1))
+            signals = [
+                (u[:, :, k] * lam[:, k].clamp_min(0).sqrt().unsqueeze(1)) for k in range(classes)
+            ]
+        else:
+            signals = []
+            for _ in range(draws):
+                y = torch.multinomial(p.cpu(), 1, generator=gen).squeeze(1).to(p.device)
+                signals.append((p - F.one_hot(y, classes).double()) / draws**0.5)
+        live = [m for m in layers if m in outputs and outputs[m].requires_grad]
+        for s in signals:
+            deltas = torch.autograd.grad(
+                logits,
+                [outputs[m] for m in live],
+                grad_outputs=s.to(logits.dtype),
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for m, delta in zip(live, deltas, strict=True):
+                if delta is None:
+                    continue
+                w2, b2 = _per_sample_squares(m, inputs[m], delta.detach())
+                total[id(m.weight)] += w2.double()
+                if m.bias is not None:
+                    total[id(m.bias)] += b2.double()
+    values = list(total.values())
+    distributed.all_reduce_(values)
+    return {k: v / n for k, v in total.items()}
+
+
+class OBD(ScoredMethod):
+    """LeCun, Denker & Solla 1989, "Optimal Brain Damage", structured.
+
+    ``s_j = ½ Σ_{w ∈ unit j} G_ww w²`` over the unit's weight rows and bias entries (every
+    producer's), G the exact Gauss–Newton diagonal of the calibration set's cross-entropy
+    (:func:`ggn_diagonal`: the paper's Levenberg–Marquardt approximation of the Hessian
+    diagonal; Monte-Carlo Fisher above ``max_classes`` outputs). Labels are not needed. One
+    round by default (the paper retrains between deletions; ``rounds`` re-scores); allocation
+    global.
+    """
+
+    name = "obd"
+    summary = "½ Σ G_ww w² over the unit's weights, G the Gauss–Newton diagonal (LeCun 1989)"
+    default_allocation: Allocation = "global"
+    needs_labels = False
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "mean",
+        cost_aware: bool = False,
+        max_classes: int = 64,
+        draws: int = 16,
+    ) -> None:
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
+        for key, value in (("max_classes", max_classes), ("draws", draws)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        self.max_classes, self.draws = max_classes, draws
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "max_classes": self.max_classes, "draws": self.draws}
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        params = layer_parameters(ctx.model)
+        with _scoring(ctx.model, params):
+            diag = ggn_diagonal(
+                ctx.model,
+                list(ctx.batches()),
+                max_classes=self.max_classes,
+                draws=self.draws,
+                seed=ctx.seed,
+            )
+        per = {id(p): 0.5 * diag[id(p)] * p.detach().double() ** 2 for p in params}
+        modules = ctx.modules
+        return {g.name: unit_sum(g, modules, lambda t: per.get(id(t))) for g in ctx.groups}
