@@ -257,3 +257,34 @@ def test_obd_scores_half_the_diagonal_saliency_summed_over_the_unit():
     expected = 0.5 * (diag["0.weight"] * w1**2).sum(1) + 0.5 * diag["0.bias"] * b1**2
     got = OBD().scores(make_ctx(model, x, batch_size=3))["0"]  # no labels needed
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+
+
+# --- Channel Pruning (LASSO) ----------------------------------------------------------------
+
+
+def test_lasso_entry_order_on_orthogonal_contributions_is_their_squared_norms():
+    """Orthogonal columns: unit j enters the LASSO path at α = ‖x̂_j‖² / m, so the scores
+    are the squared norms over the largest one; a dead unit scores 0."""
+    from mipp.methods.baselines.thinet import lasso_scores
+
+    x = torch.zeros(8, 4, dtype=torch.float64)
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = 1.0, 2.0, 3.0, 5.0
+    alive = torch.tensor([True, True, True, False])
+    scores = lasso_scores(x, alive)
+    torch.testing.assert_close(scores, torch.tensor([1 / 9, 4 / 9, 1.0, 0.0], dtype=torch.float64))
+
+
+def test_channel_pruning_drops_the_unit_the_next_layer_ignores_and_refits():
+    """Unit 1 of a Linear producer is read with zero weights by the consumer: it enters the
+    LASSO path last (never), so it goes first; the method's default repair re-fits."""
+    with seeded(0):
+        net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[2].weight[:, 1] = 0
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    result = mipp.prune(net, x, method="channel-pruning", sparsity=0.25)
+    (group,) = result.report.groups
+    assert group.removed == [1]
+    assert result.report.options["compensate"] is True
+    scores = make_method("channel-pruning").scores(make_ctx(net, x))["0"]
+    assert float(scores[1]) == 0.0 and bool((scores[[0, 2, 3]] > 0).all())

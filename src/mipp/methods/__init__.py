@@ -34,6 +34,8 @@ name                 what decides (higher score = keep)                         
                      (Liu et al. 2017)
 ``obd``              ½ Σ G_ww w², G the Gauss–Newton diagonal (LeCun et al.     global
                      1989)
+``channel-pruning``  LASSO entry on the next layer's reconstruction, then LS     uniform
+                     re-fit (He et al. 2017)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -3,10 +3,10 @@
 Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-based
 (:mod:`~mipp.methods.baselines.gradient`: SNIP, GraSP, SynFlow, their iterative forms,
 SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
-activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet) and
-first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor on activations and
-on weights, Network Slimming) and second-order (:mod:`~mipp.methods.baselines.curvature`:
-Optimal Brain Damage).
+activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
+Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
+on activations and on weights, Network Slimming) and second-order
+(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mipp.methods.baselines.gradient import (
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
 from mipp.methods.baselines.taylor import NetworkSlimming, TaylorActivation, TaylorWeight
-from mipp.methods.baselines.thinet import ThiNet
+from mipp.methods.baselines.thinet import ChannelPruning, ThiNet
 from mipp.methods.scored import ScoredMethod
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "SNIP",
     "SOSPH",
     "APoZ",
+    "ChannelPruning",
     "GraSP",
     "HRank",
     "IterativeGraSP",
@@ -68,4 +69,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     TaylorWeight,
     NetworkSlimming,
     OBD,
+    ChannelPruning,
 )

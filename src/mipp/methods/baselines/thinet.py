@@ -1,4 +1,5 @@
-"""ThiNet (Luo et al. 2017): prune the units whose removal least changes the next layer.
+"""ThiNet (Luo et al. 2017) and Channel Pruning (He et al. 2017): prune the units whose
+removal least changes the next layer.
 
 For a group g and each consumer layer c of g (Conv1d/Conv2d or Linear), ThiNet samples
 entries of c's output on the calibration data — for a conv, ``samples_per_image`` random
@@ -56,7 +57,14 @@ from mipp.methods.scored import Allocation, Normalize, ScoredMethod
 from mipp.surgery.capture import capture_inputs
 from mipp.surgery.structure import Consumer, UnitGroup
 
-__all__ = ["ThiNet", "conv_contributions", "greedy_order", "linear_contributions"]
+__all__ = [
+    "ChannelPruning",
+    "ThiNet",
+    "conv_contributions",
+    "greedy_order",
+    "lasso_scores",
+    "linear_contributions",
+]
 
 #: elements one gathered block of patches / weights may hold
 _BUDGET = 2**22
@@ -382,3 +390,89 @@ class ThiNet(ScoredMethod):
                 w = refit_weights(x[:, kept], targets[g.name][layer])
                 consumer = next(c for c in g.consumers if c.layer == layer)
                 scale_inputs(modules[layer], consumer, kept, w)
+
+
+def lasso_scores(x: Tensor, alive: Tensor) -> Tensor:
+    """Channel Pruning's LASSO ranking → ``(units,)`` float64, higher = keep.
+
+    β(α) = argmin_β (1/2m) ‖ŷ − X̂β‖² + α‖β‖₁ with ŷ = X̂·1 (the sampled outputs of the full
+    layer), over the live units' columns; unit j's score is the α at which β_j first becomes
+    non-zero on the exact LASSO path (LARS, :func:`sklearn.linear_model.lars_path`), divided
+    by the largest such α — the order in which growing α would drive the units to zero,
+    comparable across layers. Units that never enter, and dead ones, score 0. For orthogonal
+    columns the entry α of unit j is ‖x̂_j‖² / m.
+    """
+    from sklearn.linear_model import lars_path
+
+    x = x.double().cpu()
+    live = alive.cpu().nonzero().flatten()
+    scores = torch.zeros(x.shape[1], dtype=torch.float64)
+    if len(live) == 0:
+        return scores
+    design = x[:, live].numpy()
+    target = x.sum(1).numpy()
+    if not float((design**2).sum()) > 0:
+        return scores
+    alphas, _, coefs = lars_path(design, target, method="lasso")
+    nonzero = coefs != 0  # (units, knots)
+    for col, j in enumerate(live.tolist()):
+        hits = nonzero[col].nonzero()[0]
+        if len(hits) and hits[0] > 0:
+            scores[j] = float(alphas[hits[0] - 1])
+    top = float(scores.max())
+    return scores / top if top > 0 else scores
+
+
+class ChannelPruning(ThiNet):
+    """He, Zhang & Sun 2017, "Channel Pruning for Accelerating Very Deep Neural Networks":
+    LASSO channel selection on the next layer's reconstruction, then a least-squares re-fit.
+
+    The next layer's outputs are sampled as in :class:`ThiNet` (``samples_per_image`` random
+    output entries per image over at most ``images`` images; the paper samples locations
+    and keeps every output channel) and split into the units' contributions X̂; the units are
+    ranked by the LASSO path of ŷ = X̂β (:func:`lasso_scores`): the paper raises the LASSO
+    weight until as many β are zero as units must go, which removes the units the path
+    zeroes first. Its reconstruction step — the consumers' weights re-fitted by least
+    squares on the kept units — is mipp's compensation, so ``compensate`` defaults to on for
+    this method (``compensate=False`` gives the selection alone). Needs no labels; default
+    allocation uniform (the paper prunes each layer to a set width).
+    """
+
+    name = "channel-pruning"
+    summary = "LASSO on the next layer's reconstruction, then LS re-fit (He et al. 2017)"
+    default_allocation: Allocation = "uniform"
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        samples_per_image: int = 10,
+        images: int = 256,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+    ) -> None:
+        super().__init__(
+            allocation=allocation,
+            samples_per_image=samples_per_image,
+            images=images,
+            refit=False,
+            rounds=rounds,
+            normalize=normalize,
+            cost_aware=cost_aware,
+        )
+
+    def options(self) -> dict[str, Any]:
+        out = super().options()
+        out.pop("refit")
+        return out
+
+    def default_repairs(self) -> tuple[bool, bool]:
+        return True, False
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        rows = self.contributions(ctx, ctx.groups)
+        return {
+            g.name: lasso_scores(torch.cat([x for _, x in rows[g.name]]), ctx.alive[g.name])
+            for g in ctx.groups
+        }
