@@ -35,10 +35,10 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
     assert set(METHOD_NAMES) == {
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
-        "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning",
+        "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning", "ccp",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
-    with pytest.raises(UnknownNameError, match="valid methods: apoz, channel-pruning, chip"):
+    with pytest.raises(UnknownNameError, match="valid methods: apoz, ccp, channel-pruning, chip"):
         make_method("obs")
     with pytest.raises(
         ValueError,

@@ -288,3 +288,38 @@ def test_channel_pruning_drops_the_unit_the_next_layer_ignores_and_refits():
     assert result.report.options["compensate"] is True
     scores = make_method("channel-pruning").scores(make_ctx(net, x))["0"]
     assert float(scores[1]) == 0.0 and bool((scores[[0, 2, 3]] > 0).all())
+
+
+# --- Collaborative Channel Pruning ----------------------------------------------------------
+
+
+def test_quadratic_greedy_follows_the_hand_computed_steps():
+    """ΔL(S) = −Σ_S a + ½ Σ_{S×S} s: steps remove 0 (ΔL −0.5), then 2 (ΔL({0,2}) = −1.5 +
+    ½(1 + 0.4) = −0.8), then 1 (−0.4); scores are the running maxima in that order."""
+    from mipp.methods.baselines.taylor import quadratic_greedy_scores
+
+    a = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 0.3], [0.0, 0.3, 0.4]], dtype=torch.float64)
+    scores = quadratic_greedy_scores(a, s, torch.ones(3, dtype=torch.bool))
+    assert scores.argsort().tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, torch.tensor([-0.5, -0.4, -0.5]).double(), atol=1e-8, rtol=0)
+    dead = quadratic_greedy_scores(a, s, torch.tensor([True, False, True]))
+    assert float(dead[1]) < float(dead[[0, 2]].min())
+
+
+def test_ccp_builds_its_quadratic_from_chunk_gradients():
+    """a_i = mean_b t_bi and s_ij = mean_b t_bi t_bj, t_bi = Σ over unit i's parameters of
+    g_b·w with g_b the gradient of chunk b's mean loss (two chunks of 4, by hand)."""
+    from mipp.methods.baselines.taylor import CollaborativeChannelPruning, quadratic_greedy_scores
+
+    model = _mlp()
+    x, y = _data(8)
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    t = []
+    for part in (slice(0, 4), slice(4, 8)):
+        _, _, _, dh = _hand(model, x[part], y[part])
+        t.append(((dh.T @ x[part]) * w1).sum(1) + dh.sum(0) * b1)
+    t = torch.stack(t)
+    want = quadratic_greedy_scores(t.mean(0), t.T @ t / 2, torch.ones(4, dtype=torch.bool))
+    got = CollaborativeChannelPruning().scores(make_ctx(model, x, y, batch_size=4))["0"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -36,6 +36,8 @@ name                 what decides (higher score = keep)                         
                      1989)
 ``channel-pruning``  LASSO entry on the next layer's reconstruction, then LS     uniform
                      re-fit (He et al. 2017)
+``ccp``              greedy 0-1 quadratic program, gradient-outer-product        uniform
+                     curvature (Peng et al. 2019)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

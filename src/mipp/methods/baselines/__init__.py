@@ -5,7 +5,7 @@ Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-
 SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
-on activations and on weights, Network Slimming) and second-order
+on activations and on weights, Network Slimming, CCP) and second-order
 (:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage).
 """
 
@@ -22,7 +22,12 @@ from mipp.methods.baselines.gradient import (
     SynFlow,
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
-from mipp.methods.baselines.taylor import NetworkSlimming, TaylorActivation, TaylorWeight
+from mipp.methods.baselines.taylor import (
+    CollaborativeChannelPruning,
+    NetworkSlimming,
+    TaylorActivation,
+    TaylorWeight,
+)
 from mipp.methods.baselines.thinet import ChannelPruning, ThiNet
 from mipp.methods.scored import ScoredMethod
 
@@ -35,6 +40,7 @@ __all__ = [
     "SOSPH",
     "APoZ",
     "ChannelPruning",
+    "CollaborativeChannelPruning",
     "GraSP",
     "HRank",
     "IterativeGraSP",
@@ -70,4 +76,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     NetworkSlimming,
     OBD,
     ChannelPruning,
+    CollaborativeChannelPruning,
 )

@@ -1,5 +1,5 @@
-"""First-order Taylor importance (Molchanov et al. 2017 and 2019) and Network Slimming (Liu et
-al. 2017), implemented from their papers.
+"""First-order Taylor importance (Molchanov et al. 2017 and 2019), Network Slimming (Liu et al.
+2017) and Collaborative Channel Pruning (Peng et al. 2019), implemented from their papers.
 
 Taylor: removing a unit changes the loss by about the first-order term of its Taylor
 expansion. Molchanov et al. 2017 ("Pruning Convolutional Neural Networks for Resource
@@ -34,7 +34,14 @@ from mipp.zoo.config import TrainConfig
 from mipp.zoo.data import ImageDataset
 from mipp.zoo.training import train
 
-__all__ = ["NetworkSlimming", "TaylorActivation", "TaylorWeight", "gamma_l1_penalty"]
+__all__ = [
+    "CollaborativeChannelPruning",
+    "NetworkSlimming",
+    "TaylorActivation",
+    "TaylorWeight",
+    "gamma_l1_penalty",
+    "quadratic_greedy_scores",
+]
 
 
 @contextmanager
@@ -281,3 +288,97 @@ class NetworkSlimming(ScoredMethod):
         device = first_parameter(ctx.model).device
         train(ctx.model, data, config, device=device, penalty=gamma_l1_penalty(self.penalty))
         ctx.model.eval()
+
+
+# ----------------------------------------------------------------------------- CCP
+
+
+def quadratic_greedy_scores(a: Tensor, s: Tensor, alive: Tensor) -> Tensor:
+    """Greedy solution of CCP's 0-1 quadratic program → scores ``(units,)`` float64.
+
+    The loss change of removing the set S is ΔL(S) = −Σ_{i∈S} a_i + ½ Σ_{i,j∈S} s_ij. The
+    removed set grows one live unit at a time, each step adding the unit that gives the
+    smallest ΔL (ties: the lowest index); the unit added at step k scores the running
+    maximum of ΔL over steps 1..k, plus k·10⁻⁹·(1 + max |ΔL|) / units so that the greedy order
+    is kept exactly. Units removed first score lowest; dead units score −inf-like (below
+    every live one).
+    """
+    a, s = a.double().cpu(), s.double().cpu()
+    u = len(a)
+    remaining = alive.cpu().clone().to(torch.bool)
+    cross = torch.zeros(u, dtype=torch.float64)  # Σ_{i ∈ S} s_ij
+    value = 0.0
+    order, values = [], []
+    for _ in range(int(remaining.sum())):
+        gain = -a + cross + 0.5 * s.diagonal()
+        gain[~remaining] = torch.inf
+        j = int(torch.argmin(gain))
+        value += float(gain[j])
+        cross += s[j]
+        remaining[j] = False
+        order.append(j)
+        values.append(value)
+    scores = torch.full((u,), -1.0, dtype=torch.float64)
+    if not order:
+        return scores
+    v = torch.cummax(torch.tensor(values, dtype=torch.float64), 0).values
+    spread = 1e-9 * (1.0 + float(v.abs().max())) / u
+    scores[torch.tensor(order)] = v + torch.arange(1, len(order) + 1, dtype=torch.float64) * spread
+    scores[~alive.cpu()] = float(scores[torch.tensor(order)].min()) - 1.0
+    return scores
+
+
+class CollaborativeChannelPruning(ScoredMethod):
+    """Peng et al. 2019, "Collaborative Channel Pruning for Deep Networks" (CCP).
+
+    Removing the set S of a layer's units sets their parameters W_S to zero; to second order
+    the loss changes by ΔL(S) = −Σ_{i∈S} gᵢᵀwᵢ + ½ Σ_{i,j∈S} wᵢᵀ H_ij w_j. CCP approximates
+    the Hessian by the outer product of first-order gradients, so with t_bi = g_b,iᵀ wᵢ (the
+    gradient of calibration chunk b's mean loss along unit i's parameters, its weight rows
+    and bias entries, every producer's)
+
+        a_i = mean_b t_bi,        s_ij = mean_b t_bi t_bj,
+
+    and picks S, a 0-1 quadratic program, per layer. The paper relaxes and solves it; here it
+    is solved greedily (:func:`quadratic_greedy_scores`), which removes the units CCP's
+    objective rates cheapest together — units that matter only jointly are kept together.
+    Chunks are ``batch_size`` calibration samples, as the paper's minibatches. Needs labels;
+    default allocation uniform (the paper prunes each layer by a set ratio).
+    """
+
+    name = "ccp"
+    summary = "0-1 quadratic program on gradient-outer-product curvature (Peng et al. 2019)"
+    default_allocation: Allocation = "uniform"
+    needs_labels = True
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+    ) -> None:
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        from mipp.methods.baselines.gradient import loss_gradient
+
+        ctx.require_labels(self.name)
+        params = layer_parameters(ctx.model)
+        modules = ctx.modules
+        rows: dict[str, list[Tensor]] = {g.name: [] for g in ctx.groups}
+        with _scoring(ctx.model, params):
+            for chunk in ctx.batches():
+                g = loss_gradient(ctx.model, [chunk], params)
+                per = {id(p): gi * p.detach() for p, gi in zip(params, g, strict=True)}
+                for grp in ctx.groups:
+                    rows[grp.name].append(unit_sum(grp, modules, lambda t, per=per: per.get(id(t))))
+        out = {}
+        for grp in ctx.groups:
+            t = torch.stack(rows[grp.name])  # (chunks, units)
+            a, s = t.mean(0), t.T @ t / len(t)
+            out[grp.name] = quadratic_greedy_scores(a, s, ctx.alive[grp.name])
+        return out
