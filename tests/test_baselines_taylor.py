@@ -323,3 +323,67 @@ def test_ccp_builds_its_quadratic_from_chunk_gradients():
     want = quadratic_greedy_scores(t.mean(0), t.T @ t / 2, torch.ones(4, dtype=torch.bool))
     got = CollaborativeChannelPruning().scores(make_ctx(model, x, y, batch_size=4))["0"]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+# --- training-time regularisers: SSL and GReg ---------------------------------------------
+
+
+def test_ssl_group_lasso_gradient_matches_finite_differences():
+    from mipp.methods.baselines.regularised import StructuredSparsity
+
+    model = _mlp()
+    x, y = _data(8)
+    ctx = make_ctx(model, x, y)
+    penalty = StructuredSparsity(penalty=0.1).penalty(ctx, steps=1)
+    net = ctx.model
+    value = penalty(net)
+    w, b = net[0].weight, net[0].bias
+    rows = torch.cat([w.detach(), b.detach()[:, None]], 1)
+    assert float(value.detach()) == pytest.approx(0.1 * float(rows.norm(dim=1).sum()), rel=1e-12)
+    gw, gb = torch.autograd.grad(value, [w, b])
+    norms = rows.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(gw, 0.1 * w.detach() / norms, rtol=1e-9, atol=0)
+    torch.testing.assert_close(gb, 0.1 * b.detach() / norms[:, 0], rtol=1e-9, atol=0)
+    eps = 1e-6
+    with torch.no_grad():
+        w[2, 1] += eps
+        up = float(penalty(net))
+        w[2, 1] -= 2 * eps
+        down = float(penalty(net))
+        w[2, 1] += eps
+    assert (up - down) / (2 * eps) == pytest.approx(float(gw[2, 1]), rel=1e-6)
+
+
+def test_ssl_scores_are_unit_norms_and_its_training_shrinks_them():
+    from mipp.methods.baselines.regularised import StructuredSparsity
+
+    model = _mlp()
+    x, y = _data(32)
+    rows = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1)
+    scores = StructuredSparsity(epochs=0).scores(make_ctx(model, x, y))["0"]
+    torch.testing.assert_close(scores, rows.norm(dim=1), rtol=1e-12, atol=0)
+    sums = []
+    for weight in (0.0, 0.05):
+        ctx = make_ctx(model, x, y)
+        sums.append(float(StructuredSparsity(epochs=3, penalty=weight).scores(ctx)["0"].sum()))
+    assert sums[1] < sums[0]
+
+
+def test_greg_grows_its_penalty_on_the_l1_choice_and_removes_exactly_it():
+    from mipp.methods.baselines.regularised import GrowingRegularization
+
+    model = _mlp()
+    x, y = _data(32)
+    rows = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1)
+    l1_order = rows.abs().sum(1).argsort()[:2].sort().values.tolist()  # the 2 smallest
+    method = GrowingRegularization(epochs=2, growth=0.01, ceiling=0.015)
+    result = mipp.prune(model, (x, y), method=method, sparsity=0.5)
+    assert result.report.groups[0].removed == l1_order
+    assert method.extra_training_epochs() == 2
+    # λ_t = min(ceiling, growth · t): 0, 0.01, 0.015, 0.015 ... times ½ Σ_chosen ‖W_j‖²
+    ctx = make_ctx(model, x, y)
+    method._chosen = {"0": torch.tensor([j in l1_order for j in range(4)])}
+    penalty = method.penalty(ctx, steps=4)
+    half = 0.5 * float((rows[l1_order] ** 2).sum())
+    got = [float(penalty(ctx.model).detach()) for _ in range(4)]
+    assert got == pytest.approx([0.0, 0.01 * half, 0.015 * half, 0.015 * half], rel=1e-12)

@@ -38,6 +38,9 @@ name                 what decides (higher score = keep)                         
                      re-fit (He et al. 2017)
 ``ccp``              greedy 0-1 quadratic program, gradient-outer-product        uniform
                      curvature (Peng et al. 2019)
+``ssl``              ‖W_j‖₂ after group-lasso training (Wen et al. 2016)         global
+``greg``             L1 choice pushed to zero by a growing L2 penalty, then      global
+                     removed (Wang et al. 2021)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

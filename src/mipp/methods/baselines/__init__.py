@@ -6,7 +6,8 @@ SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHI
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
-(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage).
+(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage); methods that regularise
+during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mipp.methods.baselines.gradient import (
     SynFlow,
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
+from mipp.methods.baselines.regularised import GrowingRegularization, StructuredSparsity
 from mipp.methods.baselines.taylor import (
     CollaborativeChannelPruning,
     NetworkSlimming,
@@ -42,6 +44,7 @@ __all__ = [
     "ChannelPruning",
     "CollaborativeChannelPruning",
     "GraSP",
+    "GrowingRegularization",
     "HRank",
     "IterativeGraSP",
     "IterativeSNIP",
@@ -49,6 +52,7 @@ __all__ = [
     "MeanActivation",
     "NetworkSlimming",
     "RandomScores",
+    "StructuredSparsity",
     "SynFlow",
     "TaylorActivation",
     "TaylorWeight",
@@ -77,4 +81,6 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     OBD,
     ChannelPruning,
     CollaborativeChannelPruning,
+    StructuredSparsity,
+    GrowingRegularization,
 )

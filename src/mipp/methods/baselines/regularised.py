@@ -1,0 +1,291 @@
+"""Methods that regularise during training, then prune: Structured Sparsity Learning (Wen et
+al. 2016) and Growing Regularization (Wang et al. 2021), implemented from their papers.
+
+Each trains the working copy for ``epochs`` epochs with its penalty added to the loss
+(:func:`mipp.zoo.training.train`'s ``penalty``) on the data given to :func:`mipp.prune` (or
+the labelled calibration set), then scores the units; the epochs are counted as the method's
+extra training (``extra_training_epochs``), so a comparison can give every other method the
+same budget. ``epochs=0`` scores the model as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mipp.errors import MippError
+from mipp.methods.base import PruneContext
+from mipp.methods.scored import Allocation, Normalize, ScoredMethod, _widths_for
+from mipp.modules import first_parameter
+from mipp.surgery.structure import UnitGroup
+from mipp.zoo.config import TrainConfig
+from mipp.zoo.data import ImageDataset
+from mipp.zoo.training import train
+
+__all__ = ["GrowingRegularization", "StructuredSparsity", "unit_norms_squared"]
+
+
+def unit_norms_squared(group: UnitGroup, modules: dict[str, nn.Module]) -> Tensor:
+    """Σ w² over each unit's own parameters (every producer's weight rows and bias entries),
+    differentiable: ``(units,)`` in the parameters' dtype."""
+    total = None
+    for p in group.producers:
+        module = modules[p]
+        index = group.producer_index[p]
+        idx = torch.tensor([c for ix in index for c in ix], dtype=torch.long)
+        owner = torch.tensor([j for j, ix in enumerate(index) for _ in ix], dtype=torch.long)
+        for param in (module.weight, module.bias):
+            if param is None:
+                continue
+            rows = param.reshape(param.shape[0], -1).pow(2).sum(1)
+            part = torch.zeros(group.size, dtype=rows.dtype, device=rows.device)
+            part = part.index_add(0, owner.to(rows.device), rows[idx.to(rows.device)])
+            total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _check(name: str, value: Any, *, low: float, integer: bool = False) -> None:
+    kind = int if integer else int | float
+    if not (isinstance(value, kind) and not isinstance(value, bool) and value >= low):
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {what} >= {low}, got {value!r}")
+
+
+class _Regularised(ScoredMethod):
+    """Train with :meth:`penalty` for ``epochs`` epochs (SGD at ``lr``), then score."""
+
+    default_allocation: Allocation = "global"
+    needs_labels = True
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+        epochs: int = 1,
+        lr: float = 0.01,
+    ) -> None:
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
+        _check("epochs", epochs, low=0, integer=True)
+        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        self.epochs, self.lr = epochs, float(lr)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "epochs": self.epochs, "lr": self.lr}
+
+    def extra_training_epochs(self) -> int:
+        return self.epochs * self.rounds
+
+    def penalty(self, ctx: PruneContext, steps: int) -> Callable[[nn.Module], Tensor]:
+        raise NotImplementedError
+
+    def unit_scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        if self.epochs:
+            self._train(ctx)
+        return self.unit_scores(ctx)
+
+    def _train(self, ctx: PruneContext) -> None:
+        data = ctx.data
+        if not isinstance(data, ImageDataset):
+            if ctx.labels is None or not isinstance(ctx.inputs.value, Tensor):
+                raise MippError(
+                    f"method {self.name!r} trains with its penalty and needs labelled data "
+                    f"run as model(x): pass an ImageDataset or (inputs, labels)"
+                )
+            data = ImageDataset(
+                ctx.inputs.value.cpu(),
+                ctx.labels.cpu(),
+                num_classes=int(ctx.labels.max()) + 1,
+                name="calibration",
+            )
+        config = TrainConfig(epochs=self.epochs, lr=self.lr, seed=ctx.seed)
+        steps = self.epochs * -(-len(data) // config.batch_size)
+        train(
+            ctx.model,
+            data,
+            config,
+            device=first_parameter(ctx.model).device,
+            penalty=self.penalty(ctx, steps),
+        )
+        ctx.model.eval()
+
+
+class StructuredSparsity(_Regularised):
+    """Wen et al. 2016, "Learning Structured Sparsity in Deep Neural Networks" (SSL), filter-
+    and neuron-wise.
+
+    Training adds the group lasso ``λ Σ_g Σ_{j ∈ g} ‖W_j‖₂`` over every unit's parameters
+    W_j (its weight rows and bias entries, every producer's), which drives whole units to
+    zero; a unit then scores ‖W_j‖₂ and the smallest go (global ranking, raw norms: the
+    penalty makes them comparable). ``penalty`` λ defaults to 1e-4 per unit norm.
+    """
+
+    name = "ssl"
+    summary = "‖W_j‖₂ after group-lasso training λΣ‖W_j‖₂ (Wen et al. 2016, SSL)"
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+        epochs: int = 1,
+        lr: float = 0.01,
+        penalty: float = 1e-4,
+    ) -> None:
+        super().__init__(
+            allocation=allocation,
+            rounds=rounds,
+            normalize=normalize,
+            cost_aware=cost_aware,
+            epochs=epochs,
+            lr=lr,
+        )
+        _check("penalty", penalty, low=0)
+        self.weight = float(penalty)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "penalty": self.weight}
+
+    def penalty(self, ctx: PruneContext, steps: int) -> Callable[[nn.Module], Tensor]:
+        groups, weight = ctx.groups, self.weight
+
+        def group_lasso(model: nn.Module) -> Tensor:
+            modules = dict(model.named_modules())
+            # ‖W_j‖₂ with a tiny floor: the norm's gradient is undefined at a zeroed unit
+            return weight * sum(
+                (unit_norms_squared(g, modules) + 1e-24).sqrt().sum() for g in groups
+            )
+
+        return group_lasso
+
+    def unit_scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        modules = ctx.modules
+        return {
+            g.name: unit_norms_squared(g, modules).detach().double().cpu().sqrt()
+            for g in ctx.groups
+        }
+
+
+class GrowingRegularization(_Regularised):
+    """Wang et al. 2021, "Neural Pruning via Growing Regularization" (GReg-1).
+
+    The units to prune are chosen once, at the start, by the L1 norm of their parameters
+    (globally, or uniformly per layer with ``allocation="uniform"``, for the sparsity
+    asked); training then adds ``½ λ_t Σ_{j pruned} ‖W_j‖²`` with λ growing linearly from 0
+    by ``growth`` per step up to ``ceiling`` (the paper: δλ = 1e-4 every Ku iterations, up to
+    1), pushing exactly those units to zero before they are removed; the others train
+    freely. Scores after training: ‖W_j‖₂, with the chosen units forced below every other
+    (so the removal is the choice made at the start).
+    """
+
+    name = "greg"
+    summary = "L1 choice, then ½λΣ‖W_j‖² on it with λ growing (Wang et al. 2021, GReg)"
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+        epochs: int = 1,
+        lr: float = 0.01,
+        growth: float = 1e-3,
+        ceiling: float = 1.0,
+    ) -> None:
+        super().__init__(
+            allocation=allocation,
+            rounds=rounds,
+            normalize=normalize,
+            cost_aware=cost_aware,
+            epochs=epochs,
+            lr=lr,
+        )
+        _check("growth", growth, low=0)
+        _check("ceiling", ceiling, low=0)
+        self.growth, self.ceiling = float(growth), float(ceiling)
+        self._chosen: dict[str, Tensor] | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "growth": self.growth, "ceiling": self.ceiling}
+
+    def decide(self, ctx: PruneContext, budget):  # type: ignore[no-untyped-def]
+        from mipp.methods.allocation import allocate
+
+        names = [g.name for g in ctx.groups]
+        modules = ctx.modules
+        l1 = [
+            torch.stack([t.abs().sum() for t in _unit_rows(g, modules)]).double().cpu()
+            for g in ctx.groups
+        ]
+        keep = _widths_for(ctx.groups, budget.widths) if self.allocation == "widths" else None
+        removed, _ = allocate(
+            l1,
+            [ctx.alive[n] for n in names],
+            names=names,
+            method=self.name,
+            mode=self.allocation,
+            keep=keep,
+            sparsity=budget.sparsity,
+            target=budget.target,
+            measure=lambda masks: ctx.measure(dict(zip(names, masks, strict=True))),
+            normalize="mean",
+            tolerance=budget.tolerance,
+        )
+        self._chosen = dict(zip(names, removed, strict=True))
+        return super().decide(ctx, budget)
+
+    def penalty(self, ctx: PruneContext, steps: int) -> Callable[[nn.Module], Tensor]:
+        chosen = self._chosen or {}
+        groups = [g for g in ctx.groups if g.name in chosen and bool(chosen[g.name].any())]
+        state = {"step": 0}
+        growth, ceiling = self.growth, self.ceiling
+
+        def growing(model: nn.Module) -> Tensor:
+            lam = min(ceiling, growth * state["step"])
+            state["step"] += 1
+            modules = dict(model.named_modules())
+            device = first_parameter(model).device
+            total = sum(
+                unit_norms_squared(g, modules)[chosen[g.name].to(device)].sum() for g in groups
+            )
+            return 0.5 * lam * total if groups else torch.zeros(())
+
+        return growing
+
+    def unit_scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        modules = ctx.modules
+        out = {}
+        for g in ctx.groups:
+            norm = unit_norms_squared(g, modules).detach().double().cpu().sqrt()
+            chosen = (self._chosen or {}).get(g.name)
+            if chosen is not None:
+                norm = torch.where(chosen, norm - 1e12, norm)
+            out[g.name] = norm
+        return out
+
+
+def _unit_rows(group: UnitGroup, modules: dict[str, nn.Module]) -> list[Tensor]:
+    """Each unit's parameters, flattened and joined (weight rows and bias entries)."""
+    parts: list[list[Tensor]] = [[] for _ in range(group.size)]
+    for p in group.producers:
+        module = modules[p]
+        for j, ix in enumerate(group.producer_index[p]):
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    parts[j].append(param.detach()[list(ix)].reshape(-1))
+    return [torch.cat(rows) for rows in parts]
