@@ -387,3 +387,43 @@ def test_greg_grows_its_penalty_on_the_l1_choice_and_removes_exactly_it():
     half = 0.5 * float((rows[l1_order] ** 2).sum())
     got = [float(penalty(ctx.model).detach()) for _ in range(4)]
     assert got == pytest.approx([0.0, 0.01 * half, 0.015 * half, 0.015 * half], rel=1e-12)
+
+
+# --- ProsPr ----------------------------------------------------------------------------------
+
+
+def _unrolled_loss(model: nn.Sequential, c: torch.Tensor, chunks, steps: int, lr: float) -> float:
+    """ProsPr's L_M written out by hand: unit masks c on layer 0's rows, plain SGD steps."""
+    w1 = model[0].weight.detach() * c[:, None]
+    b1 = model[0].bias.detach() * c
+    w2, b2 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    params = [w.clone().requires_grad_(True) for w in (w1, b1, w2, b2)]
+    for k in range(steps + 1):
+        x, y = chunks[k % len(chunks)]
+        logits = torch.relu(x @ params[0].T + params[1]) @ params[2].T + params[3]
+        loss = F.cross_entropy(logits, y)
+        if k == steps:
+            return float(loss)
+        grads = torch.autograd.grad(loss, params)
+        params = [
+            (p - lr * g).detach().requires_grad_(True) for p, g in zip(params, grads, strict=True)
+        ]
+    raise AssertionError
+
+
+def test_prospr_meta_gradient_matches_finite_differences_of_the_unrolled_training():
+    from mipp.methods.baselines.gradient import ProsPr
+
+    model = _mlp()
+    x, y = _data(12)
+    chunks = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    got = ProsPr(steps=2, lr=0.5).scores(make_ctx(model, x, y, batch_size=4))["0"]
+    eps = 1e-6
+    for j in range(4):
+        c = torch.ones(4, dtype=torch.float64)
+        c[j] += eps
+        up = _unrolled_loss(model, c, chunks, 2, 0.5)
+        c[j] -= 2 * eps
+        down = _unrolled_loss(model, c, chunks, 2, 0.5)
+        assert float(got[j]) == pytest.approx(abs(up - down) / (2 * eps), rel=1e-5, abs=1e-10)
+    assert bool((got > 0).any())

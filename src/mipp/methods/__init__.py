@@ -41,6 +41,8 @@ name                 what decides (higher score = keep)                         
 ``ssl``              ‖W_j‖₂ after group-lasso training (Wen et al. 2016)         global
 ``greg``             L1 choice pushed to zero by a growing L2 penalty, then      global
                      removed (Wang et al. 2021)
+``prospr``           |∂L(θ_M)/∂c|, meta-gradient through M SGD steps             global
+                     (Alizadeh et al. 2022)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

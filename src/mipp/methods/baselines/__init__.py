@@ -2,7 +2,7 @@
 
 Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-based
 (:mod:`~mipp.methods.baselines.gradient`: SNIP, GraSP, SynFlow, their iterative forms,
-SOSP-H), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
+SOSP-H, ProsPr), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
@@ -20,6 +20,7 @@ from mipp.methods.baselines.gradient import (
     GraSP,
     IterativeGraSP,
     IterativeSNIP,
+    ProsPr,
     SynFlow,
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
@@ -51,6 +52,7 @@ __all__ = [
     "L1Norm",
     "MeanActivation",
     "NetworkSlimming",
+    "ProsPr",
     "RandomScores",
     "StructuredSparsity",
     "SynFlow",
@@ -83,4 +85,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     CollaborativeChannelPruning,
     StructuredSparsity,
     GrowingRegularization,
+    ProsPr,
 )

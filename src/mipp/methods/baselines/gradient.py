@@ -1,4 +1,4 @@
-"""Gradient-based baselines: SNIP, GraSP, SynFlow, their iterative versions, and SOSP-H.
+"""Gradient-based baselines: SNIP, GraSP, SynFlow, their iterative versions, SOSP-H and ProsPr.
 
 SNIP, GraSP and SynFlow score single weights in their papers; here they are made structured
 by **L1 aggregation** (:func:`~mipp.methods.scored.unit_sum`): a unit's score is the sum of
@@ -42,11 +42,13 @@ __all__ = [
     "GraSP",
     "IterativeGraSP",
     "IterativeSNIP",
+    "ProsPr",
     "SynFlow",
     "gauss_newton_product",
     "hessian_vector_product",
     "layer_parameters",
     "loss_gradient",
+    "prospr_loss",
 ]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -480,3 +482,111 @@ class SOSPH(ScoredMethod):
             grp.name: unit_sum(grp, modules, lambda p: per_param.get(id(p))).abs()
             for grp in ctx.groups
         }
+
+
+class ProsPr(ScoredMethod):
+    """Alizadeh et al. 2022, "Prospect Pruning: Finding Trainable Weights at Initialization
+    using Meta-Gradients", with a mask per unit.
+
+    Every unit j gets a multiplicative mask c_j = 1 on its parameters (its weight rows and
+    bias entries, every producer's). From θ₀ ⊙ c the network takes ``steps`` SGD steps at
+    ``lr`` on successive calibration chunks (``batch_size`` samples; all Conv/Linear
+    parameters move), θ_{k+1} = θ_k − lr ∇L_k(θ_k), and the loss L_M(θ_M) on the next chunk
+    is differentiated through those steps with respect to c (a meta-gradient: second order,
+    :func:`torch.autograd.grad` with ``create_graph``). A unit scores |∂L_M/∂c_j|: how much
+    the loss *after a little training* depends on keeping it. The paper's masks are
+    per-weight; per-unit masks give the structured score directly. Model in eval mode, the
+    weights themselves are not changed. Needs labels; allocation global.
+    """
+
+    name = "prospr"
+    summary = "|∂L(θ_M)/∂c|, the meta-gradient through M SGD steps (Alizadeh et al. 2022)"
+    default_allocation: Allocation = "global"
+    needs_labels = True
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "mean",
+        cost_aware: bool = False,
+        steps: int = 3,
+        lr: float = 0.01,
+    ) -> None:
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        self.steps, self.lr = steps, float(lr)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "steps": self.steps, "lr": self.lr}
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        ctx.require_labels(self.name)
+        chunks = list(ctx.batches())
+        if distributed.active():
+            raise MippError("method 'prospr' unrolls training steps on one process's chunks")
+        masks = {
+            g.name: torch.ones(g.size, dtype=torch.float64, requires_grad=True) for g in ctx.groups
+        }
+        final = prospr_loss(ctx.model, ctx.groups, masks, chunks, self.steps, self.lr)
+        grads = torch.autograd.grad(final, list(masks.values()), allow_unused=True)
+        return {
+            name: (torch.zeros(len(m), dtype=torch.float64) if g is None else g.detach().abs())
+            for (name, m), g in zip(masks.items(), grads, strict=True)
+        }
+
+
+def prospr_loss(
+    model: nn.Module,
+    groups: Sequence[Any],
+    masks: Mapping[str, Tensor],
+    chunks: Batches,
+    steps: int,
+    lr: float,
+) -> Tensor:
+    """L_M(θ_M) of :class:`ProsPr` as a function of the unit masks (differentiable in them).
+
+    θ₀ is every Conv/Linear weight and bias; unit j of group g scales its producers' rows by
+    ``masks[g][j]``. Step k trains on ``chunks[k % len(chunks)]``, the final loss is taken
+    on ``chunks[steps % len(chunks)]``; losses are mean cross-entropies.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = layer_parameters(model)
+    modules = dict(model.named_modules())
+    theta: dict[str, Tensor] = {
+        names[id(p)]: p.detach().clone().requires_grad_(True) for p in params
+    }
+    for g in groups:
+        mask = masks[g.name]
+        for producer in g.producers:
+            module = modules[producer]
+            rows = torch.ones(module.weight.shape[0], dtype=mask.dtype)
+            scale = rows.index_put(
+                (torch.tensor([c for ix in g.producer_index[producer] for c in ix]),),
+                torch.repeat_interleave(
+                    mask, torch.tensor([len(ix) for ix in g.producer_index[producer]])
+                ),
+            )
+            for param in (module.weight, module.bias):
+                if param is None:
+                    continue
+                key = names[id(param)]
+                shaped = scale.reshape(-1, *([1] * (param.ndim - 1))).to(param.dtype)
+                theta[key] = theta[key] * shaped.to(param.device)
+    keys = list(theta)
+    for k in range(steps + 1):
+        x, y = chunks[k % len(chunks)]
+        bound = _Bound(model, as_samples(x))
+        logits = functional_call(bound, {f"model.{n}": t for n, t in theta.items()}, ())
+        loss = F.cross_entropy(logits, _labels(y))
+        if k == steps:
+            return loss
+        grads = _grad(loss, [theta[n] for n in keys], create_graph=True)
+        theta = {n: theta[n] - lr * g for n, g in zip(keys, grads, strict=True)}
+    raise AssertionError("unreachable")
