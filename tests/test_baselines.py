@@ -36,7 +36,7 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
         "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning", "ccp",
-        "ssl", "greg", "prospr",
+        "ssl", "greg", "prospr", "kfac-obd",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, ccp, channel-pruning, chip"):

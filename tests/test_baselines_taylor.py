@@ -427,3 +427,39 @@ def test_prospr_meta_gradient_matches_finite_differences_of_the_unrolled_trainin
         down = _unrolled_loss(model, c, chunks, 2, 0.5)
         assert float(got[j]) == pytest.approx(abs(up - down) / (2 * eps), rel=1e-5, abs=1e-10)
     assert bool((got > 0).any())
+
+
+# --- K-FAC structured saliency (EigenDamage's Fisher) ----------------------------------------
+
+
+def test_kfac_saliency_is_half_s_jj_times_the_kronecker_quadratic_form():
+    """½ S_jj · w̃_jᵀ A w̃_j with A the mean outer product of the bias-augmented input patches
+    and S_jj the expected squared output gradient under the model's own predictive
+    distribution (from the Jacobian and the softmax Hessian); w̃ᵀAw̃ = E[z_j²]."""
+    from torch.func import jacrev
+
+    from mipp.methods.baselines.curvature import KFACOBD
+
+    with seeded(0):
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
+        ).double()
+    net.eval()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = net[0](x).detach()
+    head = nn.Sequential(net[1], net[2], net[3])
+    s_jj = torch.zeros(3, dtype=torch.float64)
+    for i in range(5):
+        jac = jacrev(lambda zi: head(zi.unsqueeze(0)).squeeze(0))(z[i])  # (4, 3, 4, 4)
+        p = torch.softmax(head(z[i : i + 1]).detach().squeeze(0), -1)
+        h = torch.diag(p) - torch.outer(p, p)
+        cols = jac.reshape(4, 3, 16)
+        s_jj += torch.einsum("cjt,cd,djt->j", cols, h, cols) / 5
+    patches = F.unfold(x, 3, padding=1)  # (5, 18, 16)
+    aug = torch.cat([patches, torch.ones(5, 1, 16, dtype=torch.float64)], 1)
+    a = torch.einsum("bpt,bqt->pq", aug, aug) / (5 * 16)
+    w = torch.cat([net[0].weight.detach().reshape(3, -1), net[0].bias.detach()[:, None]], 1)
+    quad = torch.einsum("jp,pq,jq->j", w, a, w)
+    torch.testing.assert_close(quad, z.pow(2).mean((0, 2, 3)), rtol=1e-10, atol=0)
+    got = KFACOBD().scores(make_ctx(net, x, batch_size=2))["0"]
+    torch.testing.assert_close(got, 0.5 * s_jj * quad, rtol=1e-9, atol=0)

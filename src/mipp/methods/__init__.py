@@ -43,6 +43,8 @@ name                 what decides (higher score = keep)                         
                      removed (Wang et al. 2021)
 ``prospr``           |∂L(θ_M)/∂c|, meta-gradient through M SGD steps             global
                      (Alizadeh et al. 2022)
+``kfac-obd``         ½ S_jj E[z_j²], EigenDamage's K-FAC saliency (Wang et al.    global
+                     2019), no eigenbasis
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -6,14 +6,14 @@ SOSP-H, ProsPr), activation-based (:mod:`~mipp.methods.baselines.activation`: HR
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
-(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage); methods that regularise
-during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg).
+(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage, K-FAC saliency); methods
+that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg).
 """
 
 from __future__ import annotations
 
 from mipp.methods.baselines.activation import CHIP, APoZ, HRank, MeanActivation
-from mipp.methods.baselines.curvature import OBD
+from mipp.methods.baselines.curvature import KFACOBD, OBD
 from mipp.methods.baselines.gradient import (
     SNIP,
     SOSPH,
@@ -38,6 +38,7 @@ __all__ = [
     "BASELINES",
     "CHIP",
     "IMP",
+    "KFACOBD",
     "OBD",
     "SNIP",
     "SOSPH",
@@ -86,4 +87,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     StructuredSparsity,
     GrowingRegularization,
     ProsPr,
+    KFACOBD,
 )
