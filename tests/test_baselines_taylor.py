@@ -463,3 +463,38 @@ def test_kfac_saliency_is_half_s_jj_times_the_kronecker_quadratic_form():
     torch.testing.assert_close(quad, z.pow(2).mean((0, 2, 3)), rtol=1e-10, atol=0)
     got = KFACOBD().scores(make_ctx(net, x, batch_size=2))["0"]
     torch.testing.assert_close(got, 0.5 * s_jj * quad, rtol=1e-9, atol=0)
+
+
+def test_tpp_penalty_counts_every_gram_entry_touching_a_pruned_filter_and_its_norm():
+    from mipp.methods.baselines.regularised import TrainabilityPreserving, tpp_penalty_value
+
+    with seeded(0):
+        net = _BNNet().double()
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    ctx = make_ctx(net, x)
+    modules = ctx.modules
+    (g,) = [h for h in ctx.groups if h.name == "conv1"]
+    chosen = torch.tensor([True, False, False, True])
+    w = ctx.model.conv1.weight.reshape(4, -1)
+    gram = (w @ w.T).detach()
+    outside = torch.ones(4, 4, dtype=torch.bool)
+    outside[1:3, 1:3] = False  # kept × kept is free
+    bn = ctx.model.bn1
+    want = gram[outside].pow(2).sum() + (bn.weight[[0, 3]] ** 2 + bn.bias[[0, 3]] ** 2).sum()
+    value = tpp_penalty_value(g, modules, chosen)
+    assert float(value.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    (grad,) = torch.autograd.grad(value, ctx.model.conv1.weight)
+    eps = 1e-6
+    for idx in [(1, 0, 1, 1), (3, 0, 0, 2)]:  # a kept filter's weight, a pruned one's
+        with torch.no_grad():
+            ctx.model.conv1.weight[idx] += eps
+            up = float(tpp_penalty_value(g, modules, chosen))
+            ctx.model.conv1.weight[idx] -= 2 * eps
+            down = float(tpp_penalty_value(g, modules, chosen))
+            ctx.model.conv1.weight[idx] += eps
+        assert (up - down) / (2 * eps) == pytest.approx(float(grad[idx]), rel=1e-6)
+    method = TrainabilityPreserving(growth=0.5, ceiling=0.75)
+    method._chosen = {"conv1": chosen, "conv2": torch.zeros(3, dtype=torch.bool)}
+    penalty = method.penalty(ctx, steps=3)
+    got = [float(penalty(ctx.model).detach()) for _ in range(3)]
+    assert got == pytest.approx([0.0, 0.25 * float(value), 0.375 * float(value)], rel=1e-12)

@@ -45,6 +45,8 @@ name                 what decides (higher score = keep)                         
                      (Alizadeh et al. 2022)
 ``kfac-obd``         ½ S_jj E[z_j²], EigenDamage's K-FAC saliency (Wang et al.    global
                      2019), no eigenbasis
+``tpp``              L1 choice, growing Gram + BN penalty decorrelating it from  global
+                     the kept filters (Wang & Fu 2023)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

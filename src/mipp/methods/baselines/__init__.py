@@ -7,7 +7,7 @@ activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: 
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
 (:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage, K-FAC saliency); methods
-that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg).
+that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, TPP).
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from mipp.methods.baselines.gradient import (
     SynFlow,
 )
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
-from mipp.methods.baselines.regularised import GrowingRegularization, StructuredSparsity
+from mipp.methods.baselines.regularised import (
+    GrowingRegularization,
+    StructuredSparsity,
+    TrainabilityPreserving,
+)
 from mipp.methods.baselines.taylor import (
     CollaborativeChannelPruning,
     NetworkSlimming,
@@ -60,6 +64,7 @@ __all__ = [
     "TaylorActivation",
     "TaylorWeight",
     "ThiNet",
+    "TrainabilityPreserving",
 ]
 
 #: every baseline, in the order ``mipp list methods`` shows them
@@ -88,4 +93,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     GrowingRegularization,
     ProsPr,
     KFACOBD,
+    TrainabilityPreserving,
 )

@@ -1,5 +1,6 @@
 """Methods that regularise during training, then prune: Structured Sparsity Learning (Wen et
-al. 2016) and Growing Regularization (Wang et al. 2021), implemented from their papers.
+al. 2016), Growing Regularization (Wang et al. 2021) and Trainability Preserving Pruning (Wang
+& Fu 2023), implemented from their papers.
 
 Each trains the working copy for ``epochs`` epochs with its penalty added to the loss
 (:func:`mipp.zoo.training.train`'s ``penalty``) on the data given to :func:`mipp.prune` (or
@@ -25,7 +26,13 @@ from mipp.zoo.config import TrainConfig
 from mipp.zoo.data import ImageDataset
 from mipp.zoo.training import train
 
-__all__ = ["GrowingRegularization", "StructuredSparsity", "unit_norms_squared"]
+__all__ = [
+    "GrowingRegularization",
+    "StructuredSparsity",
+    "TrainabilityPreserving",
+    "tpp_penalty_value",
+    "unit_norms_squared",
+]
 
 
 def unit_norms_squared(group: UnitGroup, modules: dict[str, nn.Module]) -> Tensor:
@@ -289,3 +296,62 @@ def _unit_rows(group: UnitGroup, modules: dict[str, nn.Module]) -> list[Tensor]:
                 if param is not None:
                     parts[j].append(param.detach()[list(ix)].reshape(-1))
     return [torch.cat(rows) for rows in parts]
+
+
+def tpp_penalty_value(group: UnitGroup, modules: dict[str, nn.Module], chosen: Tensor) -> Tensor:
+    """Σ over the group's producers of ‖(W Wᵀ) ⊙ (1 − k kᵀ)‖²_F, k the rows of kept units
+    (every Gram entry that involves a unit to prune), plus Σ (γ² + β²) of those units'
+    channels in the group's normalisation layers."""
+    total = None
+    for p in group.producers:
+        module = modules[p]
+        rows = module.weight.reshape(module.weight.shape[0], -1)
+        kept = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        for j, ix in enumerate(group.producer_index[p]):
+            if bool(chosen[j]):
+                kept[list(ix)] = False
+        gram = rows @ rows.T
+        outside = ~(kept[:, None] & kept[None, :])
+        part = gram[outside].pow(2).sum()
+        total = part if total is None else total + part
+    for norm, index in group.norm_index.items():
+        m = modules[norm]
+        chans = [c for j, ix in enumerate(index) if bool(chosen[j]) for c in ix]
+        for param in (getattr(m, "weight", None), getattr(m, "bias", None)):
+            if param is not None and chans:
+                total = total + param[chans].pow(2).sum()
+    assert total is not None
+    return total
+
+
+class TrainabilityPreserving(GrowingRegularization):
+    """Wang & Fu 2023, "Trainability Preserving Neural Pruning" (TPP).
+
+    As :class:`GrowingRegularization`, the units to prune are the L1 choice made at the
+    start and a coefficient λ_t grows during training (by ``growth`` per step up to
+    ``ceiling``); the penalty is TPP's: ``½ λ_t [Σ ‖(W Wᵀ) ⊙ (1 − k kᵀ)‖²_F + Σ (γ² + β²)]``
+    per layer (:func:`tpp_penalty_value`) — every Gram-matrix entry that involves a filter to
+    prune, so those filters are driven to zero *and* decorrelated from the kept ones, whose
+    own Gram block is left free (their trainability is what it protects) — plus the pruned
+    channels' BatchNorm scale and shift. Then exactly the chosen units go.
+    """
+
+    name = "tpp"
+    summary = "L1 choice decorrelated from kept filters, growing Gram penalty (Wang & Fu 2023)"
+
+    def penalty(self, ctx: PruneContext, steps: int) -> Callable[[nn.Module], Tensor]:
+        chosen = self._chosen or {}
+        groups = [g for g in ctx.groups if g.name in chosen and bool(chosen[g.name].any())]
+        state = {"step": 0}
+        growth, ceiling = self.growth, self.ceiling
+
+        def gram(model: nn.Module) -> Tensor:
+            lam = min(ceiling, growth * state["step"])
+            state["step"] += 1
+            modules = dict(model.named_modules())
+            if not groups:
+                return torch.zeros((), device=first_parameter(model).device)
+            total = sum(tpp_penalty_value(g, modules, chosen[g.name]) for g in groups)
+            return 0.5 * lam * total
+
+        return gram
