@@ -36,7 +36,7 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
         "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning", "ccp",
-        "ssl", "greg", "prospr", "kfac-obd", "tpp",
+        "ssl", "greg", "prospr", "kfac-obd", "tpp", "oto",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, ccp, channel-pruning, chip"):
@@ -217,7 +217,7 @@ def test_extra_training_epochs_count_imps_retraining():
     assert IMP().extra_training_epochs() == 2  # 3 rounds, 1 epoch after each but the last
     assert IMP(rounds=4, epochs=2).extra_training_epochs() == 6
     assert IMP(retrain=lambda model: None).extra_training_epochs() == 0  # unknown budget
-    trains = ("imp", "ssl", "greg", "tpp")  # methods that train by default
+    trains = ("imp", "ssl", "greg", "tpp", "oto")  # methods that train by default
     assert all(make_method(n).extra_training_epochs() == 0 for n in METHOD_NAMES if n not in trains)
     assert (
         make_method("ssl").extra_training_epochs()

@@ -498,3 +498,55 @@ def test_tpp_penalty_counts_every_gram_entry_touching_a_pruned_filter_and_its_no
     penalty = method.penalty(ctx, steps=3)
     got = [float(penalty(ctx.model).detach()) for _ in range(3)]
     assert got == pytest.approx([0.0, 0.25 * float(value), 0.375 * float(value)], rel=1e-12)
+
+
+# --- OTO -------------------------------------------------------------------------------------
+
+
+def test_oto_groups_hold_filter_bias_and_batchnorm_and_their_lasso_is_exact():
+    from mipp.methods.baselines.regularised import OnlyTrainOnce
+
+    with seeded(0):
+        net = _BNNet().double()
+    ctx = make_ctx(net, torch.randn(4, 1, 6, 6, dtype=torch.float64))
+    m = ctx.model
+    norms = (
+        m.conv1.weight.detach().reshape(4, -1).pow(2).sum(1)
+        + m.conv1.bias.detach() ** 2
+        + m.bn1.weight.detach() ** 2
+        + m.bn1.bias.detach() ** 2
+    ).sqrt()
+    scores = OnlyTrainOnce(epochs=0, warmup=0).scores(ctx)
+    torch.testing.assert_close(scores["conv1"], norms, rtol=1e-12, atol=0)
+    value = OnlyTrainOnce(penalty=0.1).penalty(ctx, 0)(m)
+    conv2 = scores["conv2"].sum()
+    assert float(value.detach()) == pytest.approx(0.1 * float(norms.sum() + conv2), rel=1e-12)
+    (grad,) = torch.autograd.grad(value, m.bn1.weight)
+    torch.testing.assert_close(grad, 0.1 * m.bn1.weight.detach() / norms, rtol=1e-9, atol=0)
+
+
+def test_oto_half_space_step_zeroes_groups_that_cross_and_keeps_them_zero():
+    from mipp.methods.baselines.regularised import OnlyTrainOnce
+
+    with seeded(0):
+        net = _BNNet().double()
+    ctx = make_ctx(net, torch.randn(4, 1, 6, 6, dtype=torch.float64))
+    m = ctx.model
+    project = OnlyTrainOnce(epsilon=0.5).half_space(ctx)  # snapshots the current values
+    old = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        # unit 0 of conv1: x̃ = 0.4 x (x̃ᵀx = 0.4‖x‖² < 0.5‖x‖²) → zeroed
+        for t in (m.conv1.weight, m.conv1.bias, m.bn1.weight, m.bn1.bias):
+            t[0] *= 0.4
+        # unit 1: x̃ = 0.6 x → kept as stepped
+        for t in (m.conv1.weight, m.conv1.bias, m.bn1.weight, m.bn1.bias):
+            t[1] *= 0.6
+        project(m)
+    for t in (m.conv1.weight, m.conv1.bias, m.bn1.weight, m.bn1.bias):
+        assert bool((t[0] == 0).all())
+    torch.testing.assert_close(m.conv1.weight[1], 0.6 * old["conv1.weight"][1])
+    torch.testing.assert_close(m.conv1.weight[2], old["conv1.weight"][2])
+    with torch.no_grad():
+        m.conv1.weight[0] += 1.0  # a step that moves a zero group: it is projected back
+        project(m)
+    assert bool((m.conv1.weight[0] == 0).all())

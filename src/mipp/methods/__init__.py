@@ -47,6 +47,8 @@ name                 what decides (higher score = keep)                         
                      2019), no eigenbasis
 ``tpp``              L1 choice, growing Gram + BN penalty decorrelating it from  global
                      the kept filters (Wang & Fu 2023)
+``oto``              ‖x_g‖ of zero-invariant groups after half-space projected   global
+                     gradient training (Chen et al. 2021)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -179,6 +179,7 @@ def train(
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     num_workers: int = 0,
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place with cross-entropy and return its :class:`TrainHistory`.
 
@@ -190,9 +191,10 @@ def train(
     by :func:`~mipp.zoo.data.folder_loader`, shuffled from ``config.seed`` and decoded by
     ``num_workers`` worker processes. ``penalty(model)``, when given, is added to every
     step's loss before the backward pass (a regulariser, e.g. Network Slimming's λΣ|γ|); the
-    reported losses are the cross-entropy alone. The optimizer is built here, from the
-    model's current parameters, so call this again after pruning rather than reusing an
-    optimizer.
+    reported losses are the cross-entropy alone. ``after_step(model)``, when given, runs after
+    every optimizer step (a projection, e.g. OTO's half-space step). The optimizer is built
+    here, from the model's current parameters, so call this again after pruning rather than
+    reusing an optimizer.
 
     Under ``torch.distributed`` (:mod:`mipp.distributed`, more than one rank) the model is
     wrapped in ``DistributedDataParallel`` (which starts every rank from rank 0's weights) and
@@ -238,9 +240,20 @@ def train(
                 world,
                 num_workers,
                 penalty,
+                after_step,
             )
     return _train(
-        model, data, config, val_data, device, progress, on_epoch_end, 1, num_workers, penalty
+        model,
+        data,
+        config,
+        val_data,
+        device,
+        progress,
+        on_epoch_end,
+        1,
+        num_workers,
+        penalty,
+        after_step,
     )
 
 
@@ -269,6 +282,7 @@ def _train(
     world: int,
     num_workers: int = 0,
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> TrainHistory:
     device = torch.device(device)
     augment = config.augment
@@ -335,6 +349,9 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             (loss if penalty is None else loss + penalty(model)).backward()
             optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(model)
             step += 1
             n = y.shape[0]
             loss_sum += loss.detach().double().cpu() * n

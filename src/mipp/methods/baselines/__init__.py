@@ -7,7 +7,7 @@ activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: 
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
 (:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage, K-FAC saliency); methods
-that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, TPP).
+that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, TPP, OTO).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mipp.methods.baselines.gradient import (
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
 from mipp.methods.baselines.regularised import (
     GrowingRegularization,
+    OnlyTrainOnce,
     StructuredSparsity,
     TrainabilityPreserving,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "L1Norm",
     "MeanActivation",
     "NetworkSlimming",
+    "OnlyTrainOnce",
     "ProsPr",
     "RandomScores",
     "StructuredSparsity",
@@ -94,4 +96,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     ProsPr,
     KFACOBD,
     TrainabilityPreserving,
+    OnlyTrainOnce,
 )

@@ -1,6 +1,6 @@
 """Methods that regularise during training, then prune: Structured Sparsity Learning (Wen et
-al. 2016), Growing Regularization (Wang et al. 2021) and Trainability Preserving Pruning (Wang
-& Fu 2023), implemented from their papers.
+al. 2016), Growing Regularization (Wang et al. 2021), Trainability Preserving Pruning (Wang & Fu
+2023) and Only Train Once (Chen et al. 2021), implemented from their papers.
 
 Each trains the working copy for ``epochs`` epochs with its penalty added to the loss
 (:func:`mipp.zoo.training.train`'s ``penalty``) on the data given to :func:`mipp.prune` (or
@@ -28,6 +28,7 @@ from mipp.zoo.training import train
 
 __all__ = [
     "GrowingRegularization",
+    "OnlyTrainOnce",
     "StructuredSparsity",
     "TrainabilityPreserving",
     "tpp_penalty_value",
@@ -355,3 +356,179 @@ class TrainabilityPreserving(GrowingRegularization):
             return 0.5 * lam * total
 
         return gram
+
+
+def _group_tensors(group: UnitGroup, modules: dict[str, nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, unit of each of its dim-0 entries or -1) for every tensor of a zero-invariant
+    group: the producers' weights and biases and the group's norms' scales and shifts."""
+    out = []
+    for p in group.producers:
+        module = modules[p]
+        owner = torch.full((module.weight.shape[0],), -1, dtype=torch.long)
+        for j, ix in enumerate(group.producer_index[p]):
+            owner[list(ix)] = j
+        out += [(t, owner) for t in (module.weight, module.bias) if t is not None]
+    for norm, index in group.norm_index.items():
+        m = modules[norm]
+        weight = getattr(m, "weight", None)
+        if weight is None:
+            continue
+        owner = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        for j, ix in enumerate(index):
+            owner[list(ix)] = j
+        out += [(t, owner) for t in (weight, getattr(m, "bias", None)) if t is not None]
+    return out
+
+
+def _zig_norms(group: UnitGroup, modules: dict[str, nn.Module]) -> Tensor:
+    """‖x_g‖₂ of each unit's zero-invariant group (float64, CPU, detached)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for t, owner in _group_tensors(group, modules):
+        rows = t.detach().reshape(t.shape[0], -1).double().pow(2).sum(1).cpu()
+        keep = owner >= 0
+        total.index_add_(0, owner[keep], rows[keep])
+    return total.sqrt()
+
+
+class OnlyTrainOnce(_Regularised):
+    """Chen et al. 2021, "Only Train Once: A One-Shot Neural Network Training And Pruning
+    Framework" (OTO): zero-invariant groups trained by the Half-Space Projected Gradient.
+
+    A unit's zero-invariant group x_g is everything that must vanish with it: its producers'
+    weight rows and bias entries and its normalisation layers' scale and shift. Training
+    minimises f + λ Σ_g ‖x_g‖₂. The first ``warmup`` epochs are plain (sub)gradient steps
+    (the paper's stage 1); in the remaining ``epochs − warmup`` each step is followed by the
+    half-space projection (stage 2): a group whose new value x̃_g points into the half-space
+    x̃_gᵀ x_g < ε ‖x_g‖² of its value x_g before the step is set to zero, and a zero group
+    stays zero. Units score ‖x_g‖₂ after training (the zero groups lowest), ranked globally;
+    OTO itself removes exactly the zero groups, which is the ranking's choice whenever
+    enough groups reach zero. Needs labels.
+    """
+
+    name = "oto"
+    summary = "‖x_g‖ after half-space projected gradient training (Chen et al. 2021, OTO)"
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "none",
+        cost_aware: bool = False,
+        epochs: int = 2,
+        warmup: int = 1,
+        lr: float = 0.01,
+        penalty: float = 1e-3,
+        epsilon: float = 0.0,
+    ) -> None:
+        super().__init__(
+            allocation=allocation,
+            rounds=rounds,
+            normalize=normalize,
+            cost_aware=cost_aware,
+            epochs=epochs,
+            lr=lr,
+        )
+        _check("warmup", warmup, low=0, integer=True)
+        if warmup > epochs:
+            raise ValueError(f"warmup ({warmup}) must not exceed epochs ({epochs})")
+        _check("penalty", penalty, low=0)
+        if not (isinstance(epsilon, int | float) and not isinstance(epsilon, bool)):
+            raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
+        if not 0 <= epsilon < 1:
+            raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
+        self.warmup, self.weight, self.epsilon = warmup, float(penalty), float(epsilon)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "warmup": self.warmup,
+            "penalty": self.weight,
+            "epsilon": self.epsilon,
+        }
+
+    def penalty(self, ctx: PruneContext, steps: int) -> Callable[[nn.Module], Tensor]:
+        groups, weight = ctx.groups, self.weight
+
+        def group_lasso(model: nn.Module) -> Tensor:
+            modules = dict(model.named_modules())
+            total = 0
+            for g in groups:
+                sq = None
+                for t, owner in _group_tensors(g, modules):
+                    rows = t.reshape(t.shape[0], -1).pow(2).sum(1)
+                    keep = (owner >= 0).to(rows.device)
+                    part = torch.zeros(g.size, dtype=rows.dtype, device=rows.device)
+                    part = part.index_add(0, owner[owner >= 0].to(rows.device), rows[keep])
+                    sq = part if sq is None else sq + part
+                if sq is not None:
+                    total = total + (sq + 1e-24).sqrt().sum()
+            return weight * total
+
+        return group_lasso
+
+    def half_space(self, ctx: PruneContext) -> Callable[[nn.Module], None]:
+        """The stage-2 projection, run after every optimizer step (``train(after_step=)``)."""
+        eps = self.epsilon
+        groups = ctx.groups
+
+        def snapshot(model: nn.Module) -> list[list[Tensor]]:
+            modules = dict(model.named_modules())
+            return [[t.detach().clone() for t, _ in _group_tensors(g, modules)] for g in groups]
+
+        state = {"before": snapshot(ctx.model)}
+
+        def project(model: nn.Module) -> None:
+            modules = dict(model.named_modules())
+            for g, before in zip(groups, state["before"], strict=True):
+                tensors = _group_tensors(g, modules)
+                dot = torch.zeros(g.size, dtype=torch.float64)
+                sq = torch.zeros(g.size, dtype=torch.float64)
+                for (t, owner), old in zip(tensors, before, strict=True):
+                    keep = owner >= 0
+                    new_rows = t.reshape(t.shape[0], -1).double().cpu()
+                    old_rows = old.reshape(old.shape[0], -1).double().cpu()
+                    dot.index_add_(0, owner[keep], (new_rows * old_rows).sum(1)[keep])
+                    sq.index_add_(0, owner[keep], old_rows.pow(2).sum(1)[keep])
+                zero = (sq == 0) | (dot < eps * sq)
+                for t, owner in tensors:
+                    rows = zero[owner.clamp_min(0)] & (owner >= 0)
+                    t[rows.to(t.device)] = 0
+            state["before"] = snapshot(model)
+
+        return project
+
+    def _train(self, ctx: PruneContext) -> None:
+        warm, rest = self.warmup, self.epochs - self.warmup
+        if warm:
+            self.epochs = warm
+            try:
+                super()._train(ctx)
+            finally:
+                self.epochs = warm + rest
+        if rest:
+            self._stage2(ctx, rest)
+
+    def _stage2(self, ctx: PruneContext, epochs: int) -> None:
+        data = ctx.data
+        if not isinstance(data, ImageDataset):
+            data = ImageDataset(
+                ctx.inputs.value.cpu(),
+                ctx.labels.cpu(),
+                num_classes=int(ctx.labels.max()) + 1,
+                name="calibration",
+            )
+        config = TrainConfig(epochs=epochs, lr=self.lr, seed=ctx.seed + 1)
+        train(
+            ctx.model,
+            data,
+            config,
+            device=first_parameter(ctx.model).device,
+            penalty=self.penalty(ctx, 0),
+            after_step=self.half_space(ctx),
+        )
+        ctx.model.eval()
+
+    def unit_scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        modules = ctx.modules
+        return {g.name: _zig_norms(g, modules) for g in ctx.groups}
