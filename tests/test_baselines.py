@@ -36,11 +36,11 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
         "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning", "ccp",
-        "ssl", "greg", "prospr", "kfac-obd", "tpp", "oto",
+        "ssl", "greg", "prospr", "kfac-obd", "tpp", "oto", "obs",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, ccp, channel-pruning, chip"):
-        make_method("obs")
+        make_method("variational-bayes")
     with pytest.raises(
         ValueError,
         match=r"no option.*banana.*valid options: allocation, rounds, normalize, cost_aware",

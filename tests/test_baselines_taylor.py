@@ -550,3 +550,57 @@ def test_oto_half_space_step_zeroes_groups_that_cross_and_keeps_them_zero():
         m.conv1.weight[0] += 1.0  # a step that moves a zero group: it is projected back
         project(m)
     assert bool((m.conv1.weight[0] == 0).all())
+
+
+# --- OBS / WoodFisher ------------------------------------------------------------------------
+
+
+def test_obs_saliency_and_update_match_the_explicit_fisher():
+    """Against F = λI + (1/m) G Gᵀ formed explicitly: the unit's saliency
+    ½ w_Qᵀ[(F⁻¹)_QQ]⁻¹w_Q, and the OBS update δθ = −F⁻¹[:,Q][(F⁻¹)_QQ]⁻¹w_Q zeroes the
+    removed block exactly while raising the quadratic model ½ δθᵀFδθ by the saliency."""
+    from mipp.methods.baselines.curvature import OBS, _block_rows, _WoodburyFisher
+
+    model = _mlp()
+    x, y = _data(6)
+    layer = model[0]
+    grads = []
+    for i in range(6):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
+        grads.append(torch.cat([gw.reshape(-1), gb]))
+    g = torch.stack(grads, 1)  # (16, 6)
+    damp = 1e-3
+    fisher = damp * torch.eye(16, dtype=torch.float64) + g @ g.T / 6
+    inv = torch.linalg.inv(fisher)
+    theta = torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
+    wood = _WoodburyFisher(g, damp)
+    want = []
+    for j in range(4):
+        q = _block_rows(layer, [j])
+        w = theta[q]
+        want.append(0.5 * w @ torch.linalg.solve(inv[q][:, q], w))
+        torch.testing.assert_close(wood.solve_qq(q, w), torch.linalg.solve(inv[q][:, q], w))
+    got = OBS(damp=damp, samples=6).scores(make_ctx(model, x, y, batch_size=4))["0"]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-8, atol=0)
+    q = _block_rows(layer, [1, 3])
+    v = wood.solve_qq(q, theta[q])
+    delta = -wood.inverse_times(q, v)
+    torch.testing.assert_close(delta, -inv[:, q] @ v, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        (theta + delta)[q], torch.zeros(len(q), dtype=torch.float64), atol=1e-9, rtol=0
+    )
+    joint = 0.5 * theta[q] @ torch.linalg.solve(inv[q][:, q], theta[q])
+    assert float(0.5 * delta @ fisher @ delta) == pytest.approx(float(joint), rel=1e-8)
+
+
+def test_obs_applies_its_update_to_the_kept_units():
+    model = _mlp()
+    x, y = _data(16)
+    kept_before = model[0].weight.detach().clone()
+    result = mipp.prune(model, (x, y), method="obs", sparsity=0.5)
+    (group,) = result.report.groups
+    after = result.model[0].weight.detach()
+    assert not torch.allclose(after, kept_before[group.kept])  # the OBS update moved them
+    plain = mipp.prune(model, (x, y), method=make_method("obs", update=False), sparsity=0.5)
+    torch.testing.assert_close(plain.model[0].weight.detach(), kept_before[group.kept])

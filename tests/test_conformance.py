@@ -10,8 +10,9 @@ from mipp.methods import METHOD_NAMES, Decision, Method, make_method
 from mipp.methods.baselines import L1Norm
 from mipp.testing.methods import check_method, tiny_data, tiny_model
 
-#: methods that change the kept weights by design (ThiNet re-fits, IMP, SSL, GReg, TPP and OTO train)
-CHANGE_WEIGHTS = {"thinet", "imp", "ssl", "greg", "tpp", "oto"}
+#: methods that change the kept weights by design (ThiNet re-fits; IMP, SSL, GReg, TPP and
+#: OTO train; OBS updates)
+CHANGE_WEIGHTS = {"thinet", "imp", "ssl", "greg", "tpp", "oto", "obs"}
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

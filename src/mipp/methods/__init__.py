@@ -49,6 +49,8 @@ name                 what decides (higher score = keep)                         
                      the kept filters (Wang & Fu 2023)
 ``oto``              ‖x_g‖ of zero-invariant groups after half-space projected   global
                      gradient training (Chen et al. 2021)
+``obs``              block OBS with WoodFisher's empirical Fisher, OBS update of  global
+                     the kept weights (Hassibi & Stork 1992; Singh & Alistarh 2020)
 ===================  ==========================================================  ==========
 
 Names are resolved here and only here (:func:`make_method`), by the command line, the sweep

@@ -6,14 +6,14 @@ SOSP-H, ProsPr), activation-based (:mod:`~mipp.methods.baselines.activation`: HR
 activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
 Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
 on activations and on weights, Network Slimming, CCP) and second-order
-(:mod:`~mipp.methods.baselines.curvature`: Optimal Brain Damage, K-FAC saliency); methods
+(:mod:`~mipp.methods.baselines.curvature`: OBD, K-FAC saliency, OBS); methods
 that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, TPP, OTO).
 """
 
 from __future__ import annotations
 
 from mipp.methods.baselines.activation import CHIP, APoZ, HRank, MeanActivation
-from mipp.methods.baselines.curvature import KFACOBD, OBD
+from mipp.methods.baselines.curvature import KFACOBD, OBD, OBS
 from mipp.methods.baselines.gradient import (
     SNIP,
     SOSPH,
@@ -45,6 +45,7 @@ __all__ = [
     "IMP",
     "KFACOBD",
     "OBD",
+    "OBS",
     "SNIP",
     "SOSPH",
     "APoZ",
@@ -97,4 +98,5 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     KFACOBD,
     TrainabilityPreserving,
     OnlyTrainOnce,
+    OBS,
 )

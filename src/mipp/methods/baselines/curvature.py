@@ -1,5 +1,6 @@
-"""Second-order saliencies: Optimal Brain Damage, structured (LeCun, Denker & Solla 1989), and
-the Kronecker-factored structured saliency of EigenDamage (Wang et al. 2019).
+"""Second-order saliencies: Optimal Brain Damage, structured (LeCun, Denker & Solla 1989), the
+Kronecker-factored structured saliency of EigenDamage (Wang et al. 2019), and Optimal Brain
+Surgeon with WoodFisher's empirical Fisher (Hassibi & Stork 1992; Singh & Alistarh 2020).
 
 OBD removes the parameters whose deletion raises the loss least under a quadratic model with a
 diagonal Hessian, ``δL ≈ ½ Σ_w h_ww w²`` (the gradient term vanishes at a trained minimum). The
@@ -17,6 +18,7 @@ entries, and under the diagonal model their saliencies add, so a unit's score is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,9 +30,17 @@ from mipp.errors import MippError
 from mipp.inputs import as_samples
 from mipp.methods.base import PruneContext
 from mipp.methods.baselines.gradient import Batches, _count, _scoring, layer_parameters
+from mipp.methods.mipp import machine_memory
 from mipp.methods.scored import Allocation, Normalize, ScoredMethod, unit_sum
 
-__all__ = ["KFACOBD", "OBD", "ggn_diagonal", "kfac_saliency"]
+__all__ = [
+    "KFACOBD",
+    "OBD",
+    "OBS",
+    "ggn_diagonal",
+    "kfac_saliency",
+    "per_sample_gradients",
+]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -328,3 +338,203 @@ class KFACOBD(ScoredMethod):
                     total[j] += per[list(ix)].sum()
             out[g.name] = total
         return out
+
+
+# ----------------------------------------------------------------------------- OBS
+
+
+class _WoodburyFisher:
+    """F = λI + (1/m) G Gᵀ for one block of d parameters, G (d × m) the per-sample gradients,
+    with the Woodbury identity: F⁻¹ = (1/λ)(I − G M⁻¹ Gᵀ), M = mλI + GᵀG (m × m)."""
+
+    def __init__(self, grads: Tensor, damp: float) -> None:
+        self.g = grads.double()
+        self.m = grads.shape[1]
+        self.damp = damp
+        gram = self.g.T @ self.g
+        self.m_mat = self.m * damp * torch.eye(self.m, dtype=torch.float64) + gram
+
+    def inverse_times(self, q: Tensor, v: Tensor) -> Tensor:
+        """F⁻¹[:, Q] v → (d,), in O(d m) memory: (1/λ)(e_Q v − G M⁻¹ G_Qᵀ v)."""
+        out = -self.g @ torch.linalg.solve(self.m_mat, self.g[q].T @ v)
+        out[q] += v
+        return out / self.damp
+
+    def solve_qq(self, q: Tensor, w: Tensor) -> Tensor:
+        """[(F⁻¹)_QQ]⁻¹ w for a block Q of parameters, in O(|Q| m + m³):
+        (F⁻¹)_QQ = (1/λ)(I − G_Q M⁻¹ G_Qᵀ), inverted by Woodbury again."""
+        gq = self.g[q]  # (|Q|, m)
+        minv_gt_w = torch.linalg.solve(self.m_mat, gq.T @ w)  # M⁻¹ G_Qᵀ w
+        inner = torch.eye(self.m, dtype=torch.float64) - torch.linalg.solve(self.m_mat, gq.T @ gq)
+        return self.damp * (w + gq @ torch.linalg.solve(inner, minv_gt_w))
+
+
+def per_sample_gradients(
+    model: nn.Module, batches: Batches, params: list[nn.Parameter], samples: int
+) -> list[Tensor]:
+    """Per-sample gradients of the cross-entropy for the first ``samples`` calibration samples:
+    one ``(numel(p), m)`` matrix per parameter p."""
+    cols: list[list[Tensor]] = [[] for _ in params]
+    seen = 0
+    for x, y in batches:
+        for i in range(len(y) if y is not None else 0):
+            if seen >= samples:
+                break
+            logits = as_samples(x)[i : i + 1].run(model)
+            loss = F.cross_entropy(logits, y[i : i + 1])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for c, g, p in zip(cols, grads, params, strict=True):
+                c.append((torch.zeros_like(p) if g is None else g).detach().reshape(-1).double())
+            seen += 1
+    if seen == 0:
+        raise MippError("OBS needs labelled calibration samples for its empirical Fisher")
+    return [torch.stack(c, dim=1).cpu() for c in cols]
+
+
+def _block_rows(module: nn.Module, channels: list[int]) -> Tensor:
+    """Flat indices, in [weight; bias], of the output rows ``channels`` of a layer."""
+    per = module.weight[0].numel()
+    rows = [torch.arange(c * per, (c + 1) * per) for c in channels]
+    if module.bias is not None:
+        offset = module.weight.numel()
+        rows.append(torch.tensor([offset + c for c in channels]))
+    return torch.cat(rows)
+
+
+class OBS(ScoredMethod):
+    """Optimal Brain Surgeon, structured (Hassibi & Stork 1992), with WoodFisher's empirical
+    Fisher (Singh & Alistarh 2020) per layer block.
+
+    For each producer layer, the block θ is its weight and bias and the Hessian is the
+    dampened empirical Fisher F = λI + (1/m) Σ_i g_i g_iᵀ of m per-sample gradients (``samples``,
+    default 64; ``damp`` λ = 1e-4 × mean squared gradient by default), inverted implicitly
+    by the Woodbury identity (never forming F). Removing the set Q of a unit's parameters
+    (its rows and bias entries) costs, with the optimal compensating change of the rest of
+    the block,
+
+        δL_Q = ½ w_Qᵀ [(F⁻¹)_QQ]⁻¹ w_Q,     δθ = −F⁻¹[:, Q] [(F⁻¹)_QQ]⁻¹ w_Q,
+
+    a unit's score (summed over its group's producers). After the decision the OBS update δθ
+    of all units removed from a layer, jointly, is applied to the kept ones (``update``,
+    default on) — the weight change of OBS; removed rows are deleted anyway. Needs labels;
+    allocation global.
+    """
+
+    name = "obs"
+    summary = "block OBS, WoodFisher empirical Fisher, OBS update of the kept (Hassibi 1992)"
+    default_allocation: Allocation = "global"
+    needs_labels = True
+
+    def __init__(
+        self,
+        *,
+        allocation: Allocation | None = None,
+        rounds: int = 1,
+        normalize: Normalize = "mean",
+        cost_aware: bool = False,
+        samples: int = 64,
+        damp: float | None = None,
+        update: bool = True,
+    ) -> None:
+        super().__init__(
+            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
+        )
+        if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        if damp is not None and not (isinstance(damp, int | float) and damp > 0):
+            raise ValueError(f"damp must be a number > 0 or None, got {damp!r}")
+        if not isinstance(update, bool):
+            raise ValueError(f"update must be True or False, got {update!r}")
+        self.samples, self.damp, self.update = samples, damp, update
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "samples": self.samples,
+            "damp": self.damp,
+            "update": self.update,
+        }
+
+    def _fishers(self, ctx: PruneContext) -> dict[str, _WoodburyFisher]:
+        modules = ctx.modules
+        producers = list(dict.fromkeys(p for g in ctx.groups for p in g.producers))
+        params = [
+            t for p in producers for t in (modules[p].weight, modules[p].bias) if t is not None
+        ]
+        m = min(self.samples, len(ctx.inputs))
+        need = 8 * m * sum(t.numel() for t in params) * 2  # the gradients, then the blocks
+        memory = machine_memory()
+        if memory is not None and need > 0.5 * memory:
+            raise MippError(
+                f"OBS's per-sample gradients would need about {need / 1e9:.1f} GB ({m} samples "
+                f"× {sum(t.numel() for t in params):,} parameters), more than half of this "
+                f"machine's {memory / 1e9:.1f} GB; lower samples= or exclude the widest layers"
+            )
+        with _scoring(ctx.model, layer_parameters(ctx.model)):
+            grads = per_sample_gradients(ctx.model, list(ctx.batches()), params, self.samples)
+        by_id = {id(t): g for t, g in zip(params, grads, strict=True)}
+        out = {}
+        for p in producers:
+            m = modules[p]
+            g = torch.cat([by_id[id(t)] for t in (m.weight, m.bias) if t is not None])
+            damp = self.damp
+            if damp is None:
+                damp = 1e-4 * max(float(g.pow(2).sum(0).mean()) / g.shape[0], 1e-12)
+            out[p] = _WoodburyFisher(g, damp)
+        return out
+
+    @staticmethod
+    def _flat(module: nn.Module) -> Tensor:
+        parts = [module.weight.detach().reshape(-1)]
+        if module.bias is not None:
+            parts.append(module.bias.detach().reshape(-1))
+        return torch.cat(parts).double().cpu()
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        ctx.require_labels(self.name)
+        modules = ctx.modules
+        fishers = self._fishers(ctx)
+        ctx.cache["obs_fishers"] = fishers
+        # the weights as scored: masking zeroes the removed rows before the update needs them
+        ctx.cache["obs_weights"] = {p: self._flat(modules[p]) for p in fishers}
+        out = {}
+        for g in ctx.groups:
+            total = torch.zeros(g.size, dtype=torch.float64)
+            for p in g.producers:
+                flat, fisher = self._flat(modules[p]), fishers[p]
+                for j, ix in enumerate(g.producer_index[p]):
+                    q = _block_rows(modules[p], list(ix))
+                    w = flat[q]
+                    total[j] += 0.5 * float(w @ fisher.solve_qq(q, w))
+            out[g.name] = total
+        return out
+
+    def before_removal(self, ctx: PruneContext, removed: Mapping[str, Tensor]) -> None:
+        """The joint OBS update δθ of each layer's removed units, applied to the block."""
+        if not self.update:
+            return
+        fishers = ctx.cache.get("obs_fishers")
+        weights = ctx.cache.get("obs_weights")
+        if fishers is None or weights is None:
+            raise MippError("OBS.before_removal needs a scoring pass first (call scores)")
+        modules = ctx.modules
+        for g in ctx.groups:
+            gone = removed.get(g.name)
+            if gone is None or not bool(gone.any()) or bool(gone.all()):
+                continue
+            for p in g.producers:
+                module = modules[p]
+                chans = [
+                    c for j in gone.nonzero().flatten().tolist() for c in g.producer_index[p][j]
+                ]
+                q = _block_rows(module, chans)
+                flat = weights[p]
+                fisher = fishers[p]
+                delta = -fisher.inverse_times(q, fisher.solve_qq(q, flat[q]))
+                new = flat + delta
+                new[q] = 0.0  # the removed rows: exactly zero (they go anyway)
+                with torch.no_grad():
+                    n = module.weight.numel()
+                    module.weight.copy_(new[:n].reshape(module.weight.shape).to(module.weight))
+                    if module.bias is not None:
+                        module.bias.copy_(new[n:].to(module.bias))

@@ -495,8 +495,9 @@ class ProsPr(ScoredMethod):
     is differentiated through those steps with respect to c (a meta-gradient: second order,
     :func:`torch.autograd.grad` with ``create_graph``). A unit scores |∂L_M/∂c_j|: how much
     the loss *after a little training* depends on keeping it. The paper's masks are
-    per-weight; per-unit masks give the structured score directly. Model in eval mode, the
-    weights themselves are not changed. Needs labels; allocation global.
+    per-weight; per-unit masks give the structured score directly. The steps run in training
+    mode (BatchNorm on batch statistics, its running averages updated in copies); the
+    model's weights, buffers and modes are not changed. Needs labels; allocation global.
     """
 
     name = "prospr"
@@ -580,13 +581,27 @@ def prospr_loss(
                 shaped = scale.reshape(-1, *([1] * (param.ndim - 1))).to(param.dtype)
                 theta[key] = theta[key] * shaped.to(param.device)
     keys = list(theta)
-    for k in range(steps + 1):
-        x, y = chunks[k % len(chunks)]
-        bound = _Bound(model, as_samples(x))
-        logits = functional_call(bound, {f"model.{n}": t for n, t in theta.items()}, ())
-        loss = F.cross_entropy(logits, _labels(y))
-        if k == steps:
-            return loss
-        grads = _grad(loss, [theta[n] for n in keys], create_graph=True)
-        theta = {n: theta[n] - lr * g for n, g in zip(keys, grads, strict=True)}
+    # the steps train: BatchNorm normalises with batch statistics, its running averages
+    # updated in copies (the model's own buffers and modes are left as they were)
+    buffers = {f"model.{n}": b.detach().clone() for n, b in model.named_buffers()}
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        for k in range(steps + 1):
+            x, y = chunks[k % len(chunks)]
+            bound = _Bound(model, as_samples(x))
+            state = {**buffers, **{f"model.{n}": t for n, t in theta.items()}}
+            loss = F.cross_entropy(functional_call(bound, state, ()), _labels(y))
+            if not torch.isfinite(loss):
+                raise MippError(
+                    f"ProsPr's inner training diverged at step {k} of {steps} (loss "
+                    f"{float(loss)}); lower lr (lr={lr})"
+                )
+            if k == steps:
+                return loss
+            grads = _grad(loss, [theta[n] for n in keys], create_graph=True)
+            theta = {n: theta[n] - lr * g for n, g in zip(keys, grads, strict=True)}
+    finally:
+        for m, training in modes:
+            m.training = training
     raise AssertionError("unreachable")
