@@ -13,7 +13,8 @@ classifier layers at the low end, where only the ridge keeps Δ_i defined — wi
 (``gaussian`` + reconstruction) and the paper's setting (``paper=True``: ``linear``, no
 reconstruction). Each row: the classifier widths kept, the share of the kept 4,096-layer
 units that the largest calibration set also keeps, one-shot test accuracy and test accuracy
-after one fine-tuning epoch (SGD lr 0.01, the same for every row), and the pruning time.
+after ``--finetune-epochs`` fine-tuning epochs (default 1, SGD lr 0.01, the same for every
+row; 0 skips it), and the pruning time.
 
 Writes ``<out>/wide_layer_samples.{csv,json,png}``.
 """
@@ -99,8 +100,10 @@ def _plot(rows: list[dict], path: Path) -> None:
         sel = [r for r in rows if r["setting"] == setting]
         n = [r["calib_samples"] for r in sel]
         axes[0].plot(n, [r["accuracy_one_shot"] for r in sel], marker=marker, label=setting)
-        axes[1].plot(n, [r["accuracy_finetuned_1ep"] for r in sel], marker=marker, label=setting)
-    for ax, title in zip(axes, ("one-shot", "after 1 fine-tuning epoch"), strict=True):
+        if sel and sel[0]["accuracy_finetuned"] is not None:
+            tuned = [r["accuracy_finetuned"] for r in sel]
+            axes[1].plot(n, tuned, marker=marker, label=setting)
+    for ax, title in zip(axes, ("one-shot", "after fine-tuning"), strict=True):
         ax.axvline(4096, color="grey", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration samples (dotted: 4,096 features per wide layer)")
@@ -115,6 +118,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=1, help="fine-tuning epochs per row (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -139,8 +145,12 @@ def main() -> int:
                 kept = _kept(result.report, w)
                 agree.append(len(kept & reference[label][w]) / max(len(kept), 1))
             one_shot = evaluate(result.model, test_ds).top1
-            net = copy.deepcopy(result.model)
-            train(net, train_ds, TrainConfig(epochs=1, lr=0.01, schedule="step", seed=0))
+            tuned = None
+            if args.finetune_epochs:
+                net = copy.deepcopy(result.model)
+                config = TrainConfig(epochs=args.finetune_epochs, lr=0.01, schedule="step", seed=0)
+                train(net, train_ds, config)
+                tuned = evaluate(net, test_ds).top1
             results[n] = {
                 "setting": label,
                 "sparsity": args.sparsity,
@@ -152,7 +162,7 @@ def main() -> int:
                 "agreement_classifier_3": round(agree[1], 4),
                 "accuracy_base": base,
                 "accuracy_one_shot": one_shot,
-                "accuracy_finetuned_1ep": evaluate(net, test_ds).top1,
+                "accuracy_finetuned": tuned,
                 "prune_s": round(seconds, 1),
             }
             print(results[n], flush=True)

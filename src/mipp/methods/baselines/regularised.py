@@ -32,6 +32,7 @@ __all__ = [
     "StructuredSparsity",
     "TrainabilityPreserving",
     "tpp_penalty_value",
+    "training_data",
     "unit_norms_squared",
 ]
 
@@ -54,6 +55,24 @@ def unit_norms_squared(group: UnitGroup, modules: dict[str, nn.Module]) -> Tenso
             total = part if total is None else total + part
     assert total is not None
     return total
+
+
+def training_data(ctx: PruneContext, method: str) -> ImageDataset:
+    """What a method that trains before pruning trains on: the dataset given to
+    :func:`mipp.prune`, or else the labelled calibration set (one tensor run as model(x))."""
+    if isinstance(ctx.data, ImageDataset):
+        return ctx.data
+    if ctx.labels is None or not isinstance(ctx.inputs.value, Tensor) or ctx.inputs.forward:
+        raise MippError(
+            f"method {method!r} trains with its penalty and needs labelled data run as "
+            f"model(x): pass an ImageDataset or (inputs, labels)"
+        )
+    return ImageDataset(
+        ctx.inputs.value.cpu(),
+        ctx.labels.cpu(),
+        num_classes=int(ctx.labels.max()) + 1,
+        name="calibration",
+    )
 
 
 def _check(name: str, value: Any, *, low: float, integer: bool = False) -> None:
@@ -105,19 +124,7 @@ class _Regularised(ScoredMethod):
         return self.unit_scores(ctx)
 
     def _train(self, ctx: PruneContext) -> None:
-        data = ctx.data
-        if not isinstance(data, ImageDataset):
-            if ctx.labels is None or not isinstance(ctx.inputs.value, Tensor):
-                raise MippError(
-                    f"method {self.name!r} trains with its penalty and needs labelled data "
-                    f"run as model(x): pass an ImageDataset or (inputs, labels)"
-                )
-            data = ImageDataset(
-                ctx.inputs.value.cpu(),
-                ctx.labels.cpu(),
-                num_classes=int(ctx.labels.max()) + 1,
-                name="calibration",
-            )
+        data = training_data(ctx, self.name)
         config = TrainConfig(epochs=self.epochs, lr=self.lr, seed=ctx.seed)
         steps = self.epochs * -(-len(data) // config.batch_size)
         train(
@@ -510,14 +517,7 @@ class OnlyTrainOnce(_Regularised):
             self._stage2(ctx, rest)
 
     def _stage2(self, ctx: PruneContext, epochs: int) -> None:
-        data = ctx.data
-        if not isinstance(data, ImageDataset):
-            data = ImageDataset(
-                ctx.inputs.value.cpu(),
-                ctx.labels.cpu(),
-                num_classes=int(ctx.labels.max()) + 1,
-                name="calibration",
-            )
+        data = training_data(ctx, self.name)
         config = TrainConfig(epochs=epochs, lr=self.lr, seed=ctx.seed + 1)
         train(
             ctx.model,

@@ -31,7 +31,6 @@ from mipp.modules import first_parameter
 from mipp.surgery.layers import NORMS
 from mipp.surgery.structure import UnitGroup
 from mipp.zoo.config import TrainConfig
-from mipp.zoo.data import ImageDataset
 from mipp.zoo.training import train
 
 __all__ = [
@@ -271,19 +270,9 @@ class NetworkSlimming(ScoredMethod):
         return out
 
     def _train(self, ctx: PruneContext) -> None:
-        data = ctx.data
-        if not isinstance(data, ImageDataset):
-            if ctx.labels is None or not isinstance(ctx.inputs.value, Tensor):
-                raise MippError(
-                    "method 'slimming' with epochs > 0 trains with the γ penalty and needs "
-                    "labelled image data: pass an ImageDataset or (inputs, labels)"
-                )
-            data = ImageDataset(
-                ctx.inputs.value.cpu(),
-                ctx.labels.cpu(),
-                num_classes=int(ctx.labels.max()) + 1,
-                name="calibration",
-            )
+        from mipp.methods.baselines.regularised import training_data
+
+        data = training_data(ctx, self.name)
         config = TrainConfig(epochs=self.epochs, lr=self.lr, seed=ctx.seed)
         device = first_parameter(ctx.model).device
         train(ctx.model, data, config, device=device, penalty=gamma_l1_penalty(self.penalty))
