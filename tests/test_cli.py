@@ -52,12 +52,13 @@ def write_fake_fmnist(tmp_path):
 def test_list_names_models_and_datasets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("lenet5", "resnet56", "vgg16", "resnet50", "fashion-mnist", "cifar100"):
+    for name in ("lenet5", "resnet56", "vgg16", "resnet50", "fashion-mnist", "cifar100", "imagenet"):
         assert name in out
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
     assert set(METHOD_NAMES) <= set(rows)  # every registered method has a row
+    assert "E[z_j²]" in rows["kfac-obd"]  # summaries are text, not rich markup
     # allocation column: the method's default, or "its own" for MIPP (no allocation)
     assert "its own" in rows["mipp"] and "uniform" in rows["l1"] and "global" in rows["snip"]
     # labels column: the loss-based methods need labels, data-free ones do not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
 from rich.table import Table
 
 from mipp.cli._common import make_console
@@ -33,20 +34,20 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("name")
         table.add_column("description")
         for name in models.list_models():
-            table.add_row(name, models.describe(name))
+            table.add_row(name, escape(models.describe(name)))
         console.print(table)
     if args.what in ("datasets", "all"):
         table = Table(title="datasets (mipp.zoo.data.load_dataset)")
         table.add_column("name")
         table.add_column("description")
         for name in list_datasets():
-            table.add_row(name, describe_dataset(name))
+            table.add_row(name, escape(describe_dataset(name)))
         console.print(table)
         table = Table(title="image-folder datasets (sweeps; mipp.zoo.data.load_folder_dataset)")
         table.add_column("name")
         table.add_column("description")
         for name, info in FOLDER_DATASETS.items():
-            table.add_row(name, info.description)
+            table.add_row(name, escape(info.description))
         console.print(table)
     if args.what in ("methods", "all"):
         table = Table(title="pruning methods (mipp prune --method NAME)")
@@ -55,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
         for name in METHOD_NAMES:
             allocation = getattr(make_method(name), "allocation", "its own")
             labels = "yes" if METHODS[name].needs_labels else "no"
-            table.add_row(name, allocation, labels, describe_method(name))
+            table.add_row(name, allocation, labels, escape(describe_method(name)))
         console.print(table)
     return 0
