@@ -52,7 +52,8 @@ def write_fake_fmnist(tmp_path):
 def test_list_names_models_and_datasets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("lenet5", "resnet56", "vgg16", "resnet50", "fashion-mnist", "cifar100", "imagenet"):
+    names = ("lenet5", "resnet56", "vgg16", "resnet50", "fashion-mnist", "cifar100", "imagenet")
+    for name in names:
         assert name in out
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
