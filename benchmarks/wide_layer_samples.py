@@ -95,20 +95,22 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for setting, marker in (("default", "o"), ("paper", "s")):
-        sel = [r for r in rows if r["setting"] == setting]
-        n = [r["calib_samples"] for r in sel]
-        axes[0].plot(n, [r["accuracy_one_shot"] for r in sel], marker=marker, label=setting)
-        if sel and sel[0]["accuracy_finetuned"] is not None:
-            tuned = [r["accuracy_finetuned"] for r in sel]
-            axes[1].plot(n, tuned, marker=marker, label=setting)
-    for ax, title in zip(axes, ("one-shot", "after fine-tuning"), strict=True):
+    tuned = any(r["accuracy_finetuned"] is not None for r in rows)
+    panels = [("accuracy_one_shot", "one-shot")]
+    if tuned:
+        panels.append(("accuracy_finetuned", "after fine-tuning"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for setting, marker in (("default", "o"), ("paper", "s")):
+            sel = [r for r in rows if r["setting"] == setting]
+            n = [r["calib_samples"] for r in sel]
+            ax.plot(n, [r[key] for r in sel], marker=marker, label=setting)
+        ax.axhline(rows[0]["accuracy_base"], color="black", lw=1, ls="--", label="unpruned")
         ax.axvline(4096, color="grey", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration samples (dotted: 4,096 features per wide layer)")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"70 % of units removed, {title}")
+        ax.set_title(f"{rows[0]['sparsity']:.0%} of units removed, {title}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
