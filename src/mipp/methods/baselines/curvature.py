@@ -276,7 +276,7 @@ def kfac_saliency(
     return {m: 0.5 * (s2[m] / n) * (z2[m] / n) for m in layers}
 
 
-class KFACOBD(ScoredMethod):
+class KFACOBD(OBD):
     """The Kronecker-factored structured saliency of EigenDamage (Wang et al. 2019, "EigenDamage:
     Structured Pruning in the Kronecker-Factored Eigenbasis"), in the network's own basis.
 
@@ -285,35 +285,14 @@ class KFACOBD(ScoredMethod):
     it compares against: removing unit j costs ½ S_jj · E[z_j²] (:func:`kfac_saliency`), summed
     over the group's producers. **How far this goes**: the score, not the eigenbasis
     re-parameterisation (which replaces each layer by three — Q_S, the pruned core, Q_Aᵀ — and
-    so changes the architecture rather than removing channels). Labels are not needed;
-    allocation global.
+    so changes the architecture rather than removing channels). Options as :class:`OBD`'s
+    (``max_classes``, ``draws``); labels are not needed; allocation global.
     """
 
     name = "kfac-obd"
     summary = "½ S_jj E[z_j²]: K-FAC structured saliency of EigenDamage (Wang et al. 2019)"
     default_allocation: Allocation = "global"
     needs_labels = False
-
-    def __init__(
-        self,
-        *,
-        allocation: Allocation | None = None,
-        rounds: int = 1,
-        normalize: Normalize = "mean",
-        cost_aware: bool = False,
-        max_classes: int = 64,
-        draws: int = 16,
-    ) -> None:
-        super().__init__(
-            allocation=allocation, rounds=rounds, normalize=normalize, cost_aware=cost_aware
-        )
-        for key, value in (("max_classes", max_classes), ("draws", draws)):
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        self.max_classes, self.draws = max_classes, draws
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "max_classes": self.max_classes, "draws": self.draws}
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         modules = ctx.modules

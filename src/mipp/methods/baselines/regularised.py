@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mipp.errors import MippError
 from mipp.methods.base import PruneContext
-from mipp.methods.scored import Allocation, Normalize, ScoredMethod, _widths_for
+from mipp.methods.scored import Allocation, Normalize, ScoredMethod, _widths_for, unit_sum
 from mipp.modules import first_parameter
 from mipp.surgery.structure import UnitGroup
 from mipp.zoo.config import TrainConfig
@@ -243,10 +243,7 @@ class GrowingRegularization(_Regularised):
 
         names = [g.name for g in ctx.groups]
         modules = ctx.modules
-        l1 = [
-            torch.stack([t.abs().sum() for t in _unit_rows(g, modules)]).double().cpu()
-            for g in ctx.groups
-        ]
+        l1 = [unit_sum(g, modules, lambda p: p.detach().abs()) for g in ctx.groups]
         keep = _widths_for(ctx.groups, budget.widths) if self.allocation == "widths" else None
         removed, _ = allocate(
             l1,
@@ -292,18 +289,6 @@ class GrowingRegularization(_Regularised):
                 norm = torch.where(chosen, norm - 1e12, norm)
             out[g.name] = norm
         return out
-
-
-def _unit_rows(group: UnitGroup, modules: dict[str, nn.Module]) -> list[Tensor]:
-    """Each unit's parameters, flattened and joined (weight rows and bias entries)."""
-    parts: list[list[Tensor]] = [[] for _ in range(group.size)]
-    for p in group.producers:
-        module = modules[p]
-        for j, ix in enumerate(group.producer_index[p]):
-            for param in (module.weight, module.bias):
-                if param is not None:
-                    parts[j].append(param.detach()[list(ix)].reshape(-1))
-    return [torch.cat(rows) for rows in parts]
 
 
 def tpp_penalty_value(group: UnitGroup, modules: dict[str, nn.Module], chosen: Tensor) -> Tensor:
