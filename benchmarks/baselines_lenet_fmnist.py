@@ -4,7 +4,8 @@
     python benchmarks/baselines_lenet_fmnist.py --profile full    # 3 seeds, both allocations
 
 For each seed: train LeNet-5 for 3 epochs (the README demo's recipe). For each requested
-share of units removed (70 %, 90 %), MIPP (``linear`` estimator, target mode) prunes first;
+share of units removed (70 %, 90 %), MIPP (its default estimator, target mode, *without* its
+reconstruction: no method here gets a repair; the standard studies show both) prunes first;
 every baseline then runs with ``match=`` MIPP's report, so all methods remove the same number
 of units. Each pruned network is evaluated as it is (one-shot; a collapsed network included),
 then fine-tuned for one epoch with the same recipe (SGD lr 0.05, cosine) and evaluated again.
@@ -17,7 +18,9 @@ measured in the same run, so ratios between methods are meaningful (the report's
 ``work_seconds``); ``total_prune_s`` is the whole :func:`mipp.prune` call. IMP re-trains
 between its 3 rounds (1 epoch each, lr 0.01): two extra epochs no other method gets, listed
 in ``extra_training_epochs`` (the method's own count). Network Slimming (``slimming``) scores
-BatchNorm scales, which LeNet-5 has none of: it refuses the model and is left out here.
+BatchNorm scales, which LeNet-5 has none of: it refuses the model and is left out here, as is
+``sp-pai``, a pruning-at-initialisation method that re-initialises the network (this benchmark
+prunes a trained one).
 
 Every pruning is one :func:`mipp.experiments.cell.run_cell` (prune → one-shot accuracy →
 fine-tune → accuracy), the same cell the sweeps run.
@@ -53,12 +56,14 @@ FINETUNE = TrainConfig(epochs=1, lr=0.05)
 OUT = Path(__file__).parent / "results"
 #: methods that score normalisation layers, which LeNet-5 has none of
 NEEDS_NORMS = ("slimming",)
+#: methods that re-initialise the network: pruning at initialisation only
+PAI_ONLY = ("sp-pai",)
 
 
 def _runs(both: bool) -> list[tuple[str, str | None]]:
     runs: list[tuple[str, str | None]] = [("mipp", None)]
     for name in BASELINE_NAMES:
-        if name in NEEDS_NORMS:  # LeNet-5 has no BatchNorm: refused (see the docstring)
+        if name in NEEDS_NORMS + PAI_ONLY:  # refused / not PaT (see the docstring)
             continue
         allocations = ("global", "uniform") if both else (METHODS[name].default_allocation,)
         if not both and name == "l1":
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     base,
                     train_ds,
                     test,
-                    method=MIPP(estimator="linear", reconstruct=False)
+                    method=MIPP(reconstruct=False)
                     if name == "mipp"
                     else make_method(name, allocation=allocation),
                     retrain=tune,

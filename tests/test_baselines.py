@@ -36,7 +36,7 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
         "mipp", "random", "l1", "snip", "grasp", "synflow", "iterative-snip",
         "iterative-grasp", "thinet", "sosp-h", "imp", "hrank", "chip", "mean-activation",
         "apoz", "taylor", "taylor-weight", "slimming", "obd", "channel-pruning", "ccp",
-        "ssl", "greg", "prospr", "kfac-obd", "tpp", "oto", "obs",
+        "ssl", "greg", "prospr", "kfac-obd", "tpp", "oto", "obs", "increg", "dcp", "sp-pai", "pfp",
     }  # fmt: skip
     assert all(METHODS[n].name == n for n in METHODS)
     with pytest.raises(UnknownNameError, match="valid methods: apoz, ccp, channel-pruning, chip"):
@@ -213,11 +213,36 @@ def test_one_random_instance_gives_the_same_masks_in_every_run():
     assert first == second
 
 
+@pytest.mark.parametrize("name", ["variational", "aofp"])
+def test_methods_named_but_not_implemented_are_refused_with_the_reason(name, tmp_path):
+    from mipp.experiments.spec import load_spec
+    from mipp.methods import NOT_IMPLEMENTED
+
+    assert name not in METHOD_NAMES
+    paper = {"variational": "Zhao et al. 2019", "aofp": "Ding et al. 2019"}[name]
+    for call in (
+        lambda: make_method(name),
+        lambda: method_options(name),
+        lambda: mipp.prune(nn.Linear(2, 2), torch.randn(4, 2), method=name, sparsity=0.5),
+    ):
+        with pytest.raises(UnknownNameError, match="is not implemented") as e:
+            call()
+        assert paper in str(e.value) and "\n" not in str(e.value)
+        assert str(e.value) == f"method {name!r}: {NOT_IMPLEMENTED[name]}"
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        f'name = "x"\n[grid]\nmodels = ["mlp"]\ndatasets = ["digits"]\nregimes = ["pat"]\n'
+        f'methods = ["{name}"]\nsparsities = [0.5]\nseeds = [0]\n'
+    )
+    with pytest.raises(MippError, match=f"grid.methods: '{name}': .*{paper}"):
+        load_spec(config)
+
+
 def test_extra_training_epochs_count_imps_retraining():
     assert IMP().extra_training_epochs() == 2  # 3 rounds, 1 epoch after each but the last
     assert IMP(rounds=4, epochs=2).extra_training_epochs() == 6
     assert IMP(retrain=lambda model: None).extra_training_epochs() == 0  # unknown budget
-    trains = ("imp", "ssl", "greg", "tpp", "oto")  # methods that train by default
+    trains = ("imp", "ssl", "greg", "increg", "tpp", "oto")  # methods that train by default
     assert all(make_method(n).extra_training_epochs() == 0 for n in METHOD_NAMES if n not in trains)
     assert (
         make_method("ssl").extra_training_epochs()

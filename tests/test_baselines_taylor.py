@@ -389,6 +389,55 @@ def test_greg_grows_its_penalty_on_the_l1_choice_and_removes_exactly_it():
     assert got == pytest.approx([0.0, 0.01 * half, 0.015 * half, 0.015 * half], rel=1e-12)
 
 
+def test_increg_increments_follow_the_piecewise_linear_rule():
+    from mipp.methods.baselines.regularised import increg_increments
+
+    # N = 5 units, RN = 2 to prune, A = 0.1: ranks 0, 1 gain A(1 − r/2); ranks 2..4 lose
+    # A(r − 1)/3
+    got = increg_increments(torch.tensor([0.0, 1, 2, 3, 4]), 5, 2, 0.1)
+    want = [0.1, 0.05, -0.1 / 3, -0.2 / 3, -0.1]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert (increg_increments(torch.arange(4.0), 4, 0, 0.1) <= 0).all()  # nothing to prune
+
+
+def test_increg_factors_follow_the_l1_ranks_and_its_penalty_is_their_weighted_norms():
+    from mipp.methods.baselines.regularised import IncrementalRegularization
+
+    model = _mlp()
+    x, y = _data(32)
+    rows = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1)
+    ranks = torch.empty(4, dtype=torch.float64)
+    ranks[rows.abs().sum(1).argsort()] = torch.arange(4.0, dtype=torch.float64)
+    method = IncrementalRegularization(step=0.1, ceiling=0.15)
+    method._chosen = {"0": ranks < 2}  # RN = 2 of 4
+    ctx = make_ctx(model, x, y)
+    penalty = method.penalty(ctx, steps=3)
+    inc = torch.where(ranks < 2, 0.1 * (1 - ranks / 2), -0.1 * (ranks - 1) / 2).double()
+    sq = (rows**2).sum(1)
+    for t in (1, 2):  # weights unchanged, so the ranks and increments repeat
+        got = float(penalty(ctx.model).detach())
+        lam = (t * inc).clamp(0, 0.15)
+        torch.testing.assert_close(method.factors["0"], lam, rtol=1e-12, atol=0)
+        assert got == pytest.approx(0.5 * float((lam * sq).sum()), rel=1e-12)
+    # gradient of the penalty: λ_j W_j on unit j's parameters
+    value = penalty(ctx.model)
+    gw = torch.autograd.grad(value, [ctx.model[0].weight])[0]
+    torch.testing.assert_close(gw, method.factors["0"][:, None] * ctx.model[0].weight.detach())
+
+
+def test_increg_removes_the_units_with_the_largest_factors():
+    from mipp.methods.baselines.regularised import IncrementalRegularization
+
+    model = _mlp()
+    x, y = _data(32)
+    method = IncrementalRegularization(epochs=2, step=0.05)
+    result = mipp.prune(model, (x, y), method=method, sparsity=0.5)
+    lam = method.factors["0"]
+    assert result.report.groups[0].removed == sorted(lam.argsort(descending=True)[:2].tolist())
+    assert float(lam.max()) > 0 and method.extra_training_epochs() == 2
+    assert method.options()["step"] == 0.05 and "growth" not in method.options()
+
+
 # --- ProsPr ----------------------------------------------------------------------------------
 
 

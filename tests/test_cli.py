@@ -14,7 +14,7 @@ from rich.console import Console
 from mipp.cli import build_parser, main
 from mipp.cli._common import ProgressRenderer
 from mipp.estimators import ESTIMATOR_NAMES
-from mipp.methods import ALLOCATIONS, METHOD_NAMES, TARGETS
+from mipp.methods import ALLOCATIONS, METHOD_NAMES, NOT_IMPLEMENTED, TARGETS
 from mipp.methods.selection import ORDERS
 from mipp.progress import ProgressEvent
 from mipp.surgery.structure import SCOPES
@@ -397,7 +397,7 @@ def _choices(command: str) -> dict[str, tuple]:
 def test_flag_choices_are_the_library_constants():
     assert _choices("prune") == {
         "target": TARGETS,
-        "method": METHOD_NAMES,
+        "method": METHOD_NAMES + tuple(NOT_IMPLEMENTED),  # the latter refused with the reason
         "allocation": ALLOCATIONS,
         "estimator": ESTIMATOR_NAMES,
         "scope": SCOPES,
@@ -421,6 +421,13 @@ def test_an_unknown_choice_fails_listing_the_library_names(flag, value, names, c
     err = capsys.readouterr().err
     assert f"invalid choice: '{value}'" in err
     assert all(f"'{name}'" in err for name in names)
+
+
+def test_a_method_named_but_not_implemented_fails_with_its_reason(capsys):
+    code = main(["prune", "m.safetensors", "--sparsity", "0.5", "--method", "aofp"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"mipp: error: method 'aofp': {NOT_IMPLEMENTED['aofp']}"
 
 
 def test_renderer_logs_results_and_keeps_status_and_bars_off_a_log_file():

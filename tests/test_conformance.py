@@ -10,9 +10,12 @@ from mipp.methods import METHOD_NAMES, Decision, Method, make_method
 from mipp.methods.baselines import L1Norm
 from mipp.testing.methods import check_method, tiny_data, tiny_model
 
-#: methods that change the kept weights by design (ThiNet re-fits; IMP, SSL, GReg, TPP and
-#: OTO train; OBS updates)
-CHANGE_WEIGHTS = {"thinet", "imp", "ssl", "greg", "tpp", "oto", "obs"}
+#: methods that change the kept weights by design (ThiNet and DCP re-fit; IMP, SSL, GReg, IncReg,
+#: TPP and OTO train; OBS updates; PFP reweights; sp-pai re-initialises and makes the kept
+#: layers isometric)
+CHANGE_WEIGHTS = {
+    "thinet", "imp", "ssl", "greg", "increg", "tpp", "oto", "obs", "dcp", "pfp", "sp-pai",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -166,7 +166,7 @@ def test_every_baseline_takes_keyword_inputs_or_refuses_in_one_line(method):
     pair.load_state_dict(flat.state_dict())
     x, y = _pair_data(128)
     options = {"method": method, "sparsity": 0.5, "seed": 0}
-    if method in ("ssl", "greg", "tpp", "oto"):  # they train with mipp's loop on model(x): refused
+    if method in ("ssl", "greg", "increg", "tpp", "oto"):  # train with mipp's loop on model(x)
         with pytest.raises(MippError, match=r"run as model\(x\)") as e:
             mipp.prune(pair, ({"a": x[:, :4], "b": x[:, 4:]}, y), **options)
         assert "\n" not in str(e.value)

@@ -32,11 +32,19 @@ from torch import Tensor, nn
 from mipp import distributed
 from mipp.errors import CalibrationError, InvalidOptionError, MippError
 from mipp.inputs import Forward, Samples, reads_token_ids
-from mipp.methods import METHODS, TARGETS, Budget, Decision, Method, PruneContext, Target
+from mipp.methods import (
+    METHODS,
+    TARGETS,
+    Budget,
+    Decision,
+    Method,
+    PruneContext,
+    Target,
+    make_method,
+)
 from mipp.metrics import count_macs, count_params
 from mipp.modules import first_parameter, restore_modes, training_modes
 from mipp.progress import ProgressCallback, Reporter
-from mipp.registry import lookup
 from mipp.report import GroupReport, PruneReport
 from mipp.surgery.calibration import calibration_inputs, constant_groups
 from mipp.surgery.costs import CostModel, measure_layer_latency
@@ -122,7 +130,7 @@ def matched_sparsity(match: PruneReport, target: str, scope: str) -> float:
 
 def _method(method: str | Method) -> Method:
     if isinstance(method, str):
-        return lookup(METHODS, method, kind="method")()
+        return make_method(method)
     if not isinstance(method, Method):
         raise TypeError(
             f"method must be a name ({', '.join(METHODS)}) or a mipp.methods.Method, "

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mipp.cli._common import make_console
-from mipp.methods import METHOD_NAMES, METHODS, describe_method, make_method
+from mipp.methods import METHOD_NAMES, METHODS, NOT_IMPLEMENTED, describe_method, make_method
 from mipp.zoo import models
 from mipp.zoo.data import FOLDER_DATASETS, describe_dataset, list_datasets
 
@@ -57,5 +57,11 @@ def run(args: argparse.Namespace) -> int:
             allocation = getattr(make_method(name), "allocation", "its own")
             labels = "yes" if METHODS[name].needs_labels else "no"
             table.add_row(name, allocation, labels, escape(describe_method(name)))
+        console.print(table)
+        table = Table(title="named but not implemented (asking for one gives the reason)")
+        table.add_column("name")
+        table.add_column("why not")
+        for name, why in NOT_IMPLEMENTED.items():
+            table.add_row(name, escape(why.split(": ", 1)[0]))
         console.print(table)
     return 0

@@ -46,6 +46,7 @@ from mipp.methods import (
     ALLOCATIONS,
     BASELINE_NAMES,
     METHOD_NAMES,
+    NOT_IMPLEMENTED,
     TARGETS,
     Method,
     make_method,
@@ -123,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=METHOD_NAMES,
+        choices=METHOD_NAMES + tuple(NOT_IMPLEMENTED),  # the latter refused with the reason
         default="mipp",
         metavar="NAME",
         help="mipp (default) or a baseline: " + ", ".join(BASELINE_NAMES),

@@ -55,7 +55,15 @@ from pathlib import Path
 from typing import Any
 
 from mipp.errors import MippError
-from mipp.methods import METHOD_NAMES, MIPP, TARGETS, Budget, Method, make_method
+from mipp.methods import (
+    METHOD_NAMES,
+    MIPP,
+    NOT_IMPLEMENTED,
+    TARGETS,
+    Budget,
+    Method,
+    make_method,
+)
 from mipp.zoo import data as mdata
 from mipp.zoo import models
 from mipp.zoo.config import TrainConfig
@@ -356,6 +364,8 @@ def resolve(
         label: _variant(label, table, cfg["prune"]) for label, table in cfg["methods"].items()
     }
     for label in g["methods"]:
+        if label not in cfg["methods"] and label in NOT_IMPLEMENTED:
+            raise MippError(f"grid.methods: {label!r}: {NOT_IMPLEMENTED[label]}")
         if label not in cfg["methods"] and label not in METHOD_NAMES:
             raise MippError(
                 f"grid.methods: {label!r} is neither a method ({', '.join(METHOD_NAMES)}) nor "
@@ -411,6 +421,8 @@ def _variant(label: str, table: Any, prune: Mapping[str, Any]) -> Variant:
     if not isinstance(table, Mapping):
         raise MippError(f"{where} must be a table with at least method = NAME")
     name = table.get("method")
+    if isinstance(name, str) and name in NOT_IMPLEMENTED:
+        raise MippError(f"{where}.method {name!r}: {NOT_IMPLEMENTED[name]}")
     if name not in METHOD_NAMES:
         raise MippError(f"{where}.method must be one of {list(METHOD_NAMES)}, got {name!r}")
     shared = sorted(k for k in table if k in prune and k not in PIPELINE_KEYS)

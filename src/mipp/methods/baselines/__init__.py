@@ -2,18 +2,22 @@
 
 Data-free (:mod:`~mipp.methods.baselines.magnitude`: random, L1, IMP), gradient-based
 (:mod:`~mipp.methods.baselines.gradient`: SNIP, GraSP, SynFlow, their iterative forms,
-SOSP-H, ProsPr), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP, mean
-activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`: ThiNet,
-Channel Pruning), first-order / scale-based (:mod:`~mipp.methods.baselines.taylor`: Taylor
-on activations and on weights, Network Slimming, CCP) and second-order
-(:mod:`~mipp.methods.baselines.curvature`: OBD, K-FAC saliency, OBS); methods
-that regularise during training (:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, TPP, OTO).
+SOSP-H, ProsPr; :mod:`~mipp.methods.baselines.isometry`: signal-propagation pruning at
+initialisation), activation-based (:mod:`~mipp.methods.baselines.activation`: HRank, CHIP,
+mean activation, APoZ), reconstruction-based (:mod:`~mipp.methods.baselines.thinet`:
+ThiNet, Channel Pruning; :mod:`~mipp.methods.baselines.discrimination`: DCP),
+sampling-based (:mod:`~mipp.methods.baselines.sampling`: PFP), first-order / scale-based
+(:mod:`~mipp.methods.baselines.taylor`: Taylor on activations and on weights, Network
+Slimming, CCP) and second-order (:mod:`~mipp.methods.baselines.curvature`: OBD, K-FAC
+saliency, OBS); methods that regularise during training
+(:mod:`~mipp.methods.baselines.regularised`: SSL, GReg, IncReg, TPP, OTO).
 """
 
 from __future__ import annotations
 
 from mipp.methods.baselines.activation import CHIP, APoZ, HRank, MeanActivation
 from mipp.methods.baselines.curvature import KFACOBD, OBD, OBS
+from mipp.methods.baselines.discrimination import DiscriminationAware
 from mipp.methods.baselines.gradient import (
     SNIP,
     SOSPH,
@@ -23,13 +27,16 @@ from mipp.methods.baselines.gradient import (
     ProsPr,
     SynFlow,
 )
+from mipp.methods.baselines.isometry import SignalPropagation
 from mipp.methods.baselines.magnitude import IMP, L1Norm, RandomScores
 from mipp.methods.baselines.regularised import (
     GrowingRegularization,
+    IncrementalRegularization,
     OnlyTrainOnce,
     StructuredSparsity,
     TrainabilityPreserving,
 )
+from mipp.methods.baselines.sampling import ProvableFilterPruning
 from mipp.methods.baselines.taylor import (
     CollaborativeChannelPruning,
     NetworkSlimming,
@@ -51,9 +58,11 @@ __all__ = [
     "APoZ",
     "ChannelPruning",
     "CollaborativeChannelPruning",
+    "DiscriminationAware",
     "GraSP",
     "GrowingRegularization",
     "HRank",
+    "IncrementalRegularization",
     "IterativeGraSP",
     "IterativeSNIP",
     "L1Norm",
@@ -61,7 +70,9 @@ __all__ = [
     "NetworkSlimming",
     "OnlyTrainOnce",
     "ProsPr",
+    "ProvableFilterPruning",
     "RandomScores",
+    "SignalPropagation",
     "StructuredSparsity",
     "SynFlow",
     "TaylorActivation",
@@ -91,12 +102,16 @@ BASELINES: tuple[type[ScoredMethod], ...] = (
     NetworkSlimming,
     OBD,
     ChannelPruning,
+    DiscriminationAware,
     CollaborativeChannelPruning,
     StructuredSparsity,
     GrowingRegularization,
+    IncrementalRegularization,
     ProsPr,
     KFACOBD,
     TrainabilityPreserving,
     OnlyTrainOnce,
     OBS,
+    SignalPropagation,
+    ProvableFilterPruning,
 )
