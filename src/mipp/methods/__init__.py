@@ -39,19 +39,19 @@ name                 what decides (higher score = keep)                         
 ``ccp``              greedy 0-1 quadratic program, gradient-outer-product        uniform
                      curvature (Peng et al. 2019)
 ``ssl``              ‖W_j‖₂ after group-lasso training (Wen et al. 2016)         global
-``greg``             L1 choice pushed to zero by a growing L2 penalty, then      global
+``greg``             L1 choice pushed to zero by a growing L2 penalty, then      uniform
                      removed (Wang et al. 2021)
 ``prospr``           |∂L(θ_M)/∂c|, meta-gradient through M SGD steps             global
                      (Alizadeh et al. 2022)
 ``kfac-obd``         ½ S_jj E[z_j²], EigenDamage's K-FAC saliency (Wang et al.    global
                      2019), no eigenbasis
-``tpp``              L1 choice, growing Gram + BN penalty decorrelating it from  global
+``tpp``              L1 choice, growing Gram + BN penalty decorrelating it from  uniform
                      the kept filters (Wang & Fu 2023)
 ``oto``              ‖x_g‖ of zero-invariant groups after half-space projected   global
                      gradient training (Chen et al. 2021)
 ``obs``              block OBS with WoodFisher's empirical Fisher, OBS update of  global
                      the kept weights (Hassibi & Stork 1992; Singh & Alistarh 2020)
-``increg``           per-unit L2 factors moved each step by the unit's L1 rank,  global
+``increg``           per-unit L2 factors moved each step by the unit's L1 rank,  uniform
                      largest factors removed (Wang et al. 2019)
 ``dcp``              greedy on reconstruction + auxiliary-classifier gradient,   uniform
                      LS re-fit (Zhuang et al. 2018)

@@ -201,9 +201,10 @@ class StructuredSparsity(_Regularised):
 class GrowingRegularization(_Regularised):
     """Wang et al. 2021, "Neural Pruning via Growing Regularization" (GReg-1).
 
-    The units to prune are chosen once, at the start, by the L1 norm of their parameters
-    (globally, or uniformly per layer with ``allocation="uniform"``, for the sparsity
-    asked); training then adds ``½ λ_t Σ_{j pruned} ‖W_j‖²`` with λ growing linearly from 0
+    The units to prune are chosen once, at the start, by the L1 norm of their parameters,
+    for the sparsity asked: uniformly per layer by default, as the paper (and IncReg and TPP,
+    which inherit this) prune every layer by a set ratio — a global L1 ranking empties
+    LeNet-5's conv1 at 70 % — or globally with ``allocation="global"``; training then adds ``½ λ_t Σ_{j pruned} ‖W_j‖²`` with λ growing linearly from 0
     by ``growth`` per step up to ``ceiling`` (the paper: δλ = 1e-4 every Ku iterations, up to
     1), pushing exactly those units to zero before they are removed; the others train
     freely. Scores after training: ‖W_j‖₂, with the chosen units forced below every other
@@ -212,6 +213,8 @@ class GrowingRegularization(_Regularised):
 
     name = "greg"
     summary = "L1 choice, then ½λΣ‖W_j‖² on it with λ growing (Wang et al. 2021, GReg)"
+    #: the paper prunes every layer by a set ratio (as L1), so its L1 choice is per layer
+    default_allocation: Allocation = "uniform"
 
     def __init__(
         self,
