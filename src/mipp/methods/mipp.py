@@ -42,9 +42,17 @@ from mipp.methods.allocation import remove_while_closer
 from mipp.methods.base import Budget, Decision, Method, PruneContext, sparsities
 from mipp.methods.bisection import bisect_threshold
 from mipp.methods.selection import DEFAULT_CONFIDENCE, ORDERS, Order, SelectionResult, terc
-from mipp.methods.targets import GroupData, StreamedMoments, group_columns, group_data
+from mipp.methods.targets import (
+    RESIDUALS,
+    GroupData,
+    Residual,
+    StreamedMoments,
+    branch_layers,
+    group_columns,
+    group_data,
+)
 from mipp.modules import first_parameter
-from mipp.surgery.capture import Pool, capture_activations, stream_activations
+from mipp.surgery.capture import OUTPUT, Pool, capture_activations, stream_activations
 
 __all__ = ["MIPP"]
 
@@ -99,6 +107,11 @@ class MIPP(Method):
             on the calibration data; :func:`mipp.surgery.repair.compensate`). The pipeline
             does it when :func:`mipp.prune` is not given ``compensate`` / ``recalibrate_bn``
             itself. ``None``: on (off with ``paper=True``).
+        residual: what a unit is measured against when its consumer is the last layer of a
+            residual branch (its output is added to a stream): ``"sum"`` (default; the
+            paper's rule, the activations after the addition, as the next layers read them)
+            or ``"branch"`` (the consumer's own output before the addition: the shortcut,
+            which the units do not produce, is left out of the target).
         paper: the paper's procedure as published, one switch away from the defaults: the
             ``linear`` closed form of its loss-difference estimator and no reconstruction
             (options given explicitly still win). The paper's own trained-MLP estimator is
@@ -135,6 +148,7 @@ class MIPP(Method):
         threshold: float | None = None,
         cost_aware: bool | None = None,
         reconstruct: bool | None = None,
+        residual: Residual = "sum",
         paper: bool = False,
     ) -> None:
         if not isinstance(paper, bool):
@@ -168,6 +182,9 @@ class MIPP(Method):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         if cost_aware is not None and not isinstance(cost_aware, bool):
             raise ValueError(f"cost_aware must be True, False or None (auto), got {cost_aware!r}")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}; got {residual!r}")
+        self.residual: Residual = residual
         self.cost_aware = cost_aware
         self.estimator = estimator
         self.order: Order = order
@@ -190,6 +207,7 @@ class MIPP(Method):
             "threshold": self.threshold,
             "cost_aware": self.cost_aware,
             "reconstruct": self.reconstruct,
+            "residual": self.residual,
             "paper": self.paper,
         }
 
@@ -303,6 +321,7 @@ class MIPP(Method):
                 "threshold": self.threshold,
                 "cost_aware": kind,
                 "reconstruct": self.reconstruct,
+                "residual": self.residual,
                 "paper": self.paper,
             },
             trace=trace,
@@ -373,19 +392,27 @@ class MIPP(Method):
             nxt for g in groups for c in g.consumers for nxt in structure.next_layers[c.layer]
         }
         layers = structure.recorded_modules(wanted)
+        if self.residual == "branch":  # the last layers of residual branches: their outputs
+            modules = ctx.modules
+            layers.update({n + OUTPUT: modules[n] for n in branch_layers(structure, groups)})
         if distributed.active() and not est.streams:
             raise InvalidOptionError(
                 f"the {est.name!r} estimator needs the calibration samples themselves, which "
                 f"mipp does not gather across ranks; under torch.distributed use a closed form "
                 f"(estimator='gaussian' or 'linear'), or prune on one process"
             )
-        _check_samples(ctx, est, layers, self.pool, test=test, folds=folds)
+        _check_samples(ctx, est, layers, self.pool, test=test, folds=folds, residual=self.residual)
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))
         if est.streams:
             # closed forms: float64 moments accumulated while the data flows, O(D²) memory
             stream = StreamedMoments(
-                structure, groups, self.pool, full_target=est.needs_target_covariance, folds=folds
+                structure,
+                groups,
+                self.pool,
+                full_target=est.needs_target_covariance,
+                folds=folds,
+                residual=self.residual,
             )
             ctx.report(
                 "statistics",
@@ -407,7 +434,9 @@ class MIPP(Method):
         t = time.perf_counter()
         ctx.report("statistics", "computing statistics", transient=True)
         device = est.data_device(first_parameter(work).device)
-        gdata = group_data(structure, groups, acts, est, self.pool, device=device)
+        gdata = group_data(
+            structure, groups, acts, est, self.pool, device=device, residual=self.residual
+        )
         ctx.timings["statistics"] = time.perf_counter() - t
         return gdata
 
@@ -514,6 +543,7 @@ def _check_samples(
     *,
     test: bool = True,
     folds: int = 0,
+    residual: Residual = "sum",
 ) -> None:
     """Refuse a calibration set too small for the estimator on the widest group, or
     statistics larger than the machine's memory (:func:`_check_memory`), from a two-sample
@@ -524,7 +554,9 @@ def _check_samples(
 
     def probe(acts) -> None:
         if not shapes:
-            for x, y, _, _ in group_columns(ctx.structure, ctx.groups, acts, pool):
+            for x, y, _, _ in group_columns(
+                ctx.structure, ctx.groups, acts, pool, residual=residual
+            ):
                 shapes.append((x.shape[1], x.shape[2], y.shape[1]))
 
     stream_activations(ctx.model, [ctx.inputs[:2]], layers, pool=pool, on_batch=probe)

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,12 +28,16 @@ from torch import Tensor
 from mipp.errors import MippError
 from mipp.estimators import Estimator
 from mipp.estimators.moments import MomentAccumulator
-from mipp.surgery.capture import Activations, Pool
+from mipp.surgery.capture import OUTPUT, Activations, Pool
 from mipp.surgery.structure import ModelStructure, UnitGroup
 
 __all__ = [
+    "RESIDUALS",
     "GroupData",
+    "Residual",
     "StreamedMoments",
+    "branch_ends",
+    "branch_layers",
     "group_columns",
     "group_data",
     "unit_features",
@@ -83,16 +87,45 @@ def unit_features(recorded: Tensor, index: tuple[tuple[int, ...], ...], pool: Po
     return torch.nn.functional.adaptive_avg_pool2d(maps, k).reshape(n, u, k * k)
 
 
+Residual = Literal["sum", "branch"]
+#: what a unit whose consumer adds into a residual stream is measured against
+RESIDUALS: tuple[str, ...] = ("sum", "branch")
+
+
+def branch_ends(structure: ModelStructure) -> dict[str, UnitGroup]:
+    """Layer → the residual stream it adds into, for every producer of a stream group (a
+    residual branch's last layer, a projection shortcut)."""
+    return {p: h for h in structure.groups if h.kind == "stream" for p in h.producers}
+
+
+def branch_layers(structure: ModelStructure, groups: list[UnitGroup]) -> set[str]:
+    """The consumers of ``groups`` whose *output* the ``"branch"`` target reads."""
+    ends = branch_ends(structure)
+    return {c.layer for g in groups for c in g.consumers if c.layer in ends}
+
+
 def group_columns(
-    structure: ModelStructure, groups: list[UnitGroup], acts: Activations, pool: Pool
+    structure: ModelStructure,
+    groups: list[UnitGroup],
+    acts: Activations,
+    pool: Pool,
+    *,
+    residual: Residual = "sum",
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """For each group of the walk: ``(x (n, U, f), y (n, Q), owner (Q,), unit (Q,))``.
 
     ``acts`` may hold the whole calibration set or a single batch of it (streaming).
+    ``residual="branch"``: for a consumer that adds into a residual stream (the last layer of
+    a residual branch), the target is that consumer's own output (recorded as
+    ``layer + OUTPUT``), one column block per stream unit, instead of the activations after
+    the addition that the next layers read (``"sum"``): those also hold the shortcut, which
+    the group's units do not produce but can partly predict (they are computed from the
+    same block input).
     """
     walk_index = {g.name: i for i, g in enumerate(groups)}
     producers = {h.name: set(h.producers) for h in structure.groups}
     through = structure.read_through
+    ends = branch_ends(structure) if residual == "branch" else {}
     for g in groups:
         blocks, seen, shared = [], set(), []
         for c in g.consumers:
@@ -108,6 +141,20 @@ def group_columns(
         x = torch.cat(blocks, dim=2)
         cols, owner, unit, seen, shared_y = [], [], [], set(), []
         for c in g.consumers:
+            if c.layer in ends:  # residual="branch": the consumer's own output
+                h = ends[c.layer]
+                if (c.layer, OUTPUT) not in seen:
+                    seen.add((c.layer, OUTPUT))
+                    out = acts.of(c.layer + OUTPUT)
+                    if out.ndim == 2:
+                        out = out.unsqueeze(-1)
+                    idx = torch.tensor(h.producer_index[c.layer], dtype=torch.long)
+                    feats = out[:, idx, :].reshape(len(out), len(idx), -1)  # (n, U_h, f)
+                    f = feats.shape[2]
+                    cols.append(feats.reshape(len(feats), -1))
+                    owner += [walk_index.get(h.name, -2)] * (feats.shape[1] * f)
+                    unit += [j for j in range(feats.shape[1]) for _ in range(f)]
+                continue
             if c.layer == structure.output_layer:
                 if "output" not in seen:
                     seen.add("output")
@@ -155,6 +202,7 @@ def group_data(
     pool: Pool,
     *,
     device: torch.device | None = None,
+    residual: Residual = "sum",
 ) -> list[GroupData]:
     """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input).
 
@@ -164,7 +212,7 @@ def group_data(
     return [
         GroupData(g, estimator.prepare(x.to(device), y.to(device)), owner, unit, x.shape[2])
         for g, (x, y, owner, unit) in zip(
-            groups, group_columns(structure, groups, acts, pool), strict=True
+            groups, group_columns(structure, groups, acts, pool, residual=residual), strict=True
         )
     ]
 
@@ -190,8 +238,10 @@ class StreamedMoments:
         *,
         full_target: bool = True,
         folds: int = 0,
+        residual: Residual = "sum",
     ) -> None:
         self._structure, self._groups, self._pool = structure, groups, pool
+        self._residual = residual
         self._acc = [MomentAccumulator(full_target=full_target, folds=folds) for _ in groups]
         self._labels: list[tuple[Tensor, Tensor, int]] | None = None
         #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
@@ -201,7 +251,9 @@ class StreamedMoments:
         t = time.perf_counter()
         labels = []
         for acc, (x, y, owner, unit) in zip(
-            self._acc, group_columns(self._structure, self._groups, acts, self._pool), strict=True
+            self._acc,
+            group_columns(self._structure, self._groups, acts, self._pool, residual=self._residual),
+            strict=True,
         ):
             acc.update(x, y)
             labels.append((owner, unit, x.shape[2]))

@@ -19,6 +19,10 @@ features are its channels, pooled over the positions.
 or output (a hook raises a private exception that ends the forward early), so a capture
 costs only the part of the network up to the layer.
 
+A name ending in :data:`OUTPUT` (``"conv2#out"``) records that module's *output* instead of
+its input, pooled the same way (MIPP's ``residual="branch"`` target: a residual branch's last
+layer before the addition).
+
 A module called more than once in one forward (a shared layer, which :func:`mipp.prune`
 accepts only when told to leave it whole) is recorded at its first call.
 
@@ -41,6 +45,7 @@ from mipp.inputs import Samples, as_samples
 from mipp.modules import eval_mode
 
 __all__ = [
+    "OUTPUT",
     "Activations",
     "NonFiniteActivationError",
     "Pool",
@@ -56,6 +61,8 @@ __all__ = [
 ]
 
 Pool = str | int  # "mean" or a positive int k (k×k adaptive average)
+#: suffix of a recorded name that means "this module's output" (``layers["conv2#out"]``)
+OUTPUT = "#out"
 
 
 class NonFiniteActivationError(MippError, ValueError):
@@ -197,9 +204,30 @@ def _recording(
         ran.clear()
         outputs.append(out.detach().float().cpu().reshape(out.shape[0], -1))
 
+    def make_output(name: str, module: nn.Module):
+        channels_last = isinstance(module, nn.Linear)
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if name in ran:
+                return
+            ran.add(name)
+            if first_pass["on"]:
+                acts.order.append(name)
+            y = out.detach()
+            if y.ndim > 2:
+                feats = pool_channels(y.movedim(-1, 1) if channels_last else y, pool)
+            else:
+                feats = y
+            chunks[name].append(feats.float().cpu())
+
+        return hook
+
     try:
         for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(make(name, module)))
+            if name.endswith(OUTPUT):
+                handles.append(module.register_forward_hook(make_output(name, module)))
+            else:
+                handles.append(module.register_forward_pre_hook(make(name, module)))
         yield chunks, outputs, end
     finally:
         for h in handles:
@@ -220,7 +248,8 @@ def capture_activations(
         model: the network; its train/eval mode is restored afterwards.
         batches: input tensors ``(batch, *input_shape)`` or :class:`~mipp.inputs.Samples`,
             on the model's device; the output recorded is what ``Samples.run`` returns.
-        layers: name → Conv/Linear module whose input to record.
+        layers: name → Conv/Linear module whose input to record (whose output, for a name
+            ending in :data:`OUTPUT`).
         pool: ``"mean"`` or k (see the module docstring).
 
     Raises:

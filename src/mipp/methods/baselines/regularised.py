@@ -204,10 +204,11 @@ class GrowingRegularization(_Regularised):
     The units to prune are chosen once, at the start, by the L1 norm of their parameters,
     for the sparsity asked: uniformly per layer by default, as the paper (and IncReg and TPP,
     which inherit this) prune every layer by a set ratio — a global L1 ranking empties
-    LeNet-5's conv1 at 70 % — or globally with ``allocation="global"``; training then adds ``½ λ_t Σ_{j pruned} ‖W_j‖²`` with λ growing linearly from 0
-    by ``growth`` per step up to ``ceiling`` (the paper: δλ = 1e-4 every Ku iterations, up to
-    1), pushing exactly those units to zero before they are removed; the others train
-    freely. Scores after training: ‖W_j‖₂, with the chosen units forced below every other
+    LeNet-5's conv1 at 70 % — or globally with ``allocation="global"``. Training then adds
+    ``½ λ_t Σ_{j pruned} ‖W_j‖²`` with λ growing linearly from 0 by ``growth`` per step up
+    to ``ceiling`` (the paper: δλ = 1e-4 every Ku iterations, up to 1), pushing exactly
+    those units to zero before they are removed; the others train freely. Scores after
+    training: ‖W_j‖₂, with the chosen units forced below every other
     (so the removal is the choice made at the start).
     """
 
