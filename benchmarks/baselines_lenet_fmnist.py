@@ -1,6 +1,6 @@
 """Every method on LeNet-5 / Fashion-MNIST at equal sparsity: one-shot, fine-tuned, cost.
 
-    python benchmarks/baselines_lenet_fmnist.py --profile quick   # 14 min (one thread, beside a sweep)
+    python benchmarks/baselines_lenet_fmnist.py --profile quick   # 14 min, 1 thread, beside a sweep
     python benchmarks/baselines_lenet_fmnist.py --profile full    # 3 seeds, both allocations
 
 For each seed: train LeNet-5 for 3 epochs (the README demo's recipe). For each requested
