@@ -220,11 +220,7 @@ class DiscriminationAware(ThiNet):
 
     def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
         labels = ctx.require_labels(self.name)
-        rows = self.contributions(ctx, ctx.groups)
-        ctx.cache[self.name].setdefault(  # the first scoring pass: the original model's outputs
-            "target",
-            {name: {layer: x.sum(1) for layer, x in parts} for name, parts in rows.items()},
-        )
+        rows = self.scored_contributions(ctx)
         feats = self.features(ctx, ctx.groups)
         out = {}
         for g in ctx.groups:

@@ -352,12 +352,18 @@ class ThiNet(ScoredMethod):
                 result[g.name].append((layer, part))
         return result
 
-    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+    def scored_contributions(self, ctx: PruneContext) -> dict[str, list[tuple[str, Tensor]]]:
+        """:meth:`contributions` of every group, keeping the first pass's sampled outputs (the
+        original model's) as the re-fit's target."""
         rows = self.contributions(ctx, ctx.groups)
-        ctx.cache[self.name].setdefault(  # the first scoring pass: the original model's outputs
+        ctx.cache[self.name].setdefault(
             "target",
             {name: {layer: x.sum(1) for layer, x in parts} for name, parts in rows.items()},
         )
+        return rows
+
+    def scores(self, ctx: PruneContext) -> dict[str, Tensor]:
+        rows = self.scored_contributions(ctx)
         return {
             g.name: greedy_scores(torch.cat([x for _, x in rows[g.name]]), ctx.alive[g.name])
             for g in ctx.groups
