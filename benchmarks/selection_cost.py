@@ -21,10 +21,11 @@ with every panel:
   timed side by side in this run (the floor is the faster of a forward before and one after
   all of that model's prunes).
   :data:`RATIO_RUNS`: VGG-16, ResNet-56, ResNet-50 (bottlenecks; scope ``internal`` and
-  ``all``) and GoogLeNet (four-branch Inception modules), each with ``linear`` and
-  ``gaussian``, freshly initialised (selection cost does not depend on training much; the
-  bisection's pass count does a little). Selection time does not grow with N, the forward
-  pass does: at smaller N the ratio is larger (``selection_s`` is recorded on its own).
+  ``all``, the latter also with ``stream_features=1``) and GoogLeNet (four-branch
+  Inception modules), each with ``linear`` and ``gaussian``, freshly initialised (selection
+  cost does not depend on training much; the bisection's pass count does a little).
+  Selection time does not grow with N, the forward pass does: at smaller N the ratio is
+  larger (``selection_s`` is recorded on its own).
 - ``lenet``: LeNet-5 trained on Fashion-MNIST (3 epochs, the README recipe), pruned to the
   same share of units in target mode by ``linear`` and by ``mlp`` (the paper's estimator):
   time ratio, Jaccard overlap of the kept units per layer, and test accuracy after the same
@@ -72,16 +73,18 @@ PARTS = ("scaling", "ratio", "lenet", "oneshot")
 #: with N calibration images (None: the profile's ``ratio_n``; ResNet-50 and GoogLeNet cost
 #: ~1.5 GFLOPs per 32-px image, so they run at 1,024 — a conservative choice, since the
 #: selection's cost does not shrink with N while the forward pass does)
-RATIO_RUNS: list[tuple[str, str, str, int | None]] = [
-    ("vgg16", "internal", "linear", None),
-    ("vgg16", "internal", "gaussian", None),
-    ("resnet56", "internal", "linear", None),
-    ("resnet56", "internal", "gaussian", None),
-    ("resnet50", "internal", "linear", 1024),
-    ("resnet50", "internal", "gaussian", 1024),
-    ("resnet50", "all", "gaussian", 1024),
-    ("googlenet", "internal", "linear", 1024),
-    ("googlenet", "internal", "gaussian", 1024),
+#: The fifth field is MIPP's ``stream_features`` (None: every feature of a stream unit).
+RATIO_RUNS: list[tuple[str, str, str, int | None, int | None]] = [
+    ("vgg16", "internal", "linear", None, None),
+    ("vgg16", "internal", "gaussian", None, None),
+    ("resnet56", "internal", "linear", None, None),
+    ("resnet56", "internal", "gaussian", None, None),
+    ("resnet50", "internal", "linear", 1024, None),
+    ("resnet50", "internal", "gaussian", 1024, None),
+    ("resnet50", "all", "gaussian", 1024, None),
+    ("resnet50", "all", "gaussian", 1024, 1),
+    ("googlenet", "internal", "linear", 1024, None),
+    ("googlenet", "internal", "gaussian", 1024, None),
 ]
 PROFILES = {
     "quick": {
@@ -214,9 +217,10 @@ def part_ratio(prof: dict) -> list[dict]:
     ds = data.load_dataset("fashion-mnist", split="train", pad_to_32=True)
     pool = ds.x[torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))]
     rows = []
-    by_model: dict[tuple[str, int], list[tuple[str, str]]] = {}
-    for name, scope, estimator, size in prof["ratio_runs"]:
-        by_model.setdefault((name, size or prof["ratio_n"]), []).append((scope, estimator))
+    by_model: dict[tuple[str, int], list[tuple[str, str, int | None]]] = {}
+    for name, scope, estimator, size, *rest in prof["ratio_runs"]:
+        k = rest[0] if rest else None
+        by_model.setdefault((name, size or prof["ratio_n"]), []).append((scope, estimator, k))
     for (name, n), runs in by_model.items():
         x = pool[:n]
         with seeded(0):
@@ -224,18 +228,20 @@ def part_ratio(prof: dict) -> list[dict]:
         forward_time(net, x[:256])  # warm-up
         before = forward_time(net, x)
         timed = []
-        for scope, estimator in runs:
+        for scope, estimator, k in runs:
             t = time.perf_counter()
-            result = prune(net, x, method=MIPP(estimator=estimator, reconstruct=False),
-                           sparsity=0.5, scope=scope, calib_samples=n, batch_size=256)  # fmt: skip
-            timed.append((scope, estimator, time.perf_counter() - t, result.report))
+            how = MIPP(estimator=estimator, reconstruct=False, stream_features=k)
+            result = prune(net, x, method=how, sparsity=0.5, scope=scope, calib_samples=n,
+                           batch_size=256)  # fmt: skip
+            timed.append((scope, estimator, k, time.perf_counter() - t, result.report))
         after = forward_time(net, x)
         floor = min(before, after)
-        for scope, estimator, total, report in timed:
+        for scope, estimator, k, total, report in timed:
             tm = report.timings
             rows.append({
                 "model": name,
                 "scope": scope,
+                "stream_features": "all" if k is None else k,
                 "n": n,
                 "estimator": estimator,
                 "groups": len(report.groups),
@@ -253,9 +259,14 @@ def part_ratio(prof: dict) -> list[dict]:
                 "other_s": round(total - sum(tm.get(k, 0.0) for k in PHASES), 3),
                 "bisection_passes": len(report.bisection),
                 "units_removed": round(report.achieved["units"], 4),
+                "macs_removed": round(report.achieved["macs"], 4),
+                # the residual streams' widths after pruning (scope "all"), input → output
+                "stream_widths": "-".join(str(g.width_after) for g in reversed(report.groups)
+                                          if g.kind == "stream"),
             })  # fmt: skip
-            log(f"  ratio {name} {scope} {estimator}: prune {total:.1f} s / forward {floor:.1f} s"
-                f" = {total / floor:.2f} (selection {tm['selection']:.1f} s)")  # fmt: skip
+            sel = tm["selection"]
+            log(f"  ratio {name} {scope} k={k} {estimator}: prune {total:.1f} s / forward "
+                f"{floor:.1f} s = {total / floor:.2f} (selection {sel:.1f} s)")  # fmt: skip
     return rows
 
 
@@ -413,6 +424,7 @@ def plot(results: dict, path: Path, profile: str) -> None:
         labels = [
             f"{r['model']}\n{r.get('estimator', 'linear')[:3]} N={r['n']}"
             + ("" if r.get("scope", "internal") == "internal" else "\nall")
+            + ("" if r.get("stream_features", "all") == "all" else f" k={r['stream_features']}")
             for r in ratio
         ]
         for k in parts:
@@ -525,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--ratio-models: none of {args.ratio_models} is in RATIO_RUNS")
             fresh = part_ratio({**prof, "ratio_runs": runs})
             kept = [r for r in results.get("ratio", []) if r["model"] not in args.ratio_models]
+            for r in kept:  # rows measured before these columns existed
+                r.setdefault("stream_features", "all")
+                r.setdefault("macs_removed", "")
+                r.setdefault("stream_widths", "")
             order = [name for name, *_ in prof["ratio_runs"]]
             rows = sorted([*kept, *fresh], key=lambda r: order.index(r["model"]))
         elif part == "ratio":

@@ -52,7 +52,7 @@ def test_registry_names_every_method_and_rejects_unknown_names_and_options():
         make_method("mipp", allocation="global")
     assert method_options("mipp") == (
         "estimator", "pool", "order", "min_keep", "confidence", "threshold", "cost_aware",
-        "reconstruct", "residual", "paper",
+        "reconstruct", "residual", "stream_features", "paper",
     )  # fmt: skip
     with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
         make_method("random", rounds=0)

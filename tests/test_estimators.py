@@ -531,6 +531,47 @@ def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
         assert fast_state.delta(unit).pvalue == pytest.approx(fresh.delta(j).pvalue, rel=1e-6)
 
 
+@pytest.mark.parametrize("unit_size", [1, 2])
+def test_gaussian_deferred_removals_equal_in_place_downdates(unit_size):
+    """Threshold mode never downdates the full P and Q: removals inside a prefetched block, a
+    removal outside any block and a fork taken while removals are pending give every kept
+    unit the Δ_i of the path that downdates in place after each removal (p-values on), and
+    applying the pending removals gives its P and Q (1e-9)."""
+    units = 40
+    x, y = _redundant_layer(units, unit_size, seed=7)
+    est = GaussianEstimator(ridge=1e-3)
+    prepared = est.prepare(x, y)
+    lazy, eager = est.start(prepared), est.start(prepared)
+    lazy.pvalues, eager.pvalues = False, True
+
+    def same(a, b) -> None:
+        for u in a.active.nonzero().flatten().tolist():
+            assert a.delta(u).value == pytest.approx(b.delta(u).value, rel=1e-9, abs=1e-12)
+        assert a.information() == pytest.approx(b.information(), rel=1e-9)
+
+    lazy.prefetch(list(range(10)))
+    for u in (1, 4, 7, 30, 8, 22):  # 30 and 22: outside the block
+        lazy.remove(u)
+        eager.remove(u)
+    same(lazy, eager)
+    lazy.prefetch(list(range(10, 20)))
+    twin, eager_twin = lazy.fork(), eager.fork()
+    for u in (11, 12, 35):
+        lazy.remove(u)
+        eager.remove(u)
+    same(lazy, eager)
+    same(twin, eager_twin)  # the fork did not see the source's later removals
+    for u in (13, 2):
+        twin.remove(u)
+        eager_twin.remove(u)
+    same(twin, eager_twin)
+    same(lazy, eager)
+    assert lazy._deferred is not None  # the full matrices were never touched
+    lazy._flush()
+    for m_lazy, m_eager in ((lazy._p, eager._p), (lazy._qx, eager._qx)):
+        assert torch.allclose(m_lazy, m_eager, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("cls", [LinearEstimator, GaussianEstimator])
 @pytest.mark.parametrize("pvalues", [False, True])
 def test_forked_state_selects_as_a_fresh_one_and_leaves_its_source_untouched(cls, pvalues):

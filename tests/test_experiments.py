@@ -349,7 +349,7 @@ def _with(**changes):
             {"methods__v__method": "mipp", "methods__v__allocation": "widths"},
             r"\[methods.v\]: method 'mipp' has no option\(s\) allocation; valid options: "
             r"estimator, pool, order, min_keep, confidence, threshold, cost_aware, "
-            r"reconstruct, residual, paper",
+            r"reconstruct, residual, stream_features, paper",
         ),
         (
             {"methods__v__method": "l1", "methods__v__order": "index"},

@@ -128,6 +128,7 @@ class GaussianState(ClosedFormState):
         self._g: Tensor | None = None
         self._test_current = False
         self._block: _Block | None = None
+        self._deferred: _Deferred | None = None
         self._logdet_r: float | None = None
 
     def information(self) -> float:
@@ -204,6 +205,7 @@ class GaussianState(ClosedFormState):
         self._bm = self._e = self._g = None
         self._test_current = False
         self._block = None
+        self._deferred = None
         self._logdet_r = None
 
     def _retarget_flops(self, removed: int, added: int) -> float:
@@ -219,15 +221,18 @@ class GaussianState(ClosedFormState):
 
     def prefetch(self, units: list[int]) -> None:
         """Passed on to the held-out test (its block caches). Without p-values
-        (``pvalues`` False) the announced units' blocks of P and Q are also cached, their
-        removals kept exact there, and the full matrices downdated once per block (one GEMM
-        instead of one O(D²) pass per removal); with p-values every removal also needs
-        B, E and G, so the full matrices are downdated in place as before."""
+        (``pvalues`` False) the announced units' blocks of P and Q are also cached and their
+        removals kept exact there; the full matrices are never downdated: the removed rows R
+        are only recorded (:class:`_Deferred`, with Cholesky factors of P_RR and Q_RR), and
+        the next block is read as M_KK − (L⁻¹M_RK)ᵀ(L⁻¹M_RK), O(|R|²·|K|) instead of the
+        O(D²·|R|) full downdate per block [ours]. With p-values every removal also needs B, E
+        and G, so the full matrices are downdated in place as before."""
         if self.heldout is not None:
             self.heldout.prefetch(units)
-        self._flush()
         if self.pvalues:
+            self._flush()
             return
+        self._commit()
         units = [int(u) for u in units if self._slots.is_active(int(u))]
         if len(units) < 2:
             return
@@ -235,8 +240,28 @@ class GaussianState(ClosedFormState):
         self._block = _Block(
             units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
             rows=rows,
-            mats=[self._p[rows][:, rows].clone(), self._qx[rows][:, rows].clone()],
+            mats=self._restricted(rows),
         )
+
+    def _restricted(self, rows: Tensor) -> list[Tensor]:
+        """``[P_KK, Q_KK]`` of the kept set for feature rows K (deferred removals applied)."""
+        mats = [self._p, self._qx]
+        if self._deferred is None:
+            return [m[rows[:, None], rows] for m in mats]
+        return self._deferred.restrict(mats, rows)
+
+    def _commit(self) -> None:
+        """End the current block: its removed rows join the deferred set."""
+        blk, self._block = self._block, None
+        if blk is None or not blk.removed:
+            return
+        rows = torch.cat([blk.rows[blk.units[u]] for u in blk.removed])
+        self._defer(rows)
+
+    def _defer(self, rows: Tensor) -> None:
+        if self._deferred is None:
+            self._deferred = _Deferred(2)
+        self._deferred.add([self._p, self._qx], rows)
 
     def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
         """Unit i's diagonal blocks ``(P_ii, Q_ii)``, from the block caches when prefetched."""
@@ -244,9 +269,16 @@ class GaussianState(ClosedFormState):
         if blk is not None and i in blk.units:
             r = blk.units[i]
             return blk.mats[0][r, r], blk.mats[1][r, r]
+        if not self.pvalues:  # the block ends; its removals join the deferred ones
+            self._commit()
+            p_ii, q_ii = self._restricted(self._slots_rows(i))
+            return p_ii, q_ii
         self._flush()
         r = self._rows(i)
         return self._p[r, r], self._qx[r, r]
+
+    def _slots_rows(self, i: int) -> Tensor:
+        return torch.arange(i * self._b, (i + 1) * self._b)
 
     def delta(self, i: int) -> Delta:
         """Δ_i = I(X_i; Y | X_{S∖i}) in nats and its p-value (the held-out test's when the
@@ -276,10 +308,10 @@ class GaussianState(ClosedFormState):
         return Delta(value=value, relative=relative, pvalue=pvalue)
 
     def remove(self, i: int) -> None:
-        """S ← S ∖ {i} by Schur-complement downdates of P and Q_XX, O(D²·b) in place
-        (deferred to one block downdate when prefetched); with ``pvalues`` also of B, E and G,
-        O(D·b·q + q²·b). Without, those are marked stale and rebuilt if a p-value is asked
-        for later."""
+        """S ← S ∖ {i}. With ``pvalues``: Schur-complement downdates of P and Q_XX, O(D²·b)
+        in place, and of B, E and G, O(D·b·q + q²·b). Without: the unit's rows join the
+        deferred set (:meth:`prefetch`; the full matrices are downdated only if something
+        reads them later) and B, E, G are marked stale."""
         i = self._slots.check(i)
         if not self._const_units[i] and self._q:
             p_ii, q_ii = self._blocks(i)
@@ -287,6 +319,11 @@ class GaussianState(ClosedFormState):
         blk = self._block
         if blk is not None and i in blk.units and not self.pvalues:
             blk.remove(i)
+            self._test_current = False
+        elif not self.pvalues:
+            self._commit()
+            self._defer(self._slots_rows(i))
+            self._test_current = False
         else:
             self._flush()
             r = self._rows(i)
@@ -298,8 +335,6 @@ class GaussianState(ClosedFormState):
                 p_ri = self._p[:, r]
                 self._bm -= p_ri @ torch.linalg.solve(p_ri[r], self._bm[r])
                 self._bm[r] = 0.0
-            else:
-                self._test_current = False
             for m in (self._p, self._qx):
                 _downdate(m, r)
         self._slots.remove(i)
@@ -308,14 +343,14 @@ class GaussianState(ClosedFormState):
             self.heldout.remove(i)
 
     def _flush(self) -> None:
-        """Apply a block's deferred removals R to the full P and Q at once:
-        M ← M − M_·R M_RR⁻¹ M_R· (M as at the block start), then zero R's rows and columns."""
-        blk, self._block = self._block, None
-        if blk is None or not blk.removed:
+        """Apply every deferred removal R (the current block's and earlier ones) to the full P
+        and Q at once: M ← M − M_·R M_RR⁻¹ M_R· = M − (L⁻¹M_R·)ᵀ(L⁻¹M_R·), then zero R's
+        rows and columns."""
+        self._commit()
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
             return
-        rows = torch.cat([blk.rows[blk.units[u]] for u in blk.removed])
-        for m in (self._p, self._qx):
-            _downdate(m, rows)
+        deferred.apply([self._p, self._qx])
         self._test_current = False
 
     def _refresh_test(self) -> None:
@@ -375,6 +410,58 @@ def _downdate(m: Tensor, rows: Tensor | slice) -> None:
         m -= m_r @ torch.linalg.solve(m_r[rows], m_r.T)
     m[rows] = 0.0
     m[:, rows] = 0.0
+
+
+class _Deferred:
+    """Removed feature rows R not yet applied to some symmetric matrices M (never modified
+    meanwhile), with the lower Cholesky factor L of each M_RR, grown by appending rows:
+    for new rows N, C = L⁻¹M_RN and L_NN = chol(M_NN − CᵀC). The kept set's restriction
+    to rows K is then M_KK − WᵀW with W = L⁻¹M_RK (the Schur complement of M_RR in M) [ours].
+    The factors live in buffers grown by doubling, so appending costs O(|R|²·|N|) plus an
+    amortised copy."""
+
+    def __init__(self, count: int) -> None:
+        self.rows = torch.empty(0, dtype=torch.long)
+        self.factors: list[Tensor] = [torch.empty(0, 0, dtype=torch.float64)] * count
+
+    def add(self, mats: list[Tensor], new: Tensor) -> None:
+        r, n = len(self.rows), len(new)
+        if r + n > self.factors[0].shape[0]:
+            cap = max(2 * self.factors[0].shape[0], r + n, 64)
+            grown = []
+            for f in self.factors:
+                g = torch.zeros(cap, cap, dtype=torch.float64)
+                g[:r, :r] = f[:r, :r]
+                grown.append(g)
+            self.factors = grown
+        for m, f in zip(mats, self.factors, strict=True):
+            m_nn = m[new[:, None], new]
+            if r:
+                c = torch.linalg.solve_triangular(
+                    f[:r, :r], m[self.rows[:, None], new], upper=False
+                )
+                f[r : r + n, :r] = c.T
+                m_nn = m_nn - c.T @ c
+            f[r : r + n, r : r + n] = cholesky_or_raise(
+                (m_nn + m_nn.T) / 2, what="kept-set Schur complement"
+            )
+        self.rows = torch.cat([self.rows, new])
+
+    def restrict(self, mats: list[Tensor], rows: Tensor) -> list[Tensor]:
+        r = len(self.rows)
+        out = []
+        for m, f in zip(mats, self.factors, strict=True):
+            w = torch.linalg.solve_triangular(f[:r, :r], m[self.rows[:, None], rows], upper=False)
+            out.append(m[rows[:, None], rows] - w.T @ w)
+        return out
+
+    def apply(self, mats: list[Tensor]) -> None:
+        r = len(self.rows)
+        for m, f in zip(mats, self.factors, strict=True):
+            w = torch.linalg.solve_triangular(f[:r, :r], m[self.rows], upper=False)  # (|R|, D)
+            m.sub_(w.T @ w)
+            m[self.rows] = 0.0
+            m[:, self.rows] = 0.0
 
 
 class _Block:

@@ -32,6 +32,8 @@ __all__ = [
     "UnitSlots",
     "check_folds",
     "fold_moments",
+    "principal_axes",
+    "principal_moments",
     "ridge_scale",
     "second_moments",
     "spd_inverse",
@@ -229,6 +231,60 @@ def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_si
         n=n,
         n_units=n_units,
         unit_size=unit_size,
+    )
+
+
+def principal_axes(blocks: Tensor, k: int) -> Tensor:
+    """Each unit's k principal axes ``(U, b, k)`` from its own feature covariance ``blocks``
+    ``(U, b, b)``: the eigenvectors of the k largest eigenvalues, sign fixed so that the
+    largest-magnitude entry of each is positive (deterministic)."""
+    _, vecs = torch.linalg.eigh(blocks)  # ascending eigenvalues
+    axes = vecs[:, :, -k:].flip(-1)
+    pivot = axes.abs().argmax(dim=1, keepdim=True)
+    sign = torch.gather(axes, 1, pivot).sign()
+    return axes * torch.where(sign == 0, 1.0, sign)
+
+
+def principal_moments(moments: Moments, k: int) -> Moments:
+    """The moments of each unit's k leading principal components instead of its b features
+    [ours]: Z_u = X_u V_u with V_u the top-k eigenvectors of the unit's own b×b covariance
+    (:func:`principal_axes`), so Σ_zz[u, v] = V_uᵀ Σ_xx[u, v] V_v and Σ_zy[u] = V_uᵀ Σ_xy[u],
+    O(D²·k) from the moments alone, equal to the moments of the projected samples. A unit
+    then costs k features instead of b in every D×D step of the selection. A component with
+    (relative) zero variance is constant, like a dead feature. ``k >= b``: unchanged.
+    Moments with folds (confidence mode's held-out test) are refused: their per-fold
+    extremes cannot be projected."""
+    b, u = moments.unit_size, moments.n_units
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k >= b:
+        return moments
+    if moments.folds is not None:
+        raise ValueError("principal_moments cannot project moments with folds (confidence mode)")
+    sxx = moments.sxx.view(u, b, u, b)
+    idx = torch.arange(u)
+    axes = principal_axes(sxx[idx, :, idx, :], k)  # (U, b, k)
+    szz = torch.einsum("uab,uavd,vdc->ubvc", axes, sxx, axes).reshape(u * k, u * k)
+    szy = torch.einsum("uab,uaq->ubq", axes, moments.sxy.view(u, b, -1)).reshape(u * k, -1)
+    mean_z = torch.einsum("uab,ua->ub", axes, moments.mean_x.view(u, b)).reshape(-1)
+    var = szz.diagonal()
+    scale = moments.sxx.diagonal().view(u, b).sum(1).repeat_interleave(k)  # unit's total
+    const = (var <= 1e-12 * scale) | moments.const_units.repeat_interleave(k)
+    szz[const] = 0.0
+    szz[:, const] = 0.0
+    szy[const] = 0.0
+    return Moments(
+        sxx=(szz + szz.T) / 2,
+        sxy=szy,
+        syy=moments.syy,
+        mean_x=mean_z,
+        mean_y=moments.mean_y,
+        const_x=const,
+        const_y=moments.const_y,
+        n=moments.n,
+        n_units=u,
+        unit_size=k,
+        full_target=moments.full_target,
     )
 
 
@@ -677,7 +733,7 @@ class ClosedFormState(EstimatorState):
             if isinstance(value, Tensor):
                 setattr(other, key, value.clone())
         other._slots = copy.deepcopy(self._slots)
-        for key in ("_block", "heldout"):
+        for key in ("_block", "_deferred", "heldout"):
             if getattr(self, key, None) is not None:
                 setattr(other, key, copy.deepcopy(getattr(self, key)))
         return other

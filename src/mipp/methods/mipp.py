@@ -48,6 +48,7 @@ from mipp.methods.targets import (
     Residual,
     StreamedMoments,
     branch_layers,
+    compress_streams,
     group_columns,
     group_data,
 )
@@ -112,6 +113,13 @@ class MIPP(Method):
             paper's rule, the activations after the addition, as the next layers read them)
             or ``"branch"`` (the consumer's own output before the addition: the shortcut,
             which the units do not produce, is left out of the target).
+        stream_features: with ``scope="all"``, how many features a residual-stream unit
+            keeps (default None: all). A stream channel is read at every depth of its
+            stage, one feature block per tensor (a 6-block stage: 6 per unit), which makes
+            its group's D = units × features the largest in the network; k keeps the k
+            leading principal components of each unit's own readings (from the moments, no
+            extra pass), so every D×D step costs (k/f)² to (k/f)³ as much [ours]. Threshold
+            and target modes only.
         paper: the paper's procedure as published, one switch away from the defaults: the
             ``linear`` closed form of its loss-difference estimator and no reconstruction
             (options given explicitly still win). The paper's own trained-MLP estimator is
@@ -149,6 +157,7 @@ class MIPP(Method):
         cost_aware: bool | None = None,
         reconstruct: bool | None = None,
         residual: Residual = "sum",
+        stream_features: int | None = None,
         paper: bool = False,
     ) -> None:
         if not isinstance(paper, bool):
@@ -184,6 +193,20 @@ class MIPP(Method):
             raise ValueError(f"cost_aware must be True, False or None (auto), got {cost_aware!r}")
         if residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}; got {residual!r}")
+        if stream_features is not None and (
+            isinstance(stream_features, bool)
+            or not isinstance(stream_features, int)
+            or stream_features < 1
+        ):
+            raise ValueError(
+                f"stream_features must be None (all) or an integer >= 1, got {stream_features!r}"
+            )
+        if stream_features is not None and confidence is not None:
+            raise ValueError(
+                "stream_features applies to threshold and target modes; confidence mode tests "
+                "every feature of a unit (give one of them, not both)"
+            )
+        self.stream_features = stream_features
         self.residual: Residual = residual
         self.cost_aware = cost_aware
         self.estimator = estimator
@@ -208,6 +231,7 @@ class MIPP(Method):
             "cost_aware": self.cost_aware,
             "reconstruct": self.reconstruct,
             "residual": self.residual,
+            "stream_features": self.stream_features,
             "paper": self.paper,
         }
 
@@ -322,6 +346,7 @@ class MIPP(Method):
                 "cost_aware": kind,
                 "reconstruct": self.reconstruct,
                 "residual": self.residual,
+                "stream_features": self.stream_features,
                 "paper": self.paper,
             },
             trace=trace,
@@ -421,7 +446,7 @@ class MIPP(Method):
                 transient=True,
             )
             stream_activations(work, batches, layers, pool=self.pool, on_batch=stream.update)
-            gdata = stream.group_data()
+            gdata = compress_streams(stream.group_data(), self.stream_features)
             # interleaved: "statistics" is the time spent accumulating, "capture" the rest
             ctx.timings["statistics"] = stream.seconds
             ctx.timings["capture"] = time.perf_counter() - t - stream.seconds
@@ -435,7 +460,14 @@ class MIPP(Method):
         ctx.report("statistics", "computing statistics", transient=True)
         device = est.data_device(first_parameter(work).device)
         gdata = group_data(
-            structure, groups, acts, est, self.pool, device=device, residual=self.residual
+            structure,
+            groups,
+            acts,
+            est,
+            self.pool,
+            device=device,
+            residual=self.residual,
+            stream_features=self.stream_features,
         )
         ctx.timings["statistics"] = time.perf_counter() - t
         return gdata

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mipp.errors import MippError
 from mipp.estimators import Estimator
-from mipp.estimators.moments import MomentAccumulator
+from mipp.estimators.moments import MomentAccumulator, principal_axes, principal_moments
 from mipp.surgery.capture import OUTPUT, Activations, Pool
 from mipp.surgery.structure import ModelStructure, UnitGroup
 
@@ -38,8 +38,10 @@ __all__ = [
     "StreamedMoments",
     "branch_ends",
     "branch_layers",
+    "compress_streams",
     "group_columns",
     "group_data",
+    "principal_unit_features",
     "unit_features",
 ]
 
@@ -194,6 +196,20 @@ def group_columns(
         yield x, torch.cat(cols, dim=1), torch.tensor(owner), torch.tensor(unit)
 
 
+def principal_unit_features(x: Tensor, k: int) -> Tensor:
+    """``(n, U, f)`` → ``(n, U, min(k, f))``: each unit's samples projected on its k leading
+    principal axes (:func:`mipp.estimators.moments.principal_axes` of its own f×f
+    covariance), the sample counterpart of :func:`~mipp.estimators.moments.principal_moments`.
+    """
+    if k >= x.shape[2]:
+        return x
+    xd = x.double()
+    xc = xd - xd.mean(0)
+    blocks = torch.einsum("nua,nub->uab", xc, xc) / len(x)
+    axes = principal_axes(blocks, k)
+    return torch.einsum("nua,uak->nuk", xd, axes).to(x.dtype)
+
+
 def group_data(
     structure: ModelStructure,
     groups: list[UnitGroup],
@@ -203,18 +219,36 @@ def group_data(
     *,
     device: torch.device | None = None,
     residual: Residual = "sum",
+    stream_features: int | None = None,
 ) -> list[GroupData]:
     """X, Y and prepared statistics of each group in ``groups`` (the walk, output → input).
 
     ``device``: where X and Y go before ``estimator.prepare`` (recorded activations are on
     the CPU); e.g. the model's GPU for the ``ksg`` estimator, which computes where its data is.
+    ``stream_features``: a residual-stream group's units keep only their leading principal
+    components (:func:`principal_unit_features`).
     """
-    return [
-        GroupData(g, estimator.prepare(x.to(device), y.to(device)), owner, unit, x.shape[2])
-        for g, (x, y, owner, unit) in zip(
-            groups, group_columns(structure, groups, acts, pool, residual=residual), strict=True
-        )
-    ]
+    out = []
+    for g, (x, y, owner, unit) in zip(
+        groups, group_columns(structure, groups, acts, pool, residual=residual), strict=True
+    ):
+        if stream_features is not None and g.kind == "stream":
+            x = principal_unit_features(x, stream_features)
+        prepared = estimator.prepare(x.to(device), y.to(device))
+        out.append(GroupData(g, prepared, owner, unit, x.shape[2]))
+    return out
+
+
+def compress_streams(data: list[GroupData], stream_features: int | None) -> list[GroupData]:
+    """Replace the prepared moments of every residual-stream group by those of its units'
+    ``stream_features`` leading principal components (closed forms; in place)."""
+    if stream_features is None:
+        return data
+    for d in data:
+        if d.group.kind == "stream" and d.features > stream_features:
+            d.prepared = principal_moments(d.prepared, stream_features)
+            d.features = stream_features
+    return data
 
 
 class StreamedMoments:

@@ -1,0 +1,108 @@
+"""MIPP(stream_features=k): a residual-stream unit keeps the k leading principal components of
+its readings at every depth instead of one feature block per tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import mipp
+from helpers import make_model
+from mipp.estimators import GaussianEstimator, LinearEstimator
+from mipp.estimators.moments import principal_axes, principal_moments, second_moments
+from mipp.methods import MIPP
+from mipp.methods.targets import principal_unit_features
+
+
+def _units(n: int = 4000, units: int = 6, f: int = 4, seed: int = 0):
+    """x ``(n, U, f)``: each unit's f readings are one latent plus small per-reading noise
+    (a stream channel read at f depths); y reads the first four units' latents."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, units, 1, generator=g, dtype=torch.float64)
+    x = z + 0.05 * torch.randn(n, units, f, generator=g, dtype=torch.float64) + 3.0
+    y = z[:, :4, 0] @ torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = y + 0.1 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return x, y
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_principal_moments_equal_the_moments_of_the_projected_samples(k):
+    x, y = _units()
+    m = second_moments(x, y)
+    z = principal_unit_features(x, k)
+    assert z.shape == (len(x), 6, k)
+    direct = second_moments(z, y)
+    proj = principal_moments(m, k)
+    assert proj.unit_size == k and proj.n_units == 6
+    for a, b in ((proj.sxx, direct.sxx), (proj.sxy, direct.sxy), (proj.mean_x, direct.mean_x)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert principal_moments(m, 4) is m  # k >= b: unchanged
+
+
+def test_principal_axes_are_the_leading_orthonormal_eigenvectors_with_a_fixed_sign():
+    blocks = torch.diag_embed(torch.tensor([[1.0, 5.0, 3.0]], dtype=torch.float64))
+    axes = principal_axes(blocks, 2)[0]
+    assert torch.equal(
+        axes, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    )
+    assert torch.equal(principal_axes(-blocks.neg(), 1), principal_axes(blocks, 1))
+
+
+@pytest.mark.parametrize("est", [LinearEstimator(ridge=1e-9), GaussianEstimator(ridge=1e-9)])
+def test_one_component_keeps_each_units_information_when_its_readings_share_one_latent(est):
+    """Readings = latent + 5 % noise: the first component holds the latent, so each unit's
+    Δ_i with k = 1 is within a few percent of Δ_i on all four readings, and the units the
+    target ignores stay near 0 either way."""
+    x, y = _units()
+    full = est.start(est.prepare(x, y))
+    one = est.start(principal_moments(est.prepare(x, y), 1))
+    d_full = torch.tensor([full.delta(i).value for i in range(6)])
+    d_one = torch.tensor([one.delta(i).value for i in range(6)])
+    assert torch.allclose(d_one[:4], d_full[:4], rtol=0.05)
+    assert (d_one[4:] < 0.01 * d_one[:4].min()).all()
+
+
+def test_a_dead_unit_stays_constant_after_projection():
+    x, y = _units()
+    x[:, 2] = 1.5
+    proj = principal_moments(second_moments(x, y), 2)
+    assert proj.const_units.tolist() == [False, False, True, False, False, False]
+    assert proj.sxx[4:6].abs().max() == 0 and proj.sxy[4:6].abs().max() == 0
+
+
+def test_moments_with_folds_are_refused():
+    from mipp.estimators.moments import fold_moments
+
+    x, y = _units(n=100)
+    m = second_moments(x, y)
+    m = dataclasses.replace(m, folds=fold_moments(x, y, 2, m))
+    with pytest.raises(ValueError, match="folds"):
+        principal_moments(m, 1)
+
+
+@pytest.mark.parametrize("estimator", ["gaussian", "linear", "ksg"])
+def test_mipp_with_stream_features_prunes_a_residual_net_and_reports_k_per_stream_unit(estimator):
+    net, x = make_model("tiny-resnet", n=256)
+    method = MIPP(estimator=estimator, stream_features=1, reconstruct=False)
+    res = mipp.prune(net, x, method=method, sparsity=0.4, scope="all", calib_samples=256)
+    groups = {g.name: g for g in res.report.groups}
+    streams = [g for g in groups.values() if g.kind == "stream"]
+    assert streams and all(g.features_per_unit == 1 for g in streams)
+    assert any(g.width_after < g.width_before for g in streams)
+    assert res.report.options["stream_features"] == 1
+    assert res.model(x[:4]).shape == net(x[:4]).shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stream_features": 0}, "stream_features must be None .* got 0"),
+        ({"stream_features": 1.5}, "stream_features must be None .* got 1.5"),
+        ({"stream_features": 1, "confidence": 0.9}, "threshold and target modes"),
+    ],
+)
+def test_bad_stream_features_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MIPP(**kwargs)
