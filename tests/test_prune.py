@@ -289,13 +289,13 @@ def test_without_a_budget_mipp_applies_the_papers_test_at_095():
 def test_statistics_bytes_known_answer():
     """One group of 10 units × 2 features and a 5-column target: D = 20. Streamed per fold
     D² + D·q + q² = 400 + 100 + 25 (q = 5 without the covariance); the state
-    4D² + 2D·q + 3q² = 1,875 (gaussian) or 3D² + 2D·q = 1,400 (linear); with 5 folds, six
+    6D² + 2D·q + 3q² = 2,675 (gaussian) or 3D² + 2D·q = 1,400 (linear); with 5 folds, six
     copies (the folds and their whole)."""
     from mipp.methods.mipp import statistics_bytes
 
-    assert statistics_bytes([(10, 2, 5)], full_target=True) == (8 * 525, 8 * 1875)
+    assert statistics_bytes([(10, 2, 5)], full_target=True) == (8 * 525, 8 * 2675)
     assert statistics_bytes([(10, 2, 5)], full_target=False) == (8 * 505, 8 * 1400)
-    assert statistics_bytes([(10, 2, 5)] * 2, full_target=True, folds=5) == (8 * 525 * 12, 8 * 1875)
+    assert statistics_bytes([(10, 2, 5)] * 2, full_target=True, folds=5) == (8 * 525 * 12, 8 * 2675)
 
 
 def test_statistics_larger_than_memory_are_refused_before_the_pass(monkeypatch):

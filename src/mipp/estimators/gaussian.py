@@ -260,7 +260,7 @@ class GaussianState(ClosedFormState):
 
     def _defer(self, rows: Tensor) -> None:
         if self._deferred is None:
-            self._deferred = _Deferred(2)
+            self._deferred = _Deferred(2, self._p.shape[0])
         self._deferred.add([self._p, self._qx], rows)
 
     def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
@@ -417,17 +417,18 @@ class _Deferred:
     meanwhile), with the lower Cholesky factor L of each M_RR, grown by appending rows:
     for new rows N, C = L⁻¹M_RN and L_NN = chol(M_NN − CᵀC). The kept set's restriction
     to rows K is then M_KK − WᵀW with W = L⁻¹M_RK (the Schur complement of M_RR in M) [ours].
-    The factors live in buffers grown by doubling, so appending costs O(|R|²·|N|) plus an
-    amortised copy."""
+    The factors live in buffers grown by doubling up to D×D, so appending costs O(|R|²·|N|)
+    plus an amortised copy."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size  # D: the buffers never grow past it
         self.rows = torch.empty(0, dtype=torch.long)
         self.factors: list[Tensor] = [torch.empty(0, 0, dtype=torch.float64)] * count
 
     def add(self, mats: list[Tensor], new: Tensor) -> None:
         r, n = len(self.rows), len(new)
         if r + n > self.factors[0].shape[0]:
-            cap = max(2 * self.factors[0].shape[0], r + n, 64)
+            cap = min(max(2 * self.factors[0].shape[0], r + n, 64), self.size)
             grown = []
             for f in self.factors:
                 g = torch.zeros(cap, cap, dtype=torch.float64)

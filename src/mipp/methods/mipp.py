@@ -614,14 +614,14 @@ def statistics_bytes(
     group's selection state) for the closed forms, from each group's (units, features per
     unit, target columns). A group of D = units × features features and q columns streams
     D² + D·q + q² numbers (q without the target covariance) per fold; selecting it holds
-    about 4D² + 2D·q + 3q² (``gaussian``: A, P, Q_XX, Σ_Sy C_yy^(-1/2), C_yy, E, G) or
-    3D² + 2D·q (``linear``)."""
+    about 6D² + 2D·q + 3q² (``gaussian``: A, P, Q_XX, Σ_Sy C_yy^(-1/2), C_yy, E, G, and up to
+    two D×D Cholesky factors of its deferred removals) or 3D² + 2D·q (``linear``)."""
     parts = max(folds, 1) + (1 if folds else 0)  # the folds and their merged whole
     stream = state = 0
     for units, features, q in shapes:
         d = units * features
         stream += parts * (d * d + d * q + (q * q if full_target else q))
-        held = 4 * d * d + 2 * d * q + 3 * q * q if full_target else 3 * d * d + 2 * d * q
+        held = 6 * d * d + 2 * d * q + 3 * q * q if full_target else 3 * d * d + 2 * d * q
         state = max(state, held)
     return 8 * stream, 8 * state
 
