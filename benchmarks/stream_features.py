@@ -1,6 +1,6 @@
 """What ``MIPP(stream_features=k)`` changes on a trained residual network, one-shot.
 
-    python benchmarks/stream_features.py            # ~15 min on 2 CPU cores with the base cached
+    python benchmarks/stream_features.py   # ~18 min on one thread with the base cached
 
 ResNet-20 trained on Fashion-MNIST (32×32) by the ``standard`` profile of
 ``experiments/resnet20_fmnist.toml`` (15 epochs; the seed-0 base is taken from the sweeps'
