@@ -14,7 +14,7 @@ from rich.console import Console
 from mipp.cli import build_parser, main
 from mipp.cli._common import ProgressRenderer
 from mipp.estimators import ESTIMATOR_NAMES
-from mipp.methods import ALLOCATIONS, METHOD_NAMES, NOT_IMPLEMENTED, TARGETS
+from mipp.methods import ALL_ALLOCATIONS, ALLOCATIONS, METHOD_NAMES, NOT_IMPLEMENTED, TARGETS
 from mipp.methods.selection import ORDERS
 from mipp.progress import ProgressEvent
 from mipp.surgery.structure import SCOPES
@@ -383,6 +383,9 @@ def test_a_method_option_the_method_lacks_is_one_line_from_the_registry(capsys):
     assert main([*argv, "--allocation", "uniform"]) == 2  # MIPP allocates on its own
     err = capsys.readouterr().err
     assert err.startswith("mipp: error: method 'mipp' has no option(s) allocation;")
+    assert main([*argv, "--method", "l1", "--allocation", "pfp"]) == 2  # PFP's own
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "allocation must be one of" in err and "'pfp'" in err, err
     # a value of the wrong kind is one line too (not a traceback)
     assert main([*argv, "--option", "estimator=3"]) == 2
     assert capsys.readouterr().err.startswith("mipp: error: estimator must be a name")
@@ -398,12 +401,13 @@ def test_flag_choices_are_the_library_constants():
     assert _choices("prune") == {
         "target": TARGETS,
         "method": METHOD_NAMES + tuple(NOT_IMPLEMENTED),  # the latter refused with the reason
-        "allocation": ALLOCATIONS,
+        "allocation": ALL_ALLOCATIONS,
         "estimator": ESTIMATOR_NAMES,
         "scope": SCOPES,
         "order": ORDERS,
     }
     assert "widths" in ALLOCATIONS  # keeps a matched report's widths (needs --match)
+    assert (*ALLOCATIONS, "pfp") == ALL_ALLOCATIONS  # PFP's own epsilon search
     for command in ("train", "finetune"):
         choices = _choices(command)
         assert choices["optimizer"] == OPTIMIZERS and choices["schedule"] == SCHEDULES

@@ -43,7 +43,7 @@ from mipp.cli._common import (
 from mipp.errors import MippError
 from mipp.estimators import ESTIMATOR_NAMES
 from mipp.methods import (
-    ALLOCATIONS,
+    ALL_ALLOCATIONS,
     BASELINE_NAMES,
     METHOD_NAMES,
     NOT_IMPLEMENTED,
@@ -131,10 +131,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--allocation",
-        choices=ALLOCATIONS,
+        choices=ALL_ALLOCATIONS,
         default=None,
-        help="baselines: global ranking, uniform per-layer ratio, or the per-layer widths of "
-        "--match (default: the method's)",
+        help="baselines: global ranking, uniform per-layer ratio, the per-layer widths of "
+        "--match, or pfp (PFP's epsilon search; pfp only) (default: the method's)",
     )
     p.add_argument(
         "--option",

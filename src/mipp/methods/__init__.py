@@ -83,12 +83,21 @@ from typing import Any
 from mipp.errors import InvalidOptionError, UnknownNameError, build_checked
 from mipp.methods.base import TARGETS, Budget, Decision, Method, PruneContext, Target
 from mipp.methods.baselines import BASELINES
+from mipp.methods.baselines.sampling import PFP_ALLOCATIONS
 from mipp.methods.mipp import MIPP
 from mipp.methods.scored import ALLOCATIONS, ScoredMethod
 from mipp.registry import lookup
 
+#: every allocation some method takes (the command line's ``--allocation`` choices): the
+#: scored methods' ones and PFP's own ``"pfp"`` (each method refuses the others by name)
+ALL_ALLOCATIONS: tuple[str, ...] = (
+    *ALLOCATIONS,
+    *(a for a in PFP_ALLOCATIONS if a not in ALLOCATIONS),
+)
+
 __all__ = [
     "ALLOCATIONS",
+    "ALL_ALLOCATIONS",
     "BASELINE_NAMES",
     "METHODS",
     "METHOD_NAMES",
