@@ -18,7 +18,7 @@ entries, and under the diagonal model their saliencies add, so a unit's score is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -94,39 +94,11 @@ def ggn_diagonal(
             if p is not None:
                 total.setdefault(id(p), torch.zeros_like(p, dtype=torch.float64))
     n = _count(batches)
-    gen = torch.Generator().manual_seed(seed)
-    for x, _ in batches:
-        inputs: dict[nn.Module, Tensor] = {}
-        outputs: dict[nn.Module, Tensor] = {}
-
-        def hook(
-            module: nn.Module,
-            args: tuple,
-            out: Tensor,
-            inputs: dict[nn.Module, Tensor] = inputs,
-            outputs: dict[nn.Module, Tensor] = outputs,
-        ) -> None:
-            if module not in inputs:  # a reused layer: its first call
-                inputs[module], outputs[module] = args[0].detach(), out
-
-        handles = [m.register_forward_hook(hook) for m in layers]
-        try:
-            logits = as_samples(x).run(model)
-        finally:
-            for h in handles:
-                h.remove()
-        if logits.ndim != 2:
-            raise MippError(f"OBD needs (batch, classes) logits, got {tuple(logits.shape)}")
-        p = torch.softmax(logits.detach().double(), dim=-1)
-        live = [m for m in layers if m in outputs and outputs[m].requires_grad]
-        for s in _output_signals(p, max_classes, draws, gen):
-            deltas = torch.autograd.grad(
-                logits,
-                [outputs[m] for m in live],
-                grad_outputs=s.to(logits.dtype),
-                retain_graph=True,
-                allow_unused=True,
-            )
+    passes = _signal_gradients(
+        model, batches, layers, max_classes=max_classes, draws=draws, seed=seed, who="OBD"
+    )
+    for inputs, _, live, grads in passes:
+        for deltas in grads:
             for m, delta in zip(live, deltas, strict=True):
                 if delta is None:
                     continue
@@ -205,6 +177,63 @@ def _output_signals(p: Tensor, max_classes: int, draws: int, gen: torch.Generato
     return out
 
 
+def _signal_gradients(
+    model: nn.Module,
+    batches: Batches,
+    layers: list[nn.Module],
+    *,
+    max_classes: int,
+    draws: int,
+    seed: int,
+    who: str,
+) -> Iterator[tuple[dict[nn.Module, Tensor], dict[nn.Module, Tensor], list[nn.Module], Any]]:
+    """Per batch: ``(inputs, outputs, live, grads)``: each layer's input and output at its
+    first call, the layers whose output needs a gradient, and an iterator over the output
+    signals of :func:`_output_signals` (one Generator seeded by ``seed`` for all batches),
+    each giving the gradients at the live layers' outputs (None where a layer is unused).
+    Shared by :func:`ggn_diagonal` and :func:`kfac_saliency`; ``who`` names the method in
+    the error for non-classifier outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for x, _ in batches:
+        inputs: dict[nn.Module, Tensor] = {}
+        outputs: dict[nn.Module, Tensor] = {}
+
+        def hook(
+            module: nn.Module,
+            args: tuple,
+            out: Tensor,
+            inputs: dict[nn.Module, Tensor] = inputs,
+            outputs: dict[nn.Module, Tensor] = outputs,
+        ) -> None:
+            if module not in inputs:  # a reused layer: its first call
+                inputs[module], outputs[module] = args[0].detach(), out
+
+        handles = [m.register_forward_hook(hook) for m in layers]
+        try:
+            logits = as_samples(x).run(model)
+        finally:
+            for h in handles:
+                h.remove()
+        if logits.ndim != 2:
+            raise MippError(f"{who} needs (batch, classes) logits, got {tuple(logits.shape)}")
+        p = torch.softmax(logits.detach().double(), dim=-1)
+        live = [m for m in layers if m in outputs and outputs[m].requires_grad]
+
+        def grads(
+            logits: Tensor = logits, live: list = live, p: Tensor = p, outputs: dict = outputs
+        ) -> Iterator:
+            for s in _output_signals(p, max_classes, draws, gen):
+                yield torch.autograd.grad(
+                    logits,
+                    [outputs[m] for m in live],
+                    grad_outputs=s.to(logits.dtype),
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+
+        yield inputs, outputs, live, grads()
+
+
 def kfac_saliency(
     model: nn.Module,
     batches: Batches,
@@ -227,23 +256,10 @@ def kfac_saliency(
     n = _count(batches)
     z2 = {m: torch.zeros(m.weight.shape[0], dtype=torch.float64) for m in layers}
     s2 = {m: torch.zeros(m.weight.shape[0], dtype=torch.float64) for m in layers}
-    gen = torch.Generator().manual_seed(seed)
-    for x, _ in batches:
-        outputs: dict[nn.Module, Tensor] = {}
-
-        def hook(module: nn.Module, args: tuple, out: Tensor, outputs=outputs) -> None:
-            outputs.setdefault(module, out)
-
-        handles = [m.register_forward_hook(hook) for m in layers]
-        try:
-            logits = as_samples(x).run(model)
-        finally:
-            for h in handles:
-                h.remove()
-        if logits.ndim != 2:
-            raise MippError(f"K-FAC needs (batch, classes) logits, got {tuple(logits.shape)}")
-        p = torch.softmax(logits.detach().double(), dim=-1)
-        live = [m for m in layers if m in outputs and outputs[m].requires_grad]
+    passes = _signal_gradients(
+        model, batches, layers, max_classes=max_classes, draws=draws, seed=seed, who="K-FAC"
+    )
+    for _, outputs, live, grads in passes:
         for m in live:
             z = outputs[m].detach().double()
             channels = z.movedim(-1, 1) if isinstance(m, nn.Linear) else z
@@ -252,14 +268,7 @@ def kfac_saliency(
                 if z.ndim > 2
                 else (z.pow(2).sum(0).cpu())
             )
-        for s in _output_signals(p, max_classes, draws, gen):
-            deltas = torch.autograd.grad(
-                logits,
-                [outputs[m] for m in live],
-                grad_outputs=s.to(logits.dtype),
-                retain_graph=True,
-                allow_unused=True,
-            )
+        for deltas in grads:
             for m, d in zip(live, deltas, strict=True):
                 if d is None:
                     continue
