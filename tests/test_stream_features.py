@@ -47,7 +47,18 @@ def test_principal_axes_are_the_leading_orthonormal_eigenvectors_with_a_fixed_si
     assert torch.equal(
         axes, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     )
-    assert torch.equal(principal_axes(-blocks.neg(), 1), principal_axes(blocks, 1))
+    # random SPD blocks: orthonormal, eigenvectors of the k largest eigenvalues, and each
+    # axis's largest-magnitude entry positive (eigh's own sign is arbitrary)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(5, 4, 4, generator=g, dtype=torch.float64)
+    spd = a @ a.transpose(1, 2) + 0.1 * torch.eye(4, dtype=torch.float64)
+    axes = principal_axes(spd, 2)
+    eye = torch.eye(2, dtype=torch.float64).expand(5, 2, 2)
+    assert torch.allclose(axes.transpose(1, 2) @ axes, eye, atol=1e-12)
+    top = torch.linalg.eigvalsh(spd).flip(-1)[:, :2]  # descending
+    assert torch.allclose(spd @ axes, axes * top.unsqueeze(1), atol=1e-10)
+    pivot = axes.abs().argmax(dim=1, keepdim=True)
+    assert (torch.gather(axes, 1, pivot) > 0).all()
 
 
 @pytest.mark.parametrize("est", [LinearEstimator(ridge=1e-9), GaussianEstimator(ridge=1e-9)])

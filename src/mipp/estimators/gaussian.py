@@ -271,13 +271,14 @@ class GaussianState(ClosedFormState):
             return blk.mats[0][r, r], blk.mats[1][r, r]
         if not self.pvalues:  # the block ends; its removals join the deferred ones
             self._commit()
-            p_ii, q_ii = self._restricted(self._slots_rows(i))
+            p_ii, q_ii = self._restricted(self._row_index(i))
             return p_ii, q_ii
         self._flush()
         r = self._rows(i)
         return self._p[r, r], self._qx[r, r]
 
-    def _slots_rows(self, i: int) -> Tensor:
+    def _row_index(self, i: int) -> Tensor:
+        """Unit i's feature rows in the full matrices, as an index (:meth:`_rows`: a slice)."""
         return torch.arange(i * self._b, (i + 1) * self._b)
 
     def delta(self, i: int) -> Delta:
@@ -322,7 +323,7 @@ class GaussianState(ClosedFormState):
             self._test_current = False
         elif not self.pvalues:
             self._commit()
-            self._defer(self._slots_rows(i))
+            self._defer(self._row_index(i))
             self._test_current = False
         else:
             self._flush()

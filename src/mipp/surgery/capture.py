@@ -188,15 +188,21 @@ def _recording(
                     first_pass["keep"].append(x)  # keep alive: ids stay unique in this pass
             if name in acts.alias:
                 return
-            if is_conv:
-                feats = pool_channels(x.detach(), pool)
-            elif x.ndim > 2:  # a Linear on (n, ..., features): tokens or a channels-last map
-                feats = pool_channels(x.detach().movedim(-1, 1), pool)
-            else:
-                feats = x.detach()
-            chunks[name].append(feats.float().cpu())
+            chunks[name].append(features(x, conv=is_conv, channels_last=True))
 
         return hook
+
+    def features(t: Tensor, *, conv: bool, channels_last: bool) -> Tensor:
+        """A recorded tensor's per-channel features, float32 on the CPU: a conv's (or its
+        BatchNorm's) input always pooled per channel to ``(n, c, f)``; otherwise a map is
+        pooled over its positions (channels last for a Linear on (n, ..., features): tokens
+        or a channels-last map) and a flat ``(n, features)`` kept as it is."""
+        t = t.detach()
+        if conv:
+            t = pool_channels(t, pool)
+        elif t.ndim > 2:
+            t = pool_channels(t.movedim(-1, 1) if channels_last else t, pool)
+        return t.float().cpu()
 
     def end(out: Tensor) -> None:
         first_pass["on"] = False
@@ -213,12 +219,7 @@ def _recording(
             ran.add(name)
             if first_pass["on"]:
                 acts.order.append(name)
-            y = out.detach()
-            if y.ndim > 2:
-                feats = pool_channels(y.movedim(-1, 1) if channels_last else y, pool)
-            else:
-                feats = y
-            chunks[name].append(feats.float().cpu())
+            chunks[name].append(features(out, conv=False, channels_last=channels_last))
 
         return hook
 
