@@ -512,6 +512,45 @@ def test_bases_are_shared_between_sweeps_through_a_cache_directory(tmp_path):
     assert len(list(cache.iterdir())) == 1 and not (tmp_path / "s2" / "bases").exists()
 
 
+def test_a_sweep_waits_for_a_base_another_process_is_training(tmp_path):
+    """A base whose directory is locked (another sweep training it) is waited for, then read:
+    never trained a second time beside the first."""
+    import threading
+
+    from mipp._io import lock_directory
+
+    cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
+    cache = tmp_path / "bases"
+    run_sweep(load_spec(cfg), tmp_path / "s1", bases=cache)
+    (base,) = cache.iterdir()
+    (base / "base.json").rename(base / "base.json.aside")  # as if still being trained
+    held, waited = threading.Event(), threading.Event()
+
+    def trainer() -> None:  # holds the lock until the sweep says it waits, then "finishes"
+        with lock_directory(base):
+            held.set()
+            assert waited.wait(timeout=120)
+            (base / "base.json.aside").rename(base / "base.json")
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    assert held.wait(timeout=120)
+    events: list[ProgressEvent] = []
+
+    def progress(e: ProgressEvent) -> None:
+        events.append(e)
+        if e.stage == "base" and "waiting for another mipp process" in e.message:
+            waited.set()
+
+    run_sweep(load_spec(cfg), tmp_path / "s2", bases=cache, progress=progress)
+    thread.join()
+    base_events = [e.message for e in events if e.stage == "base"]
+    assert len(base_events) == 1 and str(base) in base_events[0]  # waited, trained nothing
+    (run,) = (tmp_path / "s2" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["accuracy_base"] == json.loads((base / "base.json").read_text())["accuracy"]
+
+
 def test_the_reference_runs_before_the_methods_that_match_it():
     spec = resolve(_with(grid__methods=["l1", "random", "mipp"], grid__sparsities=[0.5, 0.7]))
     labels = [r.method for r in spec.runs()]

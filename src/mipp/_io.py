@@ -34,7 +34,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,21 +205,35 @@ def _try_lock(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def lock_directory(path: str | os.PathLike[str], *, what: str = "directory") -> Iterator[Path]:
+def lock_directory(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "directory",
+    wait: bool = False,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[Path]:
     """Hold an exclusive lock on directory ``path`` (created if missing) for the block.
 
-    The lock is a non-blocking ``flock`` on the file :data:`LOCK_NAME` inside it: a second
+    The lock is an ``flock`` on the file :data:`LOCK_NAME` inside it. By default a second
     holder (another process, or another call in this one) fails at once with
-    :class:`DirectoryLockedError`. The kernel releases the lock when the process ends, even
-    by SIGKILL, so a crash never leaves it held; the file itself stays (it is empty).
-    ``what`` names the directory's kind in the error ("sweep directory").
+    :class:`DirectoryLockedError`; with ``wait=True`` it blocks until the holder lets go,
+    calling ``on_wait()`` once first (to say why nothing happens). The kernel releases the
+    lock when the process ends, even by SIGKILL, so a crash never leaves it held; the file
+    itself stays (it is empty). ``what`` names the directory's kind in the error ("sweep
+    directory").
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_NAME
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        if not _try_lock(fd):
+        if _try_lock(fd):
+            pass
+        elif wait:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (fcntl is there: _try_lock said False)
+        else:
             raise DirectoryLockedError(
                 f"{what} {path} is in use by another mipp process (it holds {lock}); "
                 f"wait for that one to finish or choose another directory"

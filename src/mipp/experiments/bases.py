@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mipp._io import read_json, write_json
+from mipp._io import lock_directory, read_json, write_json
 from mipp.errors import MippError
 from mipp.experiments.spec import SweepSpec
 from mipp.progress import Reporter
@@ -194,7 +194,21 @@ class Bases:
         d = self.dir(model, dataset, seed)
         meta = read_json(d / "base.json")
         if meta is None:
-            meta = self._build(model, dataset, seed, d)
+            # one trainer per base: a second sweep sharing the cache waits for the first
+            # one's base instead of training the same network beside it
+            def waiting() -> None:
+                self.report(
+                    "base",
+                    f"waiting for another mipp process that is training the base in {d} ...",
+                    model=model,
+                    dataset=dataset,
+                    seed=seed,
+                )
+
+            with lock_directory(d, what="base directory", wait=True, on_wait=waiting):
+                meta = read_json(d / "base.json")  # written meanwhile by the one we waited for
+                if meta is None:
+                    meta = self._build(model, dataset, seed, d)
         net = load_checkpoint(d / f"{which}.safetensors").model.to(self.device)
         return net, meta["accuracy"]
 

@@ -8,6 +8,8 @@ Layout of a sweep directory::
         init.safetensors          the seeded initialisation (PaI starts here)
         trained.safetensors       the trained network (PaT starts here), trained once
         base.json                 its test accuracy and training time
+        .mipp.lock                held while one process trains it: another sweep sharing
+                                  the cache waits for that base instead of training it too
     runs/<run_id>/
         config.json               the run's resolved settings
         report.json               the prune report (:class:`~mipp.report.PruneReport`)
