@@ -37,7 +37,10 @@ unbounded and only the ridge keeps it finite: compare Δ_i with the layer's curr
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from typing import Any
 
 import scipy.special
 import torch
@@ -49,12 +52,17 @@ from mipp.estimators.moments import (
     ClosedFormEstimator,
     ClosedFormState,
     Moments,
+    UnitSlots,
     check_folds,
     cholesky_or_raise,
     logdet_spd,
+    sample_rows,
 )
 
-__all__ = ["GaussianEstimator", "GaussianState"]
+__all__ = ["GaussianDualState", "GaussianEstimator", "GaussianState"]
+
+#: the sample-space form pays when a layer has more than this many features per sample
+DUAL_FACTOR = 2
 
 
 class GaussianEstimator(ClosedFormEstimator):
@@ -96,6 +104,36 @@ class GaussianEstimator(ClosedFormEstimator):
         if not test:
             return 2
         return max(features + target_columns + 2, 2 * check_folds(self.folds))
+
+    def rows_if_wider_than(self, n: int) -> int | None:
+        """Layers with more than this many features (for n calibration samples) are worth
+        their rows (``Moments.samples``): :class:`GaussianDualState` works on n×n matrices
+        instead of D×D ones. None (the moments alone) without a ridge, which the sample
+        space needs."""
+        return DUAL_FACTOR * n if self.ridge > 0 else None
+
+    def prepare(self, x: Tensor, y: Tensor) -> Moments:
+        """As :meth:`ClosedFormEstimator.prepare`; the rows are also kept (``Moments.samples``)
+        when the layer is wider than :meth:`rows_if_wider_than` and there are no folds."""
+        moments = super().prepare(x, y)
+        wide = self.rows_if_wider_than(moments.n)
+        if wide is not None and moments.folds is None and moments.sxx.shape[0] > wide:
+            moments = dataclasses.replace(moments, samples=sample_rows(moments, x, y))
+        return moments
+
+    def start(self, prepared: Moments, columns: Tensor | None = None) -> Any:
+        """As :meth:`ClosedFormEstimator.start`, in the sample space
+        (:class:`GaussianDualState`) when the moments carry their rows and no held-out test
+        is asked for."""
+        if (
+            isinstance(prepared, Moments)
+            and prepared.samples is not None
+            and prepared.folds is None
+            and prepared.full_target
+            and self.ridge > 0
+        ):
+            return GaussianDualState(prepared, columns, ridge=self.ridge)
+        return super().start(prepared, columns)
 
 
 class GaussianState(ClosedFormState):
@@ -488,6 +526,194 @@ def _batched_logdet(a: Tensor) -> Tensor:
         return 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
     sign, value = torch.linalg.slogdet(a)
     return torch.where(sign > 0, value, torch.full_like(value, -math.inf))
+
+
+class GaussianDualState(ClosedFormState):
+    """:class:`GaussianState` in the sample space, for layers with more features D than
+    calibration samples n (exactly the same Δ_i, I(X_S; Y) and selection, up to rounding)
+    [ours].
+
+    With Xs, Ys the centred rows over √n (``Moments.samples``; standardised target columns
+    Yt), A = XsᵀXs + λ_x I and Q_XX⁻¹ = A − Σ_Sy C_yy⁻¹ Σ_yS = λ_x I + XsᵀG Xs, where
+    G = I − Yt C_yy⁻¹ Ytᵀ = λ_y (Yt Ytᵀ + λ_y I)⁻¹ (push-through identity) is n×n whatever
+    the number of target columns. With Z = √λ_y L⁻¹ Xs (L L ᵀ = Yt Ytᵀ + λ_y I), XsᵀG Xs = ZᵀZ,
+    so both D×D inverses are "ridge + rank n", and by the Woodbury identity
+
+        λ_x P_ii = I − X_iᵀ K_P⁻¹ X_i,   K_P = λ_x I_n + X_S X_Sᵀ,
+        λ_x Q_ii = I − Z_iᵀ K_Q⁻¹ Z_i,   K_Q = λ_x I_n + Z_S Z_Sᵀ,
+
+    (the λ_x factors cancel in Δ_i), and I(X_S; Y) = ½ log det K_P − ½ log det K_Q
+    (Sylvester). Removing units R is K ← K − X_R X_Rᵀ, i.e. K⁻¹ ← K⁻¹ + V M_RR⁻¹ Vᵀ with
+    V = K⁻¹X_R and M_RR = I − X_RᵀV. A start costs O(n²·(D + q) + n³), a selection pass
+    O(n²·D) (every unit's block read once, its removal applied once), against O(D³) for the
+    D×D form: :meth:`GaussianEstimator.start` picks this state when the moments carry
+    their rows (layers wider than :data:`DUAL_FACTOR` × n). Threshold and target modes only:
+    with fewer samples than features there is no test (``pvalues`` gives NaN, which
+    confidence mode refuses by name).
+    """
+
+    def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
+        if moments.samples is None:
+            raise ValueError("GaussianDualState needs moments with their rows (samples)")
+        if not ridge > 0:
+            raise ValueError(f"GaussianDualState needs a ridge > 0, got {ridge}")
+        xs, ys = moments.samples
+        n = xs.shape[0]
+        self.n_units, self._b, self._n = moments.n_units, moments.unit_size, moments.n
+        self.columns = moments.kept_columns(columns)
+        self._q = int(self.columns.numel())
+        self._slots = UnitSlots(moments.n_units, moments.unit_size)
+        self._const_units = moments.const_units
+        self._live = ~moments.const_x
+        self.heldout = None
+        self.ridge_y = ridge
+        var = (xs * xs).sum(0)[self._live]  # the diagonal of Σ_xx, live features
+        scale = float(var.mean()) if var.numel() else 0.0
+        self.ridge_x = ridge * (scale if scale > 0 else 1.0)
+        self._x = xs  # (n, D), read only: forks share it
+        eye = torch.eye(n, dtype=torch.float64)
+        if self._q:
+            yt = ys[:, self.columns] / moments.syy.diagonal()[self.columns].sqrt()
+            chol = cholesky_or_raise(yt @ yt.T + self.ridge_y * eye, what="ridged target Gram")
+            self._z = math.sqrt(self.ridge_y) * torch.linalg.solve_triangular(chol, xs, upper=False)
+        else:
+            self._z = xs
+        self._kinv: list[Tensor] = []
+        logdets = []
+        for m in (self._x, self._z):
+            k_inv, logdet_inv = _inverse_logdet(
+                m @ m.T + self.ridge_x * eye, what="ridged sample Gram of the features"
+            )
+            self._kinv.append(k_inv)
+            logdets.append(-logdet_inv)
+        self._info = 0.5 * (logdets[0] - logdets[1]) if self._q else 0.0
+        self._block: _Block | None = None
+        self._v: list[Tensor] | None = None  # K⁻¹ X_B, K⁻¹ Z_B of the current block
+
+    def information(self) -> float:
+        """I(X_S; Y) in nats (see :meth:`GaussianState.information`)."""
+        if self._q == 0:
+            return 0.0
+        return max(self._info, 0.0)
+
+    def single_scores(self) -> Tensor:
+        """float64 ``(U,)``: I(X_i; Y) of each unit alone,
+        ½ log det(λI + X_iᵀX_i) − ½ log det(λI + Z_iᵀZ_i); 0 for constant units."""
+        if self._q == 0:
+            return torch.zeros(self.n_units, dtype=torch.float64)
+        n, u, b = self._x.shape[0], self.n_units, self._b
+        ridge = self.ridge_x * torch.eye(b, dtype=torch.float64)
+        grams = [
+            torch.einsum("nub,nuc->ubc", m.view(n, u, b), m.view(n, u, b)) + ridge
+            for m in (self._x, self._z)
+        ]
+        scores = 0.5 * (_batched_logdet(grams[0]) - _batched_logdet(grams[1]))
+        return torch.where(self._const_units, 0.0, scores.clamp_min(0.0))
+
+    def _cols(self, units: list[int]) -> Tensor:
+        return torch.cat([torch.arange(u * self._b, (u + 1) * self._b) for u in units])
+
+    def _restricted(self, cols: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([λP_KK, λQ_KK], [K_P⁻¹X_K, K_Q⁻¹Z_K])`` for feature columns K of kept units."""
+        eye = torch.eye(len(cols), dtype=torch.float64)
+        mats, vs = [], []
+        for m, k_inv in zip((self._x, self._z), self._kinv, strict=True):
+            m_k = m[:, cols]
+            v = k_inv @ m_k
+            inner = eye - m_k.T @ v
+            mats.append((inner + inner.T) / 2)
+            vs.append(v)
+        return mats, vs
+
+    def prefetch(self, units: list[int]) -> None:
+        """Read the announced units' blocks at once (one n×n by n×|K| product per matrix);
+        their removals stay exact in the block and reach K⁻¹ as one update when it ends."""
+        self._commit()
+        units = [int(u) for u in units if self._slots.is_active(int(u))]
+        if len(units) < 2:
+            return
+        cols = self._cols(units)
+        mats, self._v = self._restricted(cols)
+        self._block = _Block(
+            units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
+            rows=cols,
+            mats=mats,
+        )
+
+    def _commit(self) -> None:
+        """End the current block: apply its removed units R to K_P⁻¹ and K_Q⁻¹ (Woodbury,
+        with the block's V = K⁻¹X_R from before its removals)."""
+        blk, vs = self._block, self._v
+        self._block, self._v = None, None
+        if blk is None or not blk.removed:
+            return
+        local = torch.cat(
+            [torch.arange(blk.units[u].start, blk.units[u].stop) for u in blk.removed]
+        )
+        self._woodbury(blk.rows[local], [v[:, local] for v in vs])
+
+    def _woodbury(self, cols: Tensor, vs: list[Tensor]) -> None:
+        """K⁻¹ ← K⁻¹ + V (I − X_RᵀV)⁻¹ Vᵀ for removed feature columns R, V = K⁻¹X_R."""
+        eye = torch.eye(len(cols), dtype=torch.float64)
+        for j, (m, v) in enumerate(zip((self._x, self._z), vs, strict=True)):
+            inner = eye - m[:, cols].T @ v
+            chol = cholesky_or_raise((inner + inner.T) / 2, what="kept-set Schur complement")
+            w = torch.linalg.solve_triangular(chol, v.T, upper=False)  # (|R|, n)
+            k_inv = self._kinv[j] + w.T @ w
+            self._kinv[j] = (k_inv + k_inv.T) / 2
+
+    def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
+        blk = self._block
+        if blk is not None and i in blk.units:
+            r = blk.units[i]
+            return blk.mats[0][r, r], blk.mats[1][r, r]
+        self._commit()
+        mats, _ = self._restricted(self._cols([i]))
+        return mats[0], mats[1]
+
+    def delta(self, i: int) -> Delta:
+        """Δ_i in nats (as :meth:`GaussianState.delta`); the p-value is NaN (no test here)."""
+        i = self._slots.check(i)
+        if self._q == 0 or self._const_units[i]:
+            return Delta(value=0.0, relative=0.0, pvalue=1.0)
+        p_ii, q_ii = self._blocks(i)
+        value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
+        info = self.information()
+        return Delta(value=value, relative=value / info if info > 0 else 0.0, pvalue=math.nan)
+
+    def remove(self, i: int) -> None:
+        """S ← S ∖ {i}: exact in the current block, applied to K⁻¹ when the block ends (or at
+        once for a unit outside it)."""
+        i = self._slots.check(i)
+        if not self._const_units[i] and self._q:
+            p_ii, q_ii = self._blocks(i)
+            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
+        blk = self._block
+        if blk is not None and i in blk.units:
+            blk.remove(i)
+        else:
+            self._commit()
+            cols = self._cols([i])
+            _, vs = self._restricted(cols)
+            self._woodbury(cols, vs)
+        self._slots.remove(i)
+
+    def fork(self) -> GaussianDualState:
+        """An independent copy: K_P⁻¹ and K_Q⁻¹ copied (O(n²)), the rows shared (read only)."""
+        self._commit()
+        other = copy.copy(self)
+        other._kinv = [k.clone() for k in self._kinv]
+        other._slots = copy.deepcopy(self._slots)
+        return other
+
+    def retarget_saves(self, moments: Moments, columns: Tensor | None) -> bool:
+        """False: a fresh start is already O(n²·(D + q))."""
+        return False
+
+    def retargeted(self, moments: Moments, columns: Tensor | None) -> GaussianDualState:
+        """A fresh start for the new columns (see :meth:`retarget_saves`)."""
+        self._check_start("retarget")
+        return GaussianDualState(moments, columns, ridge=self.ridge_y)
 
 
 GaussianEstimator.state_class = GaussianState

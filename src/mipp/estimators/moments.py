@@ -29,12 +29,14 @@ __all__ = [
     "FoldMoments",
     "MomentAccumulator",
     "Moments",
+    "RowMoments",
     "UnitSlots",
     "check_folds",
     "fold_moments",
     "principal_axes",
     "principal_moments",
     "ridge_scale",
+    "sample_rows",
     "second_moments",
     "spd_inverse",
 ]
@@ -143,6 +145,10 @@ class Moments:
             ``linear``, which needs the target's variances only); ``gaussian`` needs True.
         folds: the same moments per fold of the rows (:class:`FoldMoments`) for the held-out
             test of confidence mode, or None (the default: in-sample tests only).
+        samples: ``(Xs (n, D), Ys (n, Q))``, the centred rows divided by √n (constant
+            features and columns 0), so that ``sxx = XsᵀXs`` and so on; or None (the default).
+            Kept only for layers much wider than the sample count, where ``gaussian`` works
+            in the sample space (:class:`~mipp.estimators.gaussian.GaussianDualState`).
     """
 
     sxx: Tensor
@@ -157,11 +163,19 @@ class Moments:
     unit_size: int
     full_target: bool = True
     folds: FoldMoments | None = None
+    samples: tuple[Tensor, Tensor] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def const_units(self) -> Tensor:
         """bool ``(U,)``: True for units whose every feature is constant (dead units)."""
         return self.const_x.view(self.n_units, self.unit_size).all(dim=1)
+
+    def kept_columns(self, columns: Tensor | None) -> Tensor:
+        """The target columns ``columns`` (None: all) without the zero-variance ones."""
+        cols = check_columns(columns, self.syy.shape[0])
+        return cols[~self.const_y[cols]]
 
     def standardised(self, columns: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Moments for the target columns ``columns`` scaled to unit variance.
@@ -169,8 +183,7 @@ class Moments:
         Zero-variance columns are dropped. Returns ``(kept_columns (q,), sxy (D, q),
         syy (q, q))`` where ``syy`` is the correlation matrix of the kept columns.
         """
-        cols = check_columns(columns, self.syy.shape[0])
-        cols = cols[~self.const_y[cols]]
+        cols = self.kept_columns(columns)
         std = self.syy.diagonal()[cols].sqrt()
         sxy = self.sxy[:, cols] / std
         syy = self.syy[cols][:, cols] / std[:, None] / std[None, :]
@@ -209,16 +222,20 @@ def second_moments(x: Tensor, y: Tensor) -> Moments:
 
 
 def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_size) -> Moments:
-    """Zero the constant features' rows and columns, normalise by n, symmetrise."""
+    """Zero the constant features' rows and columns, normalise by n, symmetrise (``sxx``
+    None: left to :class:`RowMoments`)."""
     for mat, rows, cols in (
         (sxx, const_x, const_x),
         (sxy, const_x, const_y),
         (syy, const_y, const_y),
     ):
-        mat[rows] = 0.0
-        mat[:, cols] = 0.0
-    sxx, sxy, syy = sxx / n, sxy / n, syy / n
-    sxx = (sxx + sxx.T) / 2
+        if mat is not None:
+            mat[rows] = 0.0
+            mat[:, cols] = 0.0
+    sxy, syy = sxy / n, syy / n
+    if sxx is not None:
+        sxx = sxx / n
+        sxx = (sxx + sxx.T) / 2
     syy = (syy + syy.T) / 2
     return Moments(
         sxx=sxx,
@@ -232,6 +249,39 @@ def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_si
         n_units=n_units,
         unit_size=unit_size,
     )
+
+
+class RowMoments(Moments):
+    """:class:`Moments` that carry their rows (``samples``) and compute ``sxx = XsᵀXs`` only
+    when something reads it: the sample-space ``gaussian`` never does, so a wide layer's
+    O(n·D²) Gram is skipped [ours]. Made by :class:`MomentAccumulator` for layers wider
+    than its ``rows_if_wider_than``."""
+
+    @property  # type: ignore[override]
+    def sxx(self) -> Tensor:
+        gram = self.__dict__.get("_sxx")
+        if gram is None:
+            xs = self.samples[0]
+            gram = xs.T @ xs
+            gram = (gram + gram.T) / 2
+            object.__setattr__(self, "_sxx", gram)
+        return gram
+
+    @sxx.setter
+    def sxx(self, value: Tensor | None) -> None:  # (the dataclass __init__ sets it)
+        object.__setattr__(self, "_sxx", value)
+
+
+def sample_rows(moments: Moments, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``Moments.samples`` for the rows ``x`` ``(n, D)``, ``y`` ``(n, Q)`` the moments were
+    computed from: centred by the moments' means, divided by √n, constant features and
+    columns set to 0 (float64, CPU)."""
+    scale = 1.0 / math.sqrt(moments.n)
+    xs = (x.reshape(x.shape[0], -1).double().cpu() - moments.mean_x) * scale
+    ys = (y.reshape(y.shape[0], -1).double().cpu() - moments.mean_y) * scale
+    xs[:, moments.const_x] = 0.0
+    ys[:, moments.const_y] = 0.0
+    return xs, ys
 
 
 def principal_axes(blocks: Tensor, k: int) -> Tensor:
@@ -355,12 +405,13 @@ def _stack_folds(parts: list[tuple], const_x: Tensor, const_y: Tensor) -> FoldMo
 class _Running:
     """Running float64 moments of one set of rows (Chan–Golub–LeVeque), on the CPU."""
 
-    def __init__(self, d: int, q: int, *, full_target: bool) -> None:
+    def __init__(self, d: int, q: int, *, full_target: bool, gram: bool = True) -> None:
         self.n = 0
         self.full_target = full_target
         self.mean_x = torch.zeros(d, dtype=torch.float64)
         self.mean_y = torch.zeros(q, dtype=torch.float64)
-        self.sxx = torch.zeros(d, d, dtype=torch.float64)
+        # gram False: no X-side second moments (the rows are kept instead, RowMoments)
+        self.sxx = torch.zeros(d, d, dtype=torch.float64) if gram else None
         self.sxy = torch.zeros(d, q, dtype=torch.float64)
         self.syy = torch.zeros(q, q, dtype=torch.float64)
         self.min_x = torch.full((d,), math.inf, dtype=torch.float64)
@@ -376,7 +427,8 @@ class _Running:
         n_a, n = self.n, self.n + m
         dx, dy = mean_xb - self.mean_x, mean_yb - self.mean_y
         w = n_a * m / n
-        self.sxx += xc.T @ xc + w * torch.outer(dx, dx)
+        if self.sxx is not None:
+            self.sxx += xc.T @ xc + w * torch.outer(dx, dx)
         self.sxy += xc.T @ yc + w * torch.outer(dx, dy)
         if self.full_target:
             self.syy += yc.T @ yc + w * torch.outer(dy, dy)
@@ -468,12 +520,22 @@ class MomentAccumulator:
     (True, 2)
     """
 
-    def __init__(self, *, full_target: bool = True, folds: int | None = 0) -> None:
+    def __init__(
+        self,
+        *,
+        full_target: bool = True,
+        folds: int | None = 0,
+        rows_if_wider_than: int | None = None,
+    ) -> None:
         self.n = 0
         self.full_target = full_target
         self.folds = check_folds(folds)
         self._shape: tuple[int, int, int] | None = None
         self._parts: list[_Running] = []
+        #: keep the rows too (``Moments.samples``) when the layer has more features than this
+        #: (never with folds); None: never
+        self.rows_if_wider_than = rows_if_wider_than
+        self._rows: list[tuple[Tensor, Tensor]] | None = None
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add a batch: ``x`` ``(m, U, b)`` or ``(m, U)`` and ``y`` ``(m, Q)`` or ``(m,)``."""
@@ -483,8 +545,11 @@ class MomentAccumulator:
         if self._shape is None:
             self._shape = shape
             d, q = n_units * unit_size, y.shape[1]
+            wide = self.rows_if_wider_than is not None and d > self.rows_if_wider_than
+            self._rows = [] if wide and not self.folds else None
             self._parts = [
-                _Running(d, q, full_target=self.full_target) for _ in range(max(self.folds, 1))
+                _Running(d, q, full_target=self.full_target, gram=self._rows is None)
+                for _ in range(max(self.folds, 1))
             ]
         elif shape != self._shape:
             raise ValueError(
@@ -493,6 +558,8 @@ class MomentAccumulator:
             )
         xb = x.reshape(m, -1).double().cpu()
         yb = y.double().cpu()
+        if self._rows is not None:
+            self._rows.append((xb, yb))
         if not self.folds:
             self._parts[0].add(xb, yb)
         else:  # row r of the stream goes to fold r mod K
@@ -522,6 +589,11 @@ class MomentAccumulator:
                 f"the ranks' statistics differ in shape (units, features, target columns): "
                 f"{shapes}; every rank must prune the same model"
             )
+        if self._rows is not None:
+            raise MippError(
+                "moments that keep their rows (rows_if_wider_than) cannot be merged across "
+                "ranks; accumulate them without rows under torch.distributed"
+            )
         for part in self._parts:
             part.all_reduce()
         self.n = distributed.total(self.n)
@@ -545,7 +617,7 @@ class MomentAccumulator:
         const_x = whole.max_x == whole.min_x
         const_y = whole.max_y == whole.min_y
         moments = _finish(
-            whole.sxx.clone(),
+            None if whole.sxx is None else whole.sxx.clone(),
             whole.sxy.clone(),
             whole.syy.clone(),
             whole.mean_x.clone(),
@@ -572,7 +644,14 @@ class MomentAccumulator:
                 for p in self._parts
             ]
             folds = _stack_folds(parts, const_x, const_y)
-        return dataclasses.replace(moments, full_target=self.full_target, folds=folds)
+        moments = dataclasses.replace(moments, full_target=self.full_target, folds=folds)
+        if self._rows is not None:  # the Gram XsᵀXs is computed only if something reads it
+            xs = torch.cat([r[0] for r in self._rows])
+            ys = torch.cat([r[1] for r in self._rows])
+            fields = {f.name: getattr(moments, f.name) for f in dataclasses.fields(moments)}
+            fields["samples"] = sample_rows(moments, xs, ys)
+            moments = RowMoments(**fields)
+        return moments
 
 
 def ridge_scale(sxx: Tensor, const_x: Tensor) -> float:
@@ -852,6 +931,12 @@ class ClosedFormEstimator(Estimator):
         other = copy.copy(self)
         other.folds = folds
         return other
+
+    def rows_if_wider_than(self, n: int) -> int | None:
+        """Layers with more features than this (for n calibration samples) should also keep
+        their rows (``Moments.samples``, see :class:`MomentAccumulator`); None (the default):
+        the moments alone."""
+        return None
 
     def confidence_folds(self) -> int:
         """K of the held-out test in confidence mode: ``folds``, :data:`DEFAULT_FOLDS` when it

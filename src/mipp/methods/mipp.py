@@ -426,7 +426,27 @@ class MIPP(Method):
                 f"mipp does not gather across ranks; under torch.distributed use a closed form "
                 f"(estimator='gaussian' or 'linear'), or prune on one process"
             )
-        _check_samples(ctx, est, layers, self.pool, test=test, folds=folds, residual=self.residual)
+        # wide groups keep their rows where the estimator can use them (gaussian's
+        # sample-space form; not with stream_features, which projects the moments, nor
+        # under torch.distributed, which gathers moments and not rows)
+        rows_over = (
+            est.rows_if_wider_than(distributed.total(len(x)))
+            if hasattr(est, "rows_if_wider_than")
+            and self.stream_features is None
+            and not folds
+            and not distributed.active()
+            else None
+        )
+        _check_samples(
+            ctx,
+            est,
+            layers,
+            self.pool,
+            test=test,
+            folds=folds,
+            residual=self.residual,
+            rows_over=rows_over,
+        )
         t = time.perf_counter()
         batches = (x[i : i + ctx.batch_size] for i in range(0, len(x), ctx.batch_size))
         if est.streams:
@@ -438,6 +458,7 @@ class MIPP(Method):
                 full_target=est.needs_target_covariance,
                 folds=folds,
                 residual=self.residual,
+                rows_if_wider_than=rows_over,
             )
             ctx.report(
                 "statistics",
@@ -576,6 +597,7 @@ def _check_samples(
     test: bool = True,
     folds: int = 0,
     residual: Residual = "sum",
+    rows_over: int | None = None,
 ) -> None:
     """Refuse a calibration set too small for the estimator on the widest group, or
     statistics larger than the machine's memory (:func:`_check_memory`), from a two-sample
@@ -592,7 +614,7 @@ def _check_samples(
                 shapes.append((x.shape[1], x.shape[2], y.shape[1]))
 
     stream_activations(ctx.model, [ctx.inputs[:2]], layers, pool=pool, on_batch=probe)
-    _check_memory(ctx, est, shapes, folds)
+    _check_memory(ctx, est, shapes, folds, rows_over)
     need, worst = 0, None
     for g, (units, features, q) in zip(ctx.groups, shapes, strict=True):
         req = est.min_samples(units * features, q, test=test)
@@ -608,18 +630,30 @@ def _check_samples(
 
 
 def statistics_bytes(
-    shapes: list[tuple[int, int, int]], *, full_target: bool, folds: int = 0
+    shapes: list[tuple[int, int, int]],
+    *,
+    full_target: bool,
+    folds: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """(bytes of the float64 moments streamed for every group at once, bytes of the largest
     group's selection state) for the closed forms, from each group's (units, features per
     unit, target columns). A group of D = units × features features and q columns streams
     D² + D·q + q² numbers (q without the target covariance) per fold; selecting it holds
     about 6D² + 2D·q + 3q² (``gaussian``: A, P, Q_XX, Σ_Sy C_yy^(-1/2), C_yy, E, G, and up to
-    two D×D Cholesky factors of its deferred removals) or 3D² + 2D·q (``linear``)."""
+    two D×D Cholesky factors of its deferred removals) or 3D² + 2D·q (``linear``).
+    ``rows=(n, wider_than)``: a group of more than ``wider_than`` features keeps its n rows
+    instead of its D×D moments (n·D + n·q + D·q + q²) and is selected in the sample space
+    (``gaussian``'s :class:`~mipp.estimators.gaussian.GaussianDualState`: n·D + 3n² + n·q)."""
     parts = max(folds, 1) + (1 if folds else 0)  # the folds and their merged whole
     stream = state = 0
     for units, features, q in shapes:
         d = units * features
+        if rows is not None and d > rows[1]:
+            n = rows[0]
+            stream += n * d + n * q + d * q + q * q
+            state = max(state, n * d + 3 * n * n + n * q)
+            continue
         stream += parts * (d * d + d * q + (q * q if full_target else q))
         held = 6 * d * d + 2 * d * q + 3 * q * q if full_target else 3 * d * d + 2 * d * q
         state = max(state, held)
@@ -635,7 +669,11 @@ def machine_memory() -> int | None:
 
 
 def _check_memory(
-    ctx: PruneContext, est: Estimator, shapes: list[tuple[int, int, int]], folds: int
+    ctx: PruneContext,
+    est: Estimator,
+    shapes: list[tuple[int, int, int]],
+    folds: int,
+    rows_over: int | None = None,
 ) -> None:
     """Refuse, before the statistics pass, closed-form statistics that would not fit in
     90 % of the machine's memory, naming the widest group and what ``linear`` would need."""
@@ -643,7 +681,9 @@ def _check_memory(
     if not est.streams or memory is None or not shapes:
         return
     full = est.needs_target_covariance
-    stream, state = statistics_bytes(shapes, full_target=full, folds=folds)
+    n = distributed.total(len(ctx.inputs))
+    rows = None if rows_over is None else (n, rows_over)
+    stream, state = statistics_bytes(shapes, full_target=full, folds=folds, rows=rows)
     if stream + state <= 0.9 * memory:
         return
     i = max(range(len(shapes)), key=lambda j: shapes[j][0] * shapes[j][1] + shapes[j][2])

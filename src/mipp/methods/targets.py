@@ -262,6 +262,8 @@ class StreamedMoments:
     (enough for ``linear``). ``folds=K`` (>= 2; default 0: none) also keeps the moments of K
     folds of the calibration rows (row r in fold r mod K, across batches), which the
     closed forms' held-out test of confidence mode needs (``Moments.folds``).
+    ``rows_if_wider_than``: groups with more features than this also keep their rows
+    (``Moments.samples``; the estimator's :meth:`rows_if_wider_than`).
     """
 
     def __init__(
@@ -273,10 +275,16 @@ class StreamedMoments:
         full_target: bool = True,
         folds: int = 0,
         residual: Residual = "sum",
+        rows_if_wider_than: int | None = None,
     ) -> None:
         self._structure, self._groups, self._pool = structure, groups, pool
         self._residual = residual
-        self._acc = [MomentAccumulator(full_target=full_target, folds=folds) for _ in groups]
+        self._acc = [
+            MomentAccumulator(
+                full_target=full_target, folds=folds, rows_if_wider_than=rows_if_wider_than
+            )
+            for _ in groups
+        ]
         self._labels: list[tuple[Tensor, Tensor, int]] | None = None
         #: wall time spent in :meth:`update` and :meth:`group_data` (seconds)
         self.seconds = 0.0

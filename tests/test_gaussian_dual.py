@@ -1,0 +1,153 @@
+"""``gaussian`` in the sample space (GaussianDualState): on layers wider than twice the
+calibration set it must give exactly what the D×D form gives — Δ_i, I(X_S; Y), single
+scores and every TERC decision — only faster."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mipp
+from helpers import make_model
+from mipp.estimators import GaussianEstimator
+from mipp.estimators import gaussian as gaussian_module
+from mipp.estimators.gaussian import GaussianDualState, GaussianState
+from mipp.estimators.moments import (
+    MomentAccumulator,
+    RowMoments,
+    sample_rows,
+    second_moments,
+)
+from mipp.methods import MIPP
+from mipp.methods.selection import terc
+
+
+def _wide(n: int = 60, units: int = 50, b: int = 3, q: int = 20, seed: int = 0):
+    """More features (150) than samples (60): 8 latents read by every unit through noise,
+    a dead unit (3), a constant feature in unit 5, and y reading the latents."""
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    mix = torch.randn(8, units * b, generator=g, dtype=torch.float64)
+    x = lat @ mix + 0.3 * torch.randn(n, units * b, generator=g, dtype=torch.float64)
+    x = x.view(n, units, b)
+    x[:, 3] = 0.0
+    x[:, 5, 1] = 1.0
+    y = lat @ torch.randn(8, q, generator=g, dtype=torch.float64)
+    y = y + 0.1 * torch.randn(n, q, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _pair(columns=None):
+    x, y = _wide()
+    est = GaussianEstimator()
+    m = est.prepare(x, y)
+    dual = est.start(m, columns)
+    return dual, GaussianState(m, columns, ridge=est.ridge), m
+
+
+def _close(a: float, b: float, rel: float = 1e-8) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [None, torch.arange(0, 20, 2)])
+def test_the_dual_state_gives_the_d_by_d_forms_deltas_information_and_scores(columns):
+    dual, primal, m = _pair(columns)
+    assert m.samples is not None and isinstance(dual, GaussianDualState)
+    assert _close(dual.information(), primal.information())
+    assert torch.allclose(dual.single_scores(), primal.single_scores(), rtol=1e-9, atol=1e-12)
+    assert dual.single_scores()[3] == 0.0  # the dead unit
+    for i in (0, 3, 5, 17, 49):
+        d, p = dual.delta(i), primal.delta(i)
+        assert _close(d.value, p.value) and _close(d.relative, p.relative)
+    assert dual.delta(3).value == 0.0
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.001, 0.01, 0.05])
+def test_terc_on_the_dual_state_makes_the_same_decisions(threshold):
+    dual, primal, _ = _pair()
+    rd, rp = terc(dual.fork(), threshold=threshold), terc(primal.fork(), threshold=threshold)
+    assert torch.equal(rd.support, rp.support)
+    tested = ~torch.isnan(rp.deltas)
+    assert torch.equal(tested, ~torch.isnan(rd.deltas))
+    assert torch.allclose(rd.deltas[tested], rp.deltas[tested], rtol=1e-7, atol=1e-12)
+    assert _close(rd.info_kept, rp.info_kept)
+    assert 0 < int(rd.support.sum()) < 50 or threshold == 0.0
+
+
+def test_removals_outside_a_block_and_forks_match_the_d_by_d_form():
+    dual, primal, _ = _pair()
+    for state in (dual, primal):
+        state.pvalues = False
+        state.prefetch([0, 1, 2, 4])
+        state.remove(1)  # inside the block
+        state.remove(30)  # outside it: the block ends first
+    fd, fp = dual.fork(), primal.fork()
+    for state in (fd, fp):
+        state.remove(0)
+        state.remove(7)
+    for i in (2, 4, 10, 49):
+        assert _close(dual.delta(i).value, primal.delta(i).value)  # the fork left them alone
+        assert _close(fd.delta(i).value, fp.delta(i).value)
+    assert _close(fd.information(), fp.information())
+    assert _close(dual.information(), primal.information())
+    assert not bool(dual.active[1]) and bool(dual.active[0]) and not bool(fd.active[0])
+
+
+def test_confidence_mode_is_refused_by_name_on_the_dual_state():
+    dual, _, _ = _pair()
+    with pytest.raises(ValueError, match="fewer calibration samples than features"):
+        terc(dual, confidence=0.95)
+
+
+def test_rows_are_kept_only_for_wide_layers_without_folds():
+    x, y = _wide()
+    est = GaussianEstimator()
+    assert est.rows_if_wider_than(60) == gaussian_module.DUAL_FACTOR * 60
+    assert est.prepare(x[:, :30], y).samples is None  # 90 features, not > 120: D×D form
+    assert isinstance(est.start(est.prepare(x[:, :30], y)), GaussianState)
+    assert GaussianEstimator(folds=2).prepare(x, y).samples is None
+    assert GaussianEstimator(ridge=0.0).rows_if_wider_than(60) is None
+    # streamed: the same rows as from all the samples at once
+    acc = MomentAccumulator(rows_if_wider_than=120)
+    for i in range(0, 60, 16):
+        acc.update(x[i : i + 16], y[i : i + 16])
+    streamed, direct = acc.moments(), second_moments(x, y)
+    assert isinstance(streamed, RowMoments) and "_sxx" in vars(streamed)
+    assert vars(streamed)["_sxx"] is None  # no Gram accumulated: made only when read
+    for name in ("sxy", "syy", "mean_x", "mean_y"):
+        assert torch.allclose(getattr(streamed, name), getattr(direct, name), atol=1e-12)
+    assert torch.allclose(streamed.sxx, direct.sxx, atol=1e-12)
+    assert torch.equal(streamed.const_x, direct.const_x)
+    xs, ys = sample_rows(direct, x, y)
+    assert torch.allclose(streamed.samples[0], xs, atol=1e-12)
+    assert torch.allclose(streamed.samples[1], ys, atol=1e-12)
+    assert torch.allclose(xs.T @ xs, direct.sxx, atol=1e-10)  # the rows' Gram is the moments
+    narrow = MomentAccumulator(rows_if_wider_than=150)  # 150 features: not wider
+    narrow.update(x, y)
+    assert narrow.moments().samples is None
+
+
+def test_mipp_prunes_a_residual_net_with_scope_all_the_same_in_either_form(monkeypatch):
+    """scope "all", 2×2 pooling, 16 calibration samples: the stream groups (64 and 48
+    features) are wider than 32, so they take the sample-space form; forcing the D×D form
+    changes no decision."""
+    net, x = make_model("tiny-resnet", n=16)
+    built: list[int] = []
+    real = GaussianDualState.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDualState, "__init__", spy)
+    method = MIPP(reconstruct=False, pool=2)
+    dual = mipp.prune(net, x, method=method, sparsity=0.4, scope="all", calib_samples=16)
+    assert len(built) >= 2, "the stream groups did not take the sample-space form"
+    monkeypatch.setattr(gaussian_module, "DUAL_FACTOR", 10**9)
+    built.clear()
+    primal = mipp.prune(net, x, method=method, sparsity=0.4, scope="all", calib_samples=16)
+    assert not built
+    assert dual.report.widths == primal.report.widths
+    assert dual.report.achieved == pytest.approx(primal.report.achieved)
