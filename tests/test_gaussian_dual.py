@@ -95,6 +95,24 @@ def test_removals_outside_a_block_and_forks_match_the_d_by_d_form():
     assert not bool(dual.active[1]) and bool(dual.active[0]) and not bool(fd.active[0])
 
 
+def test_a_retargeted_dual_state_equals_a_fresh_start_on_the_new_columns():
+    dual, _, m = _pair(torch.arange(0, 20, 2))
+    new = torch.arange(5, 20)
+    assert dual.retarget_saves(m, new)
+    derived, fresh = dual.retargeted(m, new), GaussianState(m, new, ridge=1e-3)
+    assert torch.equal(derived.columns.sort().values, fresh.columns.sort().values)
+    assert _close(derived.information(), fresh.information())
+    r1, r2 = terc(derived, threshold=0.01), terc(fresh, threshold=0.01)
+    assert torch.equal(r1.support, r2.support)
+    assert _close(
+        dual.information(), GaussianState(m, torch.arange(0, 20, 2), ridge=1e-3).information()
+    )
+    dual.remove(0)
+    assert not dual.retarget_saves(m, new)  # only a starting state
+    with pytest.raises(ValueError, match="starting state"):
+        dual.retargeted(m, new)
+
+
 def test_confidence_mode_is_refused_by_name_on_the_dual_state():
     dual, _, _ = _pair()
     with pytest.raises(ValueError, match="fewer calibration samples than features"):

@@ -572,23 +572,30 @@ class GaussianDualState(ClosedFormState):
         self.ridge_x = ridge * (scale if scale > 0 else 1.0)
         self._x = xs  # (n, D), read only: forks share it
         eye = torch.eye(n, dtype=torch.float64)
+        kp_inv, logdet_inv = _inverse_logdet(
+            xs @ xs.T + self.ridge_x * eye, what="ridged sample Gram of the features"
+        )
+        self._kinv: list[Tensor] = [kp_inv]
+        self._logdet_kp = -logdet_inv  # log det K_P of the starting S: the target-free half
+        self._set_target(moments, ys)
+        self._block: _Block | None = None
+        self._v: list[Tensor] | None = None  # K⁻¹ X_B, K⁻¹ Z_B of the current block
+
+    def _set_target(self, moments: Moments, ys: Tensor) -> None:
+        """Z, K_Q⁻¹ and I(X_S; Y) for the target columns ``self.columns`` (all units in S)."""
+        xs, n = self._x, self._x.shape[0]
+        eye = torch.eye(n, dtype=torch.float64)
         if self._q:
             yt = ys[:, self.columns] / moments.syy.diagonal()[self.columns].sqrt()
             chol = cholesky_or_raise(yt @ yt.T + self.ridge_y * eye, what="ridged target Gram")
             self._z = math.sqrt(self.ridge_y) * torch.linalg.solve_triangular(chol, xs, upper=False)
         else:
             self._z = xs
-        self._kinv: list[Tensor] = []
-        logdets = []
-        for m in (self._x, self._z):
-            k_inv, logdet_inv = _inverse_logdet(
-                m @ m.T + self.ridge_x * eye, what="ridged sample Gram of the features"
-            )
-            self._kinv.append(k_inv)
-            logdets.append(-logdet_inv)
-        self._info = 0.5 * (logdets[0] - logdets[1]) if self._q else 0.0
-        self._block: _Block | None = None
-        self._v: list[Tensor] | None = None  # K⁻¹ X_B, K⁻¹ Z_B of the current block
+        kq_inv, logdet_inv = _inverse_logdet(
+            self._z @ self._z.T + self.ridge_x * eye, what="ridged sample Gram of the features"
+        )
+        self._kinv = [self._kinv[0], kq_inv]
+        self._info = 0.5 * (self._logdet_kp + logdet_inv) if self._q else 0.0
 
     def information(self) -> float:
         """I(X_S; Y) in nats (see :meth:`GaussianState.information`)."""
@@ -659,8 +666,7 @@ class GaussianDualState(ClosedFormState):
             inner = eye - m[:, cols].T @ v
             chol = cholesky_or_raise((inner + inner.T) / 2, what="kept-set Schur complement")
             w = torch.linalg.solve_triangular(chol, v.T, upper=False)  # (|R|, n)
-            k_inv = self._kinv[j] + w.T @ w
-            self._kinv[j] = (k_inv + k_inv.T) / 2
+            self._kinv[j] = torch.addmm(self._kinv[j], w.T, w)
 
     def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
         blk = self._block
@@ -707,13 +713,21 @@ class GaussianDualState(ClosedFormState):
         return other
 
     def retarget_saves(self, moments: Moments, columns: Tensor | None) -> bool:
-        """False: a fresh start is already O(n²·(D + q))."""
-        return False
+        """True for a starting state: :meth:`retargeted` rebuilds only the target half."""
+        return self._untouched()
 
     def retargeted(self, moments: Moments, columns: Tensor | None) -> GaussianDualState:
-        """A fresh start for the new columns (see :meth:`retarget_saves`)."""
+        """A starting state for other target columns: K_P⁻¹ (which does not depend on the
+        target) is shared, Z and K_Q⁻¹ are rebuilt, O(n²·(D + q) + n³)."""
         self._check_start("retarget")
-        return GaussianDualState(moments, columns, ridge=self.ridge_y)
+        other = copy.copy(self)
+        other._block, other._v = None, None
+        other._slots = copy.deepcopy(self._slots)
+        other._kinv = [self._kinv[0].clone()]
+        other.columns = moments.kept_columns(columns)
+        other._q = int(other.columns.numel())
+        other._set_target(moments, moments.samples[1])
+        return other
 
 
 GaussianEstimator.state_class = GaussianState
