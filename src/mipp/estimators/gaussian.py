@@ -326,10 +326,7 @@ class GaussianState(ClosedFormState):
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        p_ii, q_ii = self._blocks(i)
-        value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
-        info = self.information()
-        relative = value / info if info > 0 else 0.0
+        value, relative = _block_delta(*self._blocks(i), self.information())
         if not self.pvalues:
             return Delta(value=value, relative=relative, pvalue=math.nan)
         if self.heldout is not None:
@@ -421,6 +418,13 @@ class GaussianState(ClosedFormState):
         hc = h @ coef
         d_g = coef.T @ gram @ coef - b_i.T @ b_i - hc - hc.T
         return (d_e + d_e.T) / 2, (d_g + d_g.T) / 2
+
+
+def _block_delta(p_ii: Tensor, q_ii: Tensor, info: float) -> tuple[float, float]:
+    """(Δ_i, Δ_i / I(X_S; Y)) from unit i's diagonal blocks of P and Q_XX (or any common
+    multiple of them): ½ log det Q_ii − ½ log det P_ii, clamped at 0."""
+    value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
+    return value, value / info if info > 0 else 0.0
 
 
 def _inverse_logdet(a: Tensor, *, what: str) -> tuple[Tensor, float]:
@@ -682,10 +686,8 @@ class GaussianDualState(ClosedFormState):
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        p_ii, q_ii = self._blocks(i)
-        value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
-        info = self.information()
-        return Delta(value=value, relative=value / info if info > 0 else 0.0, pvalue=math.nan)
+        value, relative = _block_delta(*self._blocks(i), self.information())
+        return Delta(value=value, relative=relative, pvalue=math.nan)
 
     def remove(self, i: int) -> None:
         """S ← S ∖ {i}: exact in the current block, applied to K⁻¹ when the block ends (or at
