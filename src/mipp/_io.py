@@ -227,17 +227,15 @@ def lock_directory(
     lock = path / LOCK_NAME
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        if _try_lock(fd):
-            pass
-        elif wait:
+        if not _try_lock(fd):
+            if not wait:
+                raise DirectoryLockedError(
+                    f"{what} {path} is in use by another mipp process (it holds {lock}); "
+                    f"wait for that one to finish or choose another directory"
+                )
             if on_wait is not None:
                 on_wait()
             fcntl.flock(fd, fcntl.LOCK_EX)  # (fcntl is there: _try_lock said False)
-        else:
-            raise DirectoryLockedError(
-                f"{what} {path} is in use by another mipp process (it holds {lock}); "
-                f"wait for that one to finish or choose another directory"
-            )
         yield path
     finally:
         os.close(fd)  # releases the lock

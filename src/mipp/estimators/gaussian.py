@@ -57,6 +57,7 @@ from mipp.estimators.moments import (
     cholesky_or_raise,
     logdet_spd,
     sample_rows,
+    variance_scale,
 )
 
 __all__ = ["GaussianDualState", "GaussianEstimator", "GaussianState"]
@@ -571,9 +572,8 @@ class GaussianDualState(ClosedFormState):
         self._live = ~moments.const_x
         self.heldout = None
         self.ridge_y = ridge
-        var = (xs * xs).sum(0)[self._live]  # the diagonal of Σ_xx, live features
-        scale = float(var.mean()) if var.numel() else 0.0
-        self.ridge_x = ridge * (scale if scale > 0 else 1.0)
+        # the diagonal of Σ_xx = XsᵀXs without forming it
+        self.ridge_x = ridge * variance_scale((xs * xs).sum(0), moments.const_x)
         self._x = xs  # (n, D), read only: forks share it
         eye = torch.eye(n, dtype=torch.float64)
         kp_inv, logdet_inv = _inverse_logdet(
@@ -693,16 +693,19 @@ class GaussianDualState(ClosedFormState):
         """S ← S ∖ {i}: exact in the current block, applied to K⁻¹ when the block ends (or at
         once for a unit outside it)."""
         i = self._slots.check(i)
-        if not self._const_units[i] and self._q:
-            p_ii, q_ii = self._blocks(i)
-            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
         blk = self._block
-        if blk is not None and i in blk.units:
-            blk.remove(i)
+        inside = blk is not None and i in blk.units
+        if inside:
+            p_ii, q_ii = self._blocks(i)
         else:
             self._commit()
             cols = self._cols([i])
-            _, vs = self._restricted(cols)
+            (p_ii, q_ii), vs = self._restricted(cols)
+        if not self._const_units[i] and self._q:
+            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
+        if inside:
+            blk.remove(i)
+        else:
             self._woodbury(cols, vs)
         self._slots.remove(i)
 

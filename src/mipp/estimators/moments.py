@@ -39,6 +39,7 @@ __all__ = [
     "sample_rows",
     "second_moments",
     "spd_inverse",
+    "variance_scale",
 ]
 
 _CHUNK_ROWS = 8192  # rows per accumulation step: bounds the float64 working copy
@@ -660,7 +661,12 @@ def ridge_scale(sxx: Tensor, const_x: Tensor) -> float:
     The ridge of the closed forms is ``ridge * ridge_scale``: relative, hence scale-free.
     Dead features are left out of the mean so that dead units do not change the ridge.
     """
-    live = sxx.diagonal()[~const_x]
+    return variance_scale(sxx.diagonal(), const_x)
+
+
+def variance_scale(variances: Tensor, const_x: Tensor) -> float:
+    """:func:`ridge_scale` from the features' variances ``(D,)`` (the diagonal of Σ_xx)."""
+    live = variances[~const_x]
     scale = float(live.mean()) if live.numel() else 0.0
     return scale if scale > 0 else 1.0
 

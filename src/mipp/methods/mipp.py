@@ -430,7 +430,7 @@ class MIPP(Method):
         # sample-space form; not with stream_features, which projects the moments, nor
         # under torch.distributed, which gathers moments and not rows)
         rows_over = (
-            est.rows_if_wider_than(distributed.total(len(x)))
+            est.rows_if_wider_than(len(x))
             if hasattr(est, "rows_if_wider_than")
             and self.stream_features is None
             and not folds
@@ -681,8 +681,8 @@ def _check_memory(
     if not est.streams or memory is None or not shapes:
         return
     full = est.needs_target_covariance
-    n = distributed.total(len(ctx.inputs))
-    rows = None if rows_over is None else (n, rows_over)
+    # (rows are kept only on one process: its own samples are all of them)
+    rows = None if rows_over is None else (len(ctx.inputs), rows_over)
     stream, state = statistics_bytes(shapes, full_target=full, folds=folds, rows=rows)
     if stream + state <= 0.9 * memory:
         return
