@@ -551,6 +551,73 @@ def test_a_sweep_waits_for_a_base_another_process_is_training(tmp_path):
     assert metrics["accuracy_base"] == json.loads((base / "base.json").read_text())["accuracy"]
 
 
+def test_bases_only_trains_every_missing_base_and_no_run(tmp_path, capsys):
+    """``mipp sweep --bases-only`` trains one base per seed and nothing else; the sweep
+    after it trains no base."""
+    cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
+    cfg.write_text(cfg.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    out, cache = tmp_path / "out", tmp_path / "bases"
+    argv = ["sweep", str(cfg), "--out", str(out), "--bases", str(cache), "--bases-only"]
+    assert main(argv) == 0
+    assert f"the 2 base network(s) the sweep needs are in {cache}" in capsys.readouterr().err
+    assert sorted(p.parent.name.split("-")[2] for p in cache.glob("*/base.json")) == [
+        "seed0",
+        "seed1",
+    ]
+    assert not (out / "runs").exists()  # no run, no sweep directory content
+    _, events = sweep(cfg, out, bases=cache)
+    assert not [e for e in events if e.stage == "base"]  # both were there
+    assert len(finished(out)) == 2
+    capsys.readouterr()
+    assert main([*argv, "--executor", "ray"]) != 0
+    err = capsys.readouterr().err
+    assert err.strip() == "mipp: error: --bases-only trains in this process; drop --executor ray"
+
+
+def test_bases_only_trains_the_next_base_while_another_process_trains_one(tmp_path):
+    """A locked base directory (another process training it) is passed over: the next
+    missing base is trained first, then the locked one is waited for, never trained twice."""
+    import threading
+
+    from mipp._io import lock_directory
+    from mipp.experiments.runner import train_bases
+
+    cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
+    cfg.write_text(cfg.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    cache = tmp_path / "bases"
+    seed0, seed1 = train_bases(load_spec(cfg), cache)
+    (seed0 / "base.json").rename(seed0 / "base.json.aside")  # as if still being trained
+    (seed1 / "base.json").unlink()  # missing: to be trained
+    held, waited = threading.Event(), threading.Event()
+
+    def trainer() -> None:  # holds seed 0 until it is waited for, then "finishes" it
+        with lock_directory(seed0):
+            held.set()
+            assert waited.wait(timeout=120)
+            (seed0 / "base.json.aside").rename(seed0 / "base.json")
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    assert held.wait(timeout=120)
+    events: list[ProgressEvent] = []
+
+    def progress(e: ProgressEvent) -> None:
+        events.append(e)
+        if "waiting for another mipp process" in e.message:
+            waited.set()
+
+    assert train_bases(load_spec(cfg), cache, progress=progress) == [seed0, seed1]
+    thread.join()
+    said = [e.message for e in events if e.stage == "base" and not e.transient]
+    assert said[0] == (
+        f"{seed0} is being trained by another mipp process; training the next missing base first"
+    )
+    assert "training the base mlp on synthetic (seed 1" in said[1]
+    assert said[-1] == f"waiting for another mipp process that is training the base in {seed0} ..."
+    assert not [m for m in said if "(seed 0" in m]  # seed 0 was not trained here
+    assert (seed1 / "base.json").is_file()
+
+
 def test_the_reference_runs_before_the_methods_that_match_it():
     spec = resolve(_with(grid__methods=["l1", "random", "mipp"], grid__sparsities=[0.5, 0.7]))
     labels = [r.method for r in spec.runs()]

@@ -13,7 +13,7 @@ from pathlib import Path
 from mipp.cli._common import device, make_console, rendering
 from mipp.errors import MippError
 from mipp.experiments.report import write_report
-from mipp.experiments.runner import run_sweep
+from mipp.experiments.runner import run_sweep, train_bases
 from mipp.experiments.spec import load_spec
 
 __all__ = ["register", "run"]
@@ -62,6 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2,
         help="with --executor ray: how often a task whose worker died is run again",
     )
+    p.add_argument(
+        "--bases-only",
+        action="store_true",
+        help="train the base networks the runs need that the cache lacks, then exit; run it "
+        "in several processes to train several bases at once (each skips a base another is "
+        "training)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--report", action="store_true", help="write the report (mipp report) when done")
     p.add_argument("--report-out", default=None, help="report folder (default results/<name>)")
@@ -86,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
         raise MippError(
             f"the sweep directory {out} is also the base cache; give --out or --bases another path"
         )
+    if args.bases_only:
+        if args.executor != "local":
+            raise MippError(f"--bases-only trains in this process; drop --executor {args.executor}")
+        with rendering(console) as progress:
+            dirs = train_bases(spec, bases, device=args.device, progress=progress)
+        console.print(f"the {len(dirs)} base network(s) the sweep needs are in {bases}")
+        return 0
     executor = None
     if args.executor == "ray":
         from mipp.experiments.ray_executor import RayExecutor

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mipp._io import lock_directory, read_json, write_json
+from mipp._io import DirectoryLockedError, lock_directory, read_json, write_json
 from mipp.errors import MippError
 from mipp.experiments.spec import SweepSpec
 from mipp.progress import Reporter
@@ -136,9 +136,10 @@ def _model_spec(cfg: dict[str, Any], model: str, ds: Any) -> ModelSpec:
 class Bases:
     """The seeded initialisation and trained base network per (model, dataset, seed), in the
     cache directory ``root``; a missing base is trained when first asked for, its progress
-    sent to ``report`` (stage ``"base"``, and the training's own events). Two sweeps asking
-    for the same missing base at the same moment both train it (the files are written
-    atomically, so the result is whole either way)."""
+    sent to ``report`` (stage ``"base"``, and the training's own events). One process trains
+    a base at a time: it holds a lock on the base's directory while training, and another
+    process asking for that base waits for it (:meth:`get`) or, in :meth:`train_missing`,
+    trains the next missing base first. The files are written atomically."""
 
     def __init__(
         self,
@@ -211,6 +212,45 @@ class Bases:
                     meta = self._build(model, dataset, seed, d)
         net = load_checkpoint(d / f"{which}.safetensors").model.to(self.device)
         return net, meta["accuracy"]
+
+    def train_missing(self, keys: list[tuple[str, str, int]]) -> list[Path]:
+        """Train every base of ``keys`` (model, dataset, seed) that is not in the cache yet;
+        the directories of all of them, in order.
+
+        A base another process is training (its directory locked) is passed over and
+        waited for at the end, so several processes running this on the same cache train
+        different bases side by side instead of queueing behind one.
+        """
+        keys = list(dict.fromkeys(keys))
+        later = []
+        for i, (model, dataset, seed) in enumerate(keys):
+            d = self.dir(model, dataset, seed)
+            if read_json(d / "base.json") is not None:
+                continue
+            self.report(
+                "base",
+                f"base {i + 1}/{len(keys)}: {d.name}",
+                done=i,
+                total=len(keys),
+                transient=True,
+            )
+            try:
+                with lock_directory(d, what="base directory"):
+                    if read_json(d / "base.json") is None:
+                        self._build(model, dataset, seed, d)
+            except DirectoryLockedError:
+                self.report(
+                    "base",
+                    f"{d} is being trained by another mipp process; training the next "
+                    f"missing base first",
+                    model=model,
+                    dataset=dataset,
+                    seed=seed,
+                )
+                later.append((model, dataset, seed))
+        for model, dataset, seed in later:
+            self.get(model, dataset, seed, "trained")  # waits for the other process
+        return [self.dir(*k) for k in keys]
 
     def _build(self, model: str, dataset: str, seed: int, d: Path) -> dict[str, Any]:
         train_ds, test_ds = self.data(dataset)

@@ -67,7 +67,7 @@ from mipp.progress import ProgressCallback, Reporter
 from mipp.report import PruneReport
 from mipp.zoo.config import TrainConfig
 
-__all__ = ["SweepResult", "attempt", "protocol", "run_config", "run_sweep"]
+__all__ = ["SweepResult", "attempt", "protocol", "run_config", "run_sweep", "train_bases"]
 
 
 @dataclass
@@ -337,6 +337,29 @@ def run_sweep(
     out = Path(out)
     with lock_directory(out, what="sweep directory"):
         return _run_sweep(spec, out, device, command, progress, on_run_done, bases, executor)
+
+
+def train_bases(
+    spec: SweepSpec,
+    bases: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+) -> list[Path]:
+    """Train every base network ``spec``'s runs need that the cache ``bases`` lacks, and
+    nothing else; the base directories, one per (model, dataset, seed).
+
+    Bases another process is training are passed over and waited for at the end, so N
+    processes running this on one cache train N bases at once (``mipp sweep --bases-only``);
+    the sweep that follows finds them all trained.
+    """
+    report = Reporter(progress, __name__)
+    data = SweepData(spec.config["data"], spec.config["folders"])
+    keys = [(r.model, r.dataset, r.seed) for r in spec.runs()]
+    for name in dict.fromkeys(k[1] for k in keys):  # a missing dataset fails now
+        data(name)
+    cache = Bases(Path(bases), spec, data, torch.device(device), report)
+    return cache.train_missing(keys)
 
 
 def _run_sweep(
