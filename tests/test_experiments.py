@@ -125,6 +125,49 @@ def test_tiny_sweep_runs_every_cell(swept):
         assert 0 < m["prune_s"] <= m["prune_total_s"]
 
 
+def test_records_copied_from_a_sweep_report_and_resume_it(swept, tmp_path, capsys):
+    """``mipp report --records``: config + metrics of every finished run, the reference runs'
+    report.json, sweep.json; enough to report the same tables and to resume with nothing to
+    do; a second copy replaces the first whole."""
+    import shutil
+
+    from mipp.experiments.report import copy_records
+
+    tmp, out, _ = swept
+    rep = tmp_path / "rep"
+    assert main(["report", str(out), "--out", str(rep), "--records"]) == 0
+    assert f"records of 8 finished run(s) copied to {rep / 'sweep'}" in capsys.readouterr().err
+    kept = {p.relative_to(rep / "sweep").as_posix() for p in (rep / "sweep").rglob("*.json")}
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert kept == {"sweep.json"} | {
+        f"runs/{r}/{f}"
+        for r in runs
+        for f in ("config.json", "metrics.json") + (("report.json",) if "-mipp-" in r else ())
+    }
+    assert (rep / "sweep" / "runs" / runs[0] / "metrics.json").read_bytes() == (
+        out / "runs" / runs[0] / "metrics.json"
+    ).read_bytes()
+    # the records alone give the same tables
+    write_report(rep / "sweep", tmp_path / "again")
+    assert (tmp_path / "again" / "runs.csv").read_text() == (rep / "runs.csv").read_text()
+    # and resume the study: nothing left to do, no base trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(rep / "sweep", resumed)
+    result, events = sweep(tiny(tmp), resumed, bases=out / "bases")
+    assert len(result.skipped) == 8 and not result.done and not messages(events, "base")
+    # a second copy replaces the first whole (a run gone from the source is gone), no staging
+    source = tmp_path / "source"
+    shutil.copytree(out, source, ignore=shutil.ignore_patterns("bases"))
+    (source / "runs" / runs[0] / "metrics.json").unlink()  # as if still running
+    assert copy_records(source, rep / "sweep") == 7
+    assert not (rep / "sweep" / "runs" / runs[0]).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "rep", "resumed", "source"]
+    assert sorted(p.name for p in rep.iterdir() if p.name.startswith(".")) == []
+    assert copy_records(rep / "sweep", rep / "sweep") == 7  # the same folder: nothing to do
+    with pytest.raises(MippError, match=r"is not a sweep directory \(no readable sweep.json\)"):
+        copy_records(tmp_path / "again", tmp_path / "x")
+
+
 def test_the_sweep_reports_its_progress(swept):
     _, _, events = swept
     done = [e for e in events if e.stage == "sweep" and not e.transient and "run_id" in e.fields]

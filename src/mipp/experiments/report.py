@@ -25,13 +25,22 @@ of units (neurons / filters) removed.
 
     mipp report runs/lenet5-fmnist-quick          # the command, or from Python:
     write_report("runs/lenet5-fmnist-quick", "results/lenet5-fmnist-quick")
+
+:func:`copy_records` (``mipp report --records``) also copies the sweep's records into
+``<results folder>/sweep/``: ``sweep.json``, every finished run's ``config.json`` and
+``metrics.json``, and the reference runs' ``report.json`` — what ``mipp report`` needs to
+summarise the sweep again and what ``mipp sweep`` needs to skip the finished runs of a study
+still in progress (copy the folder back to resume it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+from mipp._io import _exchange, read_json
+from mipp.errors import MippError
 from mipp.experiments.figures import write_figures
 from mipp.experiments.markdown import render_markdown
 from mipp.experiments.results import (
@@ -46,7 +55,7 @@ from mipp.experiments.results import (
     write_summary_csv,
 )
 
-__all__ = ["write_report"]
+__all__ = ["copy_records", "write_report"]
 
 #: the values the figures average: the summary's plus the kept shares of MACs and parameters
 _FIG_VALUES = (*VALUES, "macs_kept", "params_kept")
@@ -74,3 +83,50 @@ def write_report(
     text = render_markdown(meta, rows, methods, figures, sweep_dir)
     (out / "REPORT.md").write_text(text, encoding="utf-8")
     return out
+
+
+#: the files of a finished run that :func:`copy_records` keeps (the reference run's
+#: ``report.json`` too: the other methods of a seed not yet finished match its sparsity)
+RECORD_FILES = ("config.json", "metrics.json")
+
+
+def copy_records(sweep_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Copy the records of the sweep in ``sweep_dir`` into the folder ``dest`` (replacing
+    what was there, at once: the new folder is built beside it and swapped in); the number
+    of finished runs copied. ``sweep_dir`` and ``dest`` may be the same folder (nothing to do).
+
+    Raises :class:`~mipp.errors.MippError` when ``sweep_dir`` holds no ``sweep.json``.
+    """
+    src, dest = Path(sweep_dir), Path(dest)
+    if read_json(src / "sweep.json") is None:
+        raise MippError(f"{src} is not a sweep directory (no readable sweep.json)")
+    if dest.resolve() == src.resolve():
+        return sum(1 for _ in src.glob("runs/*/metrics.json"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "runs").mkdir(parents=True)
+    shutil.copy2(src / "sweep.json", staging / "sweep.json")
+    count = 0
+    for metrics in sorted(src.glob("runs/*/metrics.json")):
+        run = metrics.parent
+        config = read_json(run / "config.json")
+        if read_json(metrics) is None or config is None:
+            continue  # (a run being written: metrics.json is written last, atomically)
+        files = list(RECORD_FILES)
+        reference = (config.get("prune") or {}).get("reference")
+        if config.get("method") == reference and (run / "report.json").is_file():
+            files.append("report.json")
+        (staging / "runs" / run.name).mkdir()
+        for name in files:
+            shutil.copy2(run / name, staging / "runs" / run.name / name)
+        count += 1
+    if dest.exists() and _exchange(staging, dest):  # staging now holds the old records
+        shutil.rmtree(staging)
+    else:
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    return count
