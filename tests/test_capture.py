@@ -93,3 +93,45 @@ def test_non_finite_input_names_the_layer():
     with pytest.raises(NonFiniteActivationError, match="input of layer '7'"):
         capture_activations(net, [torch.randn(2, 1, 8, 8)], {"4": net[4], "7": net[7]})
     assert _hooks(net) == 0
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)  # (n, 1, 8, 8) → conv 4 ch: its output, 4·8·8 float32 = 1 KiB a sample
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 2),
+    ).eval()
+
+
+def test_a_cpu_capture_runs_in_pieces_sized_to_the_activations(monkeypatch):
+    """On a CPU each batch goes through the model in pieces whose largest activation is about
+    CPU_PIECE_BYTES: a probe of PROBE_SAMPLES, then pieces of CPU_PIECE_BYTES / (bytes per
+    sample); the records are those of one forward per batch."""
+    from mipp.surgery import capture
+
+    net = _conv_net()
+    x = torch.randn(30, 1, 8, 8)
+    layers = {"3": net[3], "7": net[7]}
+    calls = []
+    net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", None)
+    whole = capture_activations(net, x.split(16), layers)
+    assert calls == [16, 14]
+    calls.clear()
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", 4 * 1024)  # 4 samples of 1 KiB
+    pieces = capture_activations(net, x.split(16), layers)
+    assert calls == [capture.PROBE_SAMPLES, 4, 4, 4, 4, 4, 2]
+    assert pieces.order == whole.order and pieces.alias == whole.alias
+    for name in layers:
+        torch.testing.assert_close(pieces.inputs[name], whole.inputs[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pieces.output, whole.output, rtol=1e-6, atol=1e-7)
+    calls.clear()
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", 1)  # smaller than a sample: one at a time
+    capture_activations(net, x[:11].split(16), layers)
+    assert calls == [capture.PROBE_SAMPLES, 1, 1, 1]
