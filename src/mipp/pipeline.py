@@ -216,7 +216,10 @@ def prune(
         recalibrate_bn: after removal (and compensation), re-estimate BatchNorm running
             statistics on the calibration data (:func:`mipp.surgery.repair.recalibrate_bn`).
             ``None``: the method's choice, as for ``compensate``.
-        batch_size: calibration samples per forward pass.
+        batch_size: calibration samples per forward pass (per statistics batch on a CPU,
+            where MIPP's capture runs each batch in pieces of about 8 MB of activations,
+            :data:`mipp.surgery.capture.CPU_PIECE_BYTES`; set that to None for a model
+            whose forward mixes the samples of a batch).
         seed: calibration subset, random orders and scores, the stochastic estimators.
         latency_batch: batch size of the latency table (``target="latency"``), e.g. 1 for
             single-sample serving, 64 for throughput.

@@ -31,11 +31,12 @@ Hooks exist only inside the ``with`` block and are removed even when the forward
 On a CPU, :func:`stream_activations` (and so :func:`capture_activations`) runs each batch
 through the model in pieces whose largest activation is about :data:`CPU_PIECE_BYTES`
 [ours]: glibc hands allocations larger than its mmap threshold (at most 32 MB) straight to
-the kernel and back, so every large activation of a big batch is paged in afresh; measured
-on ResNet-50 at 32 px (one thread), 512 images took 41–43 s at batch 256 with 8.8 million
-page faults and 22.5 s in pieces of 8 with 13 thousand. The first piece (:data:`PROBE_SAMPLES`
-samples) measures the largest activation per sample; the records are the same, up to the
-rounding of the kernels at another batch size.
+the kernel and back, so every large activation of a big batch is paged in afresh (a plain
+forward pass of ResNet-50 at 32 px over 512 images: 8.0 million page faults at batch 256,
+35 in pieces, and 1.7× faster; ``benchmarks/capture_pieces.py``). The first piece
+(:data:`PROBE_SAMPLES` samples) measures the largest activation per sample; the records are
+the same, up to the rounding of the kernels at another batch size. A model whose forward
+mixes the samples of a batch (batch statistics in eval mode) needs ``CPU_PIECE_BYTES = None``.
 """
 
 from __future__ import annotations
