@@ -158,3 +158,22 @@ def test_first_inputs_in_equal_pieces_on_a_cpu():
     calls.clear()
     record_first_inputs(net, x[:-1], layers, pieces=True)
     assert calls == [len(x) - 1]
+
+
+def test_capture_inputs_in_pieces_keeps_every_sample_in_order(monkeypatch):
+    from mipp.surgery import capture
+
+    net = _conv_net()
+    x = torch.randn(21, 1, 8, 8)
+    layers = {"3": net[3]}
+
+    def reduce(name, raw):  # one statistic per (sample, channel)
+        return raw.flatten(2).max(-1).values
+
+    whole = capture.capture_inputs(net, x.split(16), layers, reduce)
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", 3 * 1024)  # 3 samples of 1 KiB
+    calls = []
+    net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    pieces = capture.capture_inputs(net, x.split(16), layers, reduce, pieces=True)
+    assert calls == [capture.PROBE_SAMPLES, 3, 3, 2, 3, 2]
+    torch.testing.assert_close(pieces["3"], whole["3"], rtol=1e-6, atol=1e-7)

@@ -389,8 +389,14 @@ def capture_inputs(
     batches: Iterable[Tensor | Samples],
     layers: Mapping[str, nn.Module],
     reduce: Callable[[str, Tensor], Tensor],
+    *,
+    pieces: bool = False,
 ) -> dict[str, Tensor]:
     """Run ``batches`` (eval mode, no grad) and keep ``reduce(name, input)`` of each layer.
+
+    ``pieces=True``: on a CPU, each batch runs in pieces as in :func:`stream_activations`
+    (for a ``reduce`` that treats every sample alike, e.g. one statistic per sample: it then
+    sees smaller batches).
 
     The raw input of every layer in ``layers`` — full feature maps, not pooled — is handed to
     ``reduce`` batch by batch; the reduced tensors (first dimension: the batch) are
@@ -412,8 +418,12 @@ def capture_inputs(
             for name, module in layers.items():
                 handles.append(module.register_forward_pre_hook(make(name)))
             with torch.no_grad():
+                split = _Pieces(model) if pieces else None
                 for x in batches:
-                    as_samples(x).run(model)
+                    if split is None:
+                        as_samples(x).run(model)
+                    else:
+                        split.run(as_samples(x), lambda out: None)
         finally:
             for h in handles:
                 h.remove()

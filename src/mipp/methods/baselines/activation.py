@@ -70,6 +70,7 @@ def unit_statistic(
         (x for x, _ in ctx.batches(samples)),
         {layer: modules[layer] for layer in by_layer},
         reduce,
+        pieces=True,  # one statistic per sample: the same in pieces
     )
     out: dict[str, Tensor] = {}
     for layer, groups in by_layer.items():

@@ -211,7 +211,8 @@ class DiscriminationAware(ThiNet):
         def reduce(layer: str, x: Tensor) -> Tensor:
             return torch.cat([pooled_unit_features(x, index[n]) for n in readers[layer]], 1)
 
-        got = capture_inputs(ctx.model, (x for x, _ in ctx.batches(self.images)), layers, reduce)
+        batches = (x for x, _ in ctx.batches(self.images))
+        got = capture_inputs(ctx.model, batches, layers, reduce, pieces=True)  # per sample
         out: dict[str, Tensor] = {}
         for layer, names in readers.items():
             parts = got[layer].split([len(index[n]) for n in names], dim=1)
