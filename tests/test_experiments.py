@@ -661,6 +661,38 @@ def test_bases_only_trains_the_next_base_while_another_process_trains_one(tmp_pa
     assert (seed1 / "base.json").is_file()
 
 
+def test_every_committed_base_is_where_its_config_looks_for_it():
+    """results/bases holds cache entries of shipped configs: each folder's name is the one
+    some profile's Bases.dir gives for its (model, dataset, seed), and its base.json records
+    that key (a changed recipe would leave a stale base nobody finds)."""
+    import torch
+
+    from mipp.experiments.bases import Bases, SweepData
+    from mipp.experiments.spec import tomllib
+
+    folders = sorted((ROOT / "results" / "bases").glob("*/base.json"))
+    assert folders, "results/bases holds no base"
+    specs = []
+    for path in sorted((ROOT / "experiments").glob("*.toml")):
+        for profile in tomllib.loads(path.read_text()).get("profiles", {}):
+            specs.append(load_spec(path, profile=profile))
+    for meta_path in folders:
+        meta = json.loads(meta_path.read_text())
+        found = []
+        for spec in specs:
+            if meta["model"] not in spec.grid["models"]:
+                continue
+            cache = Bases(meta_path.parent.parent, spec, SweepData(spec.config["data"],
+                          spec.config["folders"]), torch.device("cpu"), None)  # fmt: skip
+            if cache.dir(meta["model"], meta["dataset"], meta["seed"]) == meta_path.parent:
+                found.append(spec.profile)
+                key = cache.key(meta["model"], meta["dataset"], meta["seed"])
+                assert {k: meta[k] for k in key} == json.loads(json.dumps(key))
+        assert found, f"no shipped config looks for the base in {meta_path.parent.name}"
+        for name in ("init.safetensors", "trained.safetensors"):
+            assert (meta_path.parent / name).is_file()
+
+
 def test_the_reference_runs_before_the_methods_that_match_it():
     spec = resolve(_with(grid__methods=["l1", "random", "mipp"], grid__sparsities=[0.5, 0.7]))
     labels = [r.method for r in spec.runs()]
