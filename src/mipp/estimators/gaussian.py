@@ -42,6 +42,7 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
 import scipy.special
 import torch
 from torch import Tensor
@@ -303,11 +304,8 @@ class GaussianState(ClosedFormState):
         self._deferred.add([self._p, self._qx], rows)
 
     def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
-        """Unit i's diagonal blocks ``(P_ii, Q_ii)``, from the block caches when prefetched."""
-        blk = self._block
-        if blk is not None and i in blk.units:
-            r = blk.units[i]
-            return blk.mats[0][r, r], blk.mats[1][r, r]
+        """Unit i's diagonal blocks ``(P_ii, Q_ii)`` for a unit outside the prefetched block
+        (:meth:`_logdets` reads those from the block)."""
         if not self.pvalues:  # the block ends; its removals join the deferred ones
             self._commit()
             p_ii, q_ii = self._restricted(self._row_index(i))
@@ -315,6 +313,15 @@ class GaussianState(ClosedFormState):
         self._flush()
         r = self._rows(i)
         return self._p[r, r], self._qx[r, r]
+
+    def _logdets(self, i: int) -> tuple[float, float]:
+        """(log det P_ii, log det Q_ii) of unit i (:meth:`_blocks`; from the block when
+        prefetched)."""
+        blk = self._block
+        if blk is not None and i in blk.units:
+            return blk.logdets(i)
+        p_ii, q_ii = self._blocks(i)
+        return logdet_spd(p_ii), logdet_spd(q_ii)
 
     def _row_index(self, i: int) -> Tensor:
         """Unit i's feature rows in the full matrices, as an index (:meth:`_rows`: a slice)."""
@@ -327,7 +334,7 @@ class GaussianState(ClosedFormState):
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        value, relative = _block_delta(*self._blocks(i), self.information())
+        value, relative = _logdet_delta(*self._logdets(i), self.information())
         if not self.pvalues:
             return Delta(value=value, relative=relative, pvalue=math.nan)
         if self.heldout is not None:
@@ -351,8 +358,8 @@ class GaussianState(ClosedFormState):
         reads them later) and B, E, G are marked stale."""
         i = self._slots.check(i)
         if not self._const_units[i] and self._q:
-            p_ii, q_ii = self._blocks(i)
-            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
+            logdet_p, logdet_q = self._logdets(i)
+            self._info -= 0.5 * (logdet_q - logdet_p)  # the chain rule
         blk = self._block
         if blk is not None and i in blk.units and not self.pvalues:
             blk.remove(i)
@@ -421,11 +428,18 @@ class GaussianState(ClosedFormState):
         return (d_e + d_e.T) / 2, (d_g + d_g.T) / 2
 
 
-def _block_delta(p_ii: Tensor, q_ii: Tensor, info: float) -> tuple[float, float]:
-    """(Δ_i, Δ_i / I(X_S; Y)) from unit i's diagonal blocks of P and Q_XX (or any common
-    multiple of them): ½ log det Q_ii − ½ log det P_ii, clamped at 0."""
-    value = max(0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii)), 0.0)
+def _logdet_delta(logdet_p: float, logdet_q: float, info: float) -> tuple[float, float]:
+    """(Δ_i, Δ_i / I(X_S; Y)) from the log-determinants of unit i's diagonal blocks of P and
+    Q_XX (or of any common multiple of them): ½ log det Q_ii − ½ log det P_ii, clamped at 0."""
+    value = max(0.5 * (logdet_q - logdet_p), 0.0)
     return value, value / info if info > 0 else 0.0
+
+
+def _log_positive(value: float) -> float:
+    """log of a 1×1 block (as :func:`~mipp.estimators.moments.logdet_spd`)."""
+    if value > 0:
+        return math.log(value)
+    raise ValueError("matrix is not positive definite; use a ridge > 0")
 
 
 def _inverse_logdet(a: Tensor, *, what: str) -> tuple[Tensor, float]:
@@ -511,16 +525,42 @@ class _Deferred:
 
 class _Block:
     """Restrictions of P and Q to K prefetched units, kept exact under their removals:
-    for a symmetric M and a removed unit m, M'_KK = M_KK − M_Km M_mm⁻¹ M_mK."""
+    for a symmetric M and a removed unit m, M'_KK = M_KK − M_Km M_mm⁻¹ M_mK.
+
+    With one feature per unit (mean-pooled channels, neurons) on the CPU the work per unit is
+    a few scalars and one K×K rank-1 update, where torch's per-call overhead would dominate:
+    it is done on numpy views of the same memory instead [ours]."""
 
     def __init__(self, units: dict[int, slice], rows: Tensor, mats: list[Tensor]) -> None:
         self.units, self.rows, self.mats = units, rows, mats
         self.removed: list[int] = []
+        scalar = len(rows) == len(units) and all(
+            m.device.type == "cpu" and m.dtype == torch.float64 and m.is_contiguous() for m in mats
+        )
+        self._arrays = [m.numpy() for m in mats] if scalar else None
+
+    def logdets(self, i: int) -> tuple[float, float]:
+        """(log det P_ii, log det Q_ii) of unit i, current under the block's removals."""
+        r = self.units[i]
+        if self._arrays is not None:
+            a_p, a_q = self._arrays
+            return _log_positive(float(a_p[r.start, r.start])), _log_positive(
+                float(a_q[r.start, r.start])
+            )
+        return logdet_spd(self.mats[0][r, r]), logdet_spd(self.mats[1][r, r])
 
     def remove(self, i: int) -> None:
         r = self.units[i]
-        for m in self.mats:
-            _downdate(m, r)
+        if self._arrays is None:
+            for m in self.mats:
+                _downdate(m, r)
+        else:
+            j = r.start
+            for a in self._arrays:  # as _downdate for one row: M − M_·j M_j· / M_jj
+                col = a[:, j].copy()
+                a -= np.multiply.outer(col, col * (1.0 / col[j]))
+                a[j, :] = 0.0
+                a[:, j] = 0.0
         self.removed.append(i)
 
 
@@ -672,21 +712,22 @@ class GaussianDualState(ClosedFormState):
             w = torch.linalg.solve_triangular(chol, v.T, upper=False)  # (|R|, n)
             self._kinv[j] = torch.addmm(self._kinv[j], w.T, w)
 
-    def _blocks(self, i: int) -> tuple[Tensor, Tensor]:
+    def _logdets(self, i: int) -> tuple[float, float]:
+        """(log det λP_ii, log det λQ_ii) of unit i: from the block when prefetched, else
+        read alone (which ends the block)."""
         blk = self._block
         if blk is not None and i in blk.units:
-            r = blk.units[i]
-            return blk.mats[0][r, r], blk.mats[1][r, r]
+            return blk.logdets(i)
         self._commit()
         mats, _ = self._restricted(self._cols([i]))
-        return mats[0], mats[1]
+        return logdet_spd(mats[0]), logdet_spd(mats[1])
 
     def delta(self, i: int) -> Delta:
         """Δ_i in nats (as :meth:`GaussianState.delta`); the p-value is NaN (no test here)."""
         i = self._slots.check(i)
         if self._q == 0 or self._const_units[i]:
             return Delta(value=0.0, relative=0.0, pvalue=1.0)
-        value, relative = _block_delta(*self._blocks(i), self.information())
+        value, relative = _logdet_delta(*self._logdets(i), self.information())
         return Delta(value=value, relative=relative, pvalue=math.nan)
 
     def remove(self, i: int) -> None:
@@ -696,13 +737,14 @@ class GaussianDualState(ClosedFormState):
         blk = self._block
         inside = blk is not None and i in blk.units
         if inside:
-            p_ii, q_ii = self._blocks(i)
+            logdet_p, logdet_q = blk.logdets(i)
         else:
             self._commit()
             cols = self._cols([i])
             (p_ii, q_ii), vs = self._restricted(cols)
+            logdet_p, logdet_q = logdet_spd(p_ii), logdet_spd(q_ii)
         if not self._const_units[i] and self._q:
-            self._info -= 0.5 * (logdet_spd(q_ii) - logdet_spd(p_ii))  # the chain rule
+            self._info -= 0.5 * (logdet_q - logdet_p)  # the chain rule
         if inside:
             blk.remove(i)
         else:
