@@ -201,6 +201,8 @@ class LinearState(ClosedFormState):
         value = max(float((b_i * coef).sum()) / self._q, 0.0)
         if self.heldout is not None:
             return Delta(value=value, relative=value, pvalue=self.heldout.pvalue(i))
+        if not self.pvalues:  # threshold mode: Δ_i alone decides, the F-test is not asked for
+            return Delta(value=value, relative=value, pvalue=math.nan)
         # unpenalised residual shares for the test: R = L − λ‖B‖²/q
         resid = 1.0 - self._explained - self.ridge * self._b_norm / self._q
         cross = pb_i - p_ii @ b_i  # P_ir B_r, (b, q)
