@@ -531,6 +531,28 @@ def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
         assert fast_state.delta(unit).pvalue == pytest.approx(fresh.delta(j).pvalue, rel=1e-6)
 
 
+def test_linear_threshold_mode_skips_the_f_test_and_gives_it_back():
+    """``pvalues`` False (threshold mode): the same Δ_i and a NaN p-value, the same removals;
+    True again: the in-sample F-test of the tested path."""
+    from mipp.methods.selection import terc
+
+    x, y = _redundant_layer(60, 1, seed=8)
+    est = LinearEstimator()
+    prepared = est.prepare(x, y)
+    fast_state, slow_state = est.start(prepared), est.start(prepared)
+    fast = terc(fast_state, threshold=1e-3)
+    assert not fast_state.pvalues
+    slow = terc(_NoPrefetch(slow_state), threshold=1e-3)
+    assert slow_state.pvalues and torch.equal(fast.support, slow.support)
+    assert torch.allclose(fast.deltas, slow.deltas, rtol=1e-9, atol=1e-12, equal_nan=True)
+    unit = int(fast.support.nonzero()[0])
+    assert math.isnan(fast_state.delta(unit).pvalue)
+    assert fast_state.delta(unit).value == pytest.approx(slow_state.delta(unit).value, rel=1e-9)
+    fast_state.pvalues = True
+    assert 0.0 <= slow_state.delta(unit).pvalue <= 1.0
+    assert fast_state.delta(unit).pvalue == pytest.approx(slow_state.delta(unit).pvalue, rel=1e-6)
+
+
 @pytest.mark.parametrize("unit_size", [1, 2])
 def test_gaussian_deferred_removals_equal_in_place_downdates(unit_size):
     """Threshold mode never downdates the full P and Q: removals inside a prefetched block, a
