@@ -137,29 +137,6 @@ def test_a_cpu_capture_runs_in_pieces_sized_to_the_activations(monkeypatch):
     assert calls == [capture.PROBE_SAMPLES, 1, 1, 1]
 
 
-def test_first_inputs_in_equal_pieces_on_a_cpu():
-    """record_first_inputs(pieces=True) runs a multiple of PROBE_SAMPLES in equal pieces of
-    it (the same kernels for every sample) and gives what one forward records; any other
-    length runs whole."""
-    from mipp.surgery.capture import PROBE_SAMPLES, record_first_inputs
-
-    net = _conv_net()
-    calls = []
-    net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    x = torch.randn(8 * PROBE_SAMPLES, 1, 8, 8)
-    layers = {"3": net[3], "7": net[7]}
-    whole, err = record_first_inputs(net, x, layers)
-    assert err is None and calls == [len(x)]
-    calls.clear()
-    pieces, err = record_first_inputs(net, x, layers, pieces=True)
-    assert err is None and calls == [PROBE_SAMPLES] * 8
-    for name in layers:
-        torch.testing.assert_close(pieces[name], whole[name], rtol=1e-6, atol=1e-7)
-    calls.clear()
-    record_first_inputs(net, x[:-1], layers, pieces=True)
-    assert calls == [len(x) - 1]
-
-
 def test_capture_inputs_in_pieces_keeps_every_sample_in_order(monkeypatch):
     from mipp.surgery import capture
 

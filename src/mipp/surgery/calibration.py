@@ -448,7 +448,7 @@ def constant_groups(model: Any, x: Tensor | Samples, groups: Iterable[Any]) -> l
     layers = {c.layer: modules[c.layer] for g in groups for c in g.consumers}
     if len(x) < 2 or not layers:
         return []
-    seen, error = record_first_inputs(model, x[:CONSTANT_CHECK_SAMPLES], layers, pieces=True)
+    seen, error = record_first_inputs(model, x[:CONSTANT_CHECK_SAMPLES], layers)
     if error is not None:
         raise error
     out = []

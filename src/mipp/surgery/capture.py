@@ -435,59 +435,35 @@ class _StopForward(Exception):
 
 
 def record_first_inputs(
-    model: nn.Module,
-    x: Tensor | Samples,
-    layers: Mapping[str, nn.Module],
-    *,
-    pieces: bool = False,
+    model: nn.Module, x: Tensor | Samples, layers: Mapping[str, nn.Module]
 ) -> tuple[dict[str, Tensor], Exception | None]:
     """Run ``x`` once (eval mode, no grad) keeping the first input of each layer, unpooled.
-
-    ``pieces=True``: on a CPU, run ``x`` in equal pieces of :data:`PROBE_SAMPLES` when its
-    length is a multiple of that (every sample then goes through the same kernels, so equal
-    values stay equal; see the module docstring for why pieces are faster), and concatenate.
 
     An exception raised by the forward is returned instead of raised, together with the
     inputs recorded until then (which layers ran shows where it failed).
     """
-    parts: dict[str, list[Tensor]] = {}
-    ran: set[str] = set()  # layers seen in the current forward: their first input only
+    seen: dict[str, Tensor] = {}
     handles = []
 
     def make(name: str):
         def hook(mod: nn.Module, args: tuple) -> None:
-            if name not in ran:
-                ran.add(name)
-                parts.setdefault(name, []).append(args[0].detach())
+            if name not in seen:
+                seen[name] = args[0].detach()
 
         return hook
 
-    x = as_samples(x)
-    step = len(x)
-    param = next(model.parameters(), None)
-    if (
-        pieces
-        and CPU_PIECE_BYTES is not None
-        and (param is None or param.device.type == "cpu")
-        and len(x) > PROBE_SAMPLES
-        and len(x) % PROBE_SAMPLES == 0
-    ):
-        step = PROBE_SAMPLES
     error: Exception | None = None
     with eval_mode(model):
         try:
             for name, module in layers.items():
                 handles.append(module.register_forward_pre_hook(make(name)))
             with torch.no_grad():
-                for i in range(0, len(x), step):
-                    ran.clear()
-                    (x if step == len(x) else x[i : i + step]).run(model)
+                as_samples(x).run(model)
         except Exception as e:  # the caller reports it
             error = e
         finally:
             for h in handles:
                 h.remove()
-    seen = {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in parts.items()}
     return seen, error
 
 
