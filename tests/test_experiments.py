@@ -7,12 +7,14 @@ make; two tests run those commands end to end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -555,21 +557,20 @@ def test_bases_are_shared_between_sweeps_through_a_cache_directory(tmp_path):
     assert len(list(cache.iterdir())) == 1 and not (tmp_path / "s2" / "bases").exists()
 
 
-def test_a_sweep_waits_for_a_base_another_process_is_training(tmp_path):
-    """A base whose directory is locked (another sweep training it) is waited for, then read:
-    never trained a second time beside the first."""
+@contextlib.contextmanager
+def another_process_training(base: Path) -> Iterator[tuple[list[ProgressEvent], Callable]]:
+    """Within the block the cached ``base`` looks like one another process is training: its
+    base.json is set aside and a thread holds the directory's lock until a progress event says
+    someone waits for it, then puts the file back. Yields (events, the progress callback to
+    pass to the code under test)."""
     import threading
 
     from mipp._io import lock_directory
 
-    cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
-    cache = tmp_path / "bases"
-    run_sweep(load_spec(cfg), tmp_path / "s1", bases=cache)
-    (base,) = cache.iterdir()
-    (base / "base.json").rename(base / "base.json.aside")  # as if still being trained
+    (base / "base.json").rename(base / "base.json.aside")
     held, waited = threading.Event(), threading.Event()
 
-    def trainer() -> None:  # holds the lock until the sweep says it waits, then "finishes"
+    def trainer() -> None:
         with lock_directory(base):
             held.set()
             assert waited.wait(timeout=120)
@@ -585,8 +586,22 @@ def test_a_sweep_waits_for_a_base_another_process_is_training(tmp_path):
         if e.stage == "base" and "waiting for another mipp process" in e.message:
             waited.set()
 
-    run_sweep(load_spec(cfg), tmp_path / "s2", bases=cache, progress=progress)
-    thread.join()
+    try:
+        yield events, progress
+    finally:
+        waited.set()  # (a failing test body must not leave the thread waiting)
+        thread.join()
+
+
+def test_a_sweep_waits_for_a_base_another_process_is_training(tmp_path):
+    """A base whose directory is locked (another sweep training it) is waited for, then read:
+    never trained a second time beside the first."""
+    cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
+    cache = tmp_path / "bases"
+    run_sweep(load_spec(cfg), tmp_path / "s1", bases=cache)
+    (base,) = cache.iterdir()
+    with another_process_training(base) as (events, progress):
+        run_sweep(load_spec(cfg), tmp_path / "s2", bases=cache, progress=progress)
     base_events = [e.message for e in events if e.stage == "base"]
     assert len(base_events) == 1 and str(base) in base_events[0]  # waited, trained nothing
     (run,) = (tmp_path / "s2" / "runs").iterdir()
@@ -620,37 +635,15 @@ def test_bases_only_trains_every_missing_base_and_no_run(tmp_path, capsys):
 def test_bases_only_trains_the_next_base_while_another_process_trains_one(tmp_path):
     """A locked base directory (another process training it) is passed over: the next
     missing base is trained first, then the locked one is waited for, never trained twice."""
-    import threading
-
-    from mipp._io import lock_directory
     from mipp.experiments.runner import train_bases
 
     cfg = tiny(tmp_path, regimes='["pat"]', methods='["mipp"]', sparsities="[0.5]")
     cfg.write_text(cfg.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
     cache = tmp_path / "bases"
     seed0, seed1 = train_bases(load_spec(cfg), cache)
-    (seed0 / "base.json").rename(seed0 / "base.json.aside")  # as if still being trained
     (seed1 / "base.json").unlink()  # missing: to be trained
-    held, waited = threading.Event(), threading.Event()
-
-    def trainer() -> None:  # holds seed 0 until it is waited for, then "finishes" it
-        with lock_directory(seed0):
-            held.set()
-            assert waited.wait(timeout=120)
-            (seed0 / "base.json.aside").rename(seed0 / "base.json")
-
-    thread = threading.Thread(target=trainer)
-    thread.start()
-    assert held.wait(timeout=120)
-    events: list[ProgressEvent] = []
-
-    def progress(e: ProgressEvent) -> None:
-        events.append(e)
-        if "waiting for another mipp process" in e.message:
-            waited.set()
-
-    assert train_bases(load_spec(cfg), cache, progress=progress) == [seed0, seed1]
-    thread.join()
+    with another_process_training(seed0) as (events, progress):
+        assert train_bases(load_spec(cfg), cache, progress=progress) == [seed0, seed1]
     said = [e.message for e in events if e.stage == "base" and not e.transient]
     assert said[0] == (
         f"{seed0} is being trained by another mipp process; training the next missing base first"

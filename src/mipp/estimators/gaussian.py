@@ -736,14 +736,12 @@ class GaussianDualState(ClosedFormState):
         i = self._slots.check(i)
         blk = self._block
         inside = blk is not None and i in blk.units
-        if inside:
-            logdet_p, logdet_q = blk.logdets(i)
-        else:
+        if not inside:
             self._commit()
             cols = self._cols([i])
             (p_ii, q_ii), vs = self._restricted(cols)
-            logdet_p, logdet_q = logdet_spd(p_ii), logdet_spd(q_ii)
         if not self._const_units[i] and self._q:
+            logdet_p, logdet_q = blk.logdets(i) if inside else (logdet_spd(p_ii), logdet_spd(q_ii))
             self._info -= 0.5 * (logdet_q - logdet_p)  # the chain rule
         if inside:
             blk.remove(i)

@@ -328,9 +328,9 @@ class _Pieces:
     def __init__(self, model: nn.Module) -> None:
         param = next(model.parameters(), None)
         on_cpu = param is None or param.device.type == "cpu"
-        self.model = model
+        self.model, self.limit = model, CPU_PIECE_BYTES if on_cpu else None
         #: samples per forward: None = the whole batch; 0 = not measured yet
-        self.size: int | None = 0 if on_cpu and CPU_PIECE_BYTES is not None else None
+        self.size: int | None = None if self.limit is None else 0
 
     def run(self, x: Samples, end: Callable[[Tensor], None]) -> None:
         n, start = len(x), 0
@@ -343,7 +343,7 @@ class _Pieces:
                 with _largest_activation(self.model) as largest:
                     end(x[start : start + size].run(self.model))
                 per_sample = max(1, math.ceil(largest[0] / size))
-                self.size = max(1, int(CPU_PIECE_BYTES or 0) // per_sample)
+                self.size = max(1, int(self.limit or 0) // per_sample)
             else:
                 size = min(self.size, n - start)
                 end((x if size == n else x[start : start + size]).run(self.model))
