@@ -51,7 +51,7 @@ def _close(a: float, b: float, rel: float = 1e-8) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
-@pytest.mark.parametrize("columns", [None, torch.arange(0, 20, 2)])
+@pytest.mark.parametrize("columns", [None, torch.arange(0, 20, 2), torch.arange(0)])
 def test_the_dual_state_gives_the_d_by_d_forms_deltas_information_and_scores(columns):
     dual, primal, m = _pair(columns)
     assert m.samples is not None and isinstance(dual, GaussianDualState)
@@ -132,8 +132,16 @@ def test_rows_are_kept_only_for_wide_layers_without_folds():
     for i in range(0, 60, 16):
         acc.update(x[i : i + 16], y[i : i + 16])
     streamed, direct = acc.moments(), second_moments(x, y)
-    assert isinstance(streamed, RowMoments) and "_sxx" in vars(streamed)
-    assert vars(streamed)["_sxx"] is None  # no Gram accumulated: made only when read
+    assert isinstance(streamed, RowMoments)
+    # no products accumulated: each is made from the rows only when something reads it, and
+    # the sample-space state and its selection read none of them
+    products = ("_sxx", "_sxy", "_syy")
+    assert all(name in vars(streamed) and vars(streamed)[name] is None for name in products)
+    assert torch.allclose(streamed.target_variances, direct.syy.diagonal(), atol=1e-12)
+    state = GaussianEstimator().start(streamed)
+    assert isinstance(state, GaussianDualState)
+    terc(state, threshold=0.01)
+    assert all(vars(streamed)[name] is None for name in products)
     for name in ("sxy", "syy", "mean_x", "mean_y"):
         assert torch.allclose(getattr(streamed, name), getattr(direct, name), atol=1e-12)
     assert torch.allclose(streamed.sxx, direct.sxx, atol=1e-12)

@@ -296,9 +296,10 @@ def test_statistics_bytes_known_answer():
     assert statistics_bytes([(10, 2, 5)], full_target=True) == (8 * 525, 8 * 2675)
     assert statistics_bytes([(10, 2, 5)], full_target=False) == (8 * 505, 8 * 1400)
     assert statistics_bytes([(10, 2, 5)] * 2, full_target=True, folds=5) == (8 * 525 * 12, 8 * 2675)
-    # a group wider than rows[1] keeps its 4 rows: 4·20 + 4·5 + 20·5 + 25 streamed,
-    # 4·20 + 3·16 + 4·5 held; a narrower one is counted as before
-    assert statistics_bytes([(10, 2, 5)], full_target=True, rows=(4, 8)) == (8 * 225, 8 * 148)
+    # a group wider than rows[1] keeps its 4 rows and their means and extremes:
+    # 4·20 + 4·5 + 3·(20 + 5) streamed, 4·20 + 5·16 + 4·5 held; a narrower one is counted as
+    # before
+    assert statistics_bytes([(10, 2, 5)], full_target=True, rows=(4, 8)) == (8 * 175, 8 * 180)
     assert statistics_bytes([(10, 2, 5)], full_target=True, rows=(4, 20)) == (8 * 525, 8 * 2675)
 
 

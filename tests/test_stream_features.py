@@ -11,7 +11,14 @@ import torch
 import mipp
 from helpers import make_model
 from mipp.estimators import GaussianEstimator, LinearEstimator
-from mipp.estimators.moments import principal_axes, principal_moments, second_moments
+from mipp.estimators import gaussian as gaussian_module
+from mipp.estimators.moments import (
+    MomentAccumulator,
+    RowMoments,
+    principal_axes,
+    principal_moments,
+    second_moments,
+)
 from mipp.methods import MIPP
 from mipp.methods.targets import principal_unit_features
 
@@ -39,6 +46,25 @@ def test_principal_moments_equal_the_moments_of_the_projected_samples(k):
     for a, b in ((proj.sxx, direct.sxx), (proj.sxy, direct.sxy), (proj.mean_x, direct.mean_x)):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert principal_moments(m, 4) is m  # k >= b: unchanged
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_principal_moments_of_moments_with_rows_are_projected_from_the_rows(k):
+    """A wide layer's moments carry their rows and no products: projecting the rows gives the
+    moments projected from the full Gram (1e-9), without ever forming that Gram."""
+    x, y = _units(n=40, units=30)  # 120 features > 2 × 40 samples: rows kept
+    x[:, 7] = 2.0  # a dead unit
+    acc = MomentAccumulator(rows_if_wider_than=80)
+    for i in range(0, 40, 16):
+        acc.update(x[i : i + 16], y[i : i + 16])
+    rows = acc.moments()
+    assert isinstance(rows, RowMoments)
+    proj, ref = principal_moments(rows, k), principal_moments(second_moments(x, y), k)
+    assert vars(rows)["_sxx"] is None and vars(rows)["_sxy"] is None  # no D×D Gram formed
+    assert proj.samples is None and proj.unit_size == k
+    for name in ("sxx", "sxy", "syy", "mean_x"):
+        assert torch.allclose(getattr(proj, name), getattr(ref, name), rtol=1e-9, atol=1e-12)
+    assert torch.equal(proj.const_x, ref.const_x) and bool(proj.const_units[7])
 
 
 def test_principal_axes_are_the_leading_orthonormal_eigenvectors_with_a_fixed_sign():
@@ -117,3 +143,27 @@ def test_mipp_with_stream_features_prunes_a_residual_net_and_reports_k_per_strea
 def test_bad_stream_features_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MIPP(**kwargs)
+
+
+def test_stream_features_decide_the_same_from_the_rows_of_wide_streams(monkeypatch):
+    """scope "all", 2×2 pooling, 16 calibration samples: the stream groups (64 and 48
+    features) keep their rows and are projected from them; with the rows never kept
+    (DUAL_FACTOR huge) they are projected from the moments. The same widths either way."""
+    net, x = make_model("tiny-resnet", n=16)
+    projected: list[bool] = []
+    real = principal_moments
+
+    def spy(moments, k):
+        projected.append(moments.samples is not None)
+        return real(moments, k)
+
+    monkeypatch.setattr("mipp.methods.targets.principal_moments", spy)
+    method = MIPP(reconstruct=False, pool=2, stream_features=1)
+    rows = mipp.prune(net, x, method=method, sparsity=0.4, scope="all", calib_samples=16)
+    assert projected and all(projected), "the streams were not projected from their rows"
+    monkeypatch.setattr(gaussian_module, "DUAL_FACTOR", 10**9)
+    projected.clear()
+    grams = mipp.prune(net, x, method=method, sparsity=0.4, scope="all", calib_samples=16)
+    assert projected and not any(projected)
+    assert rows.report.widths == grams.report.widths
+    assert rows.report.achieved == pytest.approx(grams.report.achieved)

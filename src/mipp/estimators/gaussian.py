@@ -589,12 +589,16 @@ class GaussianDualState(ClosedFormState):
 
     (the λ_x factors cancel in Δ_i), and I(X_S; Y) = ½ log det K_P − ½ log det K_Q
     (Sylvester). Removing units R is K ← K − X_R X_Rᵀ, i.e. K⁻¹ ← K⁻¹ + V M_RR⁻¹ Vᵀ with
-    V = K⁻¹X_R and M_RR = I − X_RᵀV. A start costs O(n²·(D + q) + n³), a selection pass
-    O(n²·D) (every unit's block read once, its removal applied once), against O(D³) for the
-    D×D form: :meth:`GaussianEstimator.start` picks this state when the moments carry
-    their rows (layers wider than :data:`DUAL_FACTOR` × n). Threshold and target modes only:
-    with fewer samples than features there is no test (``pvalues`` gives NaN, which
-    confidence mode refuses by name).
+    V = K⁻¹X_R and M_RR = I − X_RᵀV. Z is never formed: Z_iᵀ K_Q⁻¹ Z_i = X_iᵀ N X_i with
+    N = λ_y L⁻ᵀ K_Q⁻¹ L⁻¹, K_Q = λ_x I + λ_y L⁻¹ (Xs Xsᵀ) L⁻ᵀ for the starting S, and a
+    removal updates N exactly as it updates K_P⁻¹, with X_R for Z_R (V = N X_R). So both
+    halves read the same columns of Xs, and new target columns cost O(n²·q + n³) whatever
+    D (the MI ordering, :meth:`single_scores`, still forms Z once). A start costs
+    O(n²·(D + q) + n³), a selection pass O(n²·D) (every unit's block read once, its removal
+    applied once), against O(D³) for the D×D form: :meth:`GaussianEstimator.start` picks
+    this state when the moments carry their rows (layers wider than :data:`DUAL_FACTOR` × n).
+    Threshold and target modes only: with fewer samples than features there is no test
+    (``pvalues`` gives NaN, which confidence mode refuses by name).
     """
 
     def __init__(self, moments: Moments, columns: Tensor | None, *, ridge: float) -> None:
@@ -615,31 +619,40 @@ class GaussianDualState(ClosedFormState):
         # the diagonal of Σ_xx = XsᵀXs without forming it
         self.ridge_x = ridge * variance_scale((xs * xs).sum(0), moments.const_x)
         self._x = xs  # (n, D), read only: forks share it
+        self._gram = xs @ xs.T  # Xs Xsᵀ of the starting S, read only: forks share it
         eye = torch.eye(n, dtype=torch.float64)
         kp_inv, logdet_inv = _inverse_logdet(
-            xs @ xs.T + self.ridge_x * eye, what="ridged sample Gram of the features"
+            self._gram + self.ridge_x * eye, what="ridged sample Gram of the features"
         )
         self._kinv: list[Tensor] = [kp_inv]
         self._logdet_kp = -logdet_inv  # log det K_P of the starting S: the target-free half
         self._set_target(moments, ys)
         self._block: _Block | None = None
-        self._v: list[Tensor] | None = None  # K⁻¹ X_B, K⁻¹ Z_B of the current block
+        self._v: list[Tensor] | None = None  # K_P⁻¹ X_B, N X_B of the current block
 
     def _set_target(self, moments: Moments, ys: Tensor) -> None:
-        """Z, K_Q⁻¹ and I(X_S; Y) for the target columns ``self.columns`` (all units in S)."""
-        xs, n = self._x, self._x.shape[0]
+        """N = λ_y L⁻ᵀ K_Q⁻¹ L⁻¹ and I(X_S; Y) for the target columns ``self.columns`` (all
+        units in S), from the n×n Gram alone: O(n²·q + n³)."""
+        n = self._x.shape[0]
         eye = torch.eye(n, dtype=torch.float64)
-        if self._q:
-            yt = ys[:, self.columns] / moments.syy.diagonal()[self.columns].sqrt()
-            chol = cholesky_or_raise(yt @ yt.T + self.ridge_y * eye, what="ridged target Gram")
-            self._z = math.sqrt(self.ridge_y) * torch.linalg.solve_triangular(chol, xs, upper=False)
-        else:
-            self._z = xs
+        if not self._q:  # no target: Z = Xs, N = K_P⁻¹ (and every Δ_i is 0)
+            self._chol_y = None
+            self._kinv = [self._kinv[0], self._kinv[0].clone()]
+            self._info = 0.0
+            return
+        yt = ys[:, self.columns] / moments.target_variances[self.columns].sqrt()
+        chol = cholesky_or_raise(yt @ yt.T + self.ridge_y * eye, what="ridged target Gram")
+        self._chol_y = chol
+        solve = torch.linalg.solve_triangular
+        half = solve(chol, self._gram, upper=False)  # L⁻¹ Xs Xsᵀ
+        zz = self.ridge_y * solve(chol, half.T, upper=False)  # Z Zᵀ = λ_y L⁻¹ Xs Xsᵀ L⁻ᵀ
         kq_inv, logdet_inv = _inverse_logdet(
-            self._z @ self._z.T + self.ridge_x * eye, what="ridged sample Gram of the features"
+            (zz + zz.T) / 2 + self.ridge_x * eye, what="ridged sample Gram of the features"
         )
-        self._kinv = [self._kinv[0], kq_inv]
-        self._info = 0.5 * (self._logdet_kp + logdet_inv) if self._q else 0.0
+        left = solve(chol.T, kq_inv, upper=True)  # L⁻ᵀ K_Q⁻¹
+        n_q = self.ridge_y * solve(chol, left, upper=False, left=False)  # … L⁻¹
+        self._kinv = [self._kinv[0], (n_q + n_q.T) / 2]
+        self._info = 0.5 * (self._logdet_kp + logdet_inv)
 
     def information(self) -> float:
         """I(X_S; Y) in nats (see :meth:`GaussianState.information`)."""
@@ -649,14 +662,18 @@ class GaussianDualState(ClosedFormState):
 
     def single_scores(self) -> Tensor:
         """float64 ``(U,)``: I(X_i; Y) of each unit alone,
-        ½ log det(λI + X_iᵀX_i) − ½ log det(λI + Z_iᵀZ_i); 0 for constant units."""
+        ½ log det(λI + X_iᵀX_i) − ½ log det(λI + Z_iᵀZ_i); 0 for constant units. The one
+        place Z = √λ_y L⁻¹ Xs is formed (one triangular solve, O(n²·D))."""
         if self._q == 0:
             return torch.zeros(self.n_units, dtype=torch.float64)
         n, u, b = self._x.shape[0], self.n_units, self._b
         ridge = self.ridge_x * torch.eye(b, dtype=torch.float64)
+        z = math.sqrt(self.ridge_y) * torch.linalg.solve_triangular(
+            self._chol_y, self._x, upper=False
+        )
         grams = [
             torch.einsum("nub,nuc->ubc", m.view(n, u, b), m.view(n, u, b)) + ridge
-            for m in (self._x, self._z)
+            for m in (self._x, z)
         ]
         scores = 0.5 * (_batched_logdet(grams[0]) - _batched_logdet(grams[1]))
         return torch.where(self._const_units, 0.0, scores.clamp_min(0.0))
@@ -665,13 +682,13 @@ class GaussianDualState(ClosedFormState):
         return torch.cat([torch.arange(u * self._b, (u + 1) * self._b) for u in units])
 
     def _restricted(self, cols: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([λP_KK, λQ_KK], [K_P⁻¹X_K, K_Q⁻¹Z_K])`` for feature columns K of kept units."""
+        """``([λP_KK, λQ_KK], [K_P⁻¹X_K, N X_K])`` for feature columns K of kept units."""
         eye = torch.eye(len(cols), dtype=torch.float64)
+        x_k = self._x[:, cols]
         mats, vs = [], []
-        for m, k_inv in zip((self._x, self._z), self._kinv, strict=True):
-            m_k = m[:, cols]
-            v = k_inv @ m_k
-            inner = eye - m_k.T @ v
+        for k_inv in self._kinv:
+            v = k_inv @ x_k
+            inner = eye - x_k.T @ v
             mats.append((inner + inner.T) / 2)
             vs.append(v)
         return mats, vs
@@ -692,7 +709,7 @@ class GaussianDualState(ClosedFormState):
         )
 
     def _commit(self) -> None:
-        """End the current block: apply its removed units R to K_P⁻¹ and K_Q⁻¹ (Woodbury,
+        """End the current block: apply its removed units R to K_P⁻¹ and N (Woodbury,
         with the block's V = K⁻¹X_R from before its removals)."""
         blk, vs = self._block, self._v
         self._block, self._v = None, None
@@ -704,10 +721,12 @@ class GaussianDualState(ClosedFormState):
         self._woodbury(blk.rows[local], [v[:, local] for v in vs])
 
     def _woodbury(self, cols: Tensor, vs: list[Tensor]) -> None:
-        """K⁻¹ ← K⁻¹ + V (I − X_RᵀV)⁻¹ Vᵀ for removed feature columns R, V = K⁻¹X_R."""
+        """K_P⁻¹ ← K_P⁻¹ + V (I − X_RᵀV)⁻¹ Vᵀ for removed feature columns R, V = K_P⁻¹X_R,
+        and N likewise (V = N X_R)."""
         eye = torch.eye(len(cols), dtype=torch.float64)
-        for j, (m, v) in enumerate(zip((self._x, self._z), vs, strict=True)):
-            inner = eye - m[:, cols].T @ v
+        x_r = self._x[:, cols]
+        for j, v in enumerate(vs):
+            inner = eye - x_r.T @ v
             chol = cholesky_or_raise((inner + inner.T) / 2, what="kept-set Schur complement")
             w = torch.linalg.solve_triangular(chol, v.T, upper=False)  # (|R|, n)
             self._kinv[j] = torch.addmm(self._kinv[j], w.T, w)
@@ -750,7 +769,7 @@ class GaussianDualState(ClosedFormState):
         self._slots.remove(i)
 
     def fork(self) -> GaussianDualState:
-        """An independent copy: K_P⁻¹ and K_Q⁻¹ copied (O(n²)), the rows shared (read only)."""
+        """An independent copy: K_P⁻¹ and N copied (O(n²)), the rows shared (read only)."""
         self._commit()
         other = copy.copy(self)
         other._kinv = [k.clone() for k in self._kinv]
@@ -763,7 +782,7 @@ class GaussianDualState(ClosedFormState):
 
     def retargeted(self, moments: Moments, columns: Tensor | None) -> GaussianDualState:
         """A starting state for other target columns: K_P⁻¹ (which does not depend on the
-        target) is shared, Z and K_Q⁻¹ are rebuilt, O(n²·(D + q) + n³)."""
+        target) is shared, N is rebuilt from the n×n Gram, O(n²·q + n³)."""
         self._check_start("retarget")
         other = copy.copy(self)
         other._block, other._v = None, None

@@ -173,9 +173,14 @@ class Moments:
         """bool ``(U,)``: True for units whose every feature is constant (dead units)."""
         return self.const_x.view(self.n_units, self.unit_size).all(dim=1)
 
+    @property
+    def target_variances(self) -> Tensor:
+        """``(Q,)``: the diagonal of ``syy`` (0 for constant columns)."""
+        return self.syy.diagonal()
+
     def kept_columns(self, columns: Tensor | None) -> Tensor:
         """The target columns ``columns`` (None: all) without the zero-variance ones."""
-        cols = check_columns(columns, self.syy.shape[0])
+        cols = check_columns(columns, self.mean_y.shape[0])
         return cols[~self.const_y[cols]]
 
     def standardised(self, columns: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,8 +228,8 @@ def second_moments(x: Tensor, y: Tensor) -> Moments:
 
 
 def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_size) -> Moments:
-    """Zero the constant features' rows and columns, normalise by n, symmetrise (``sxx``
-    None: left to :class:`RowMoments`)."""
+    """Zero the constant features' rows and columns, normalise by n, symmetrise (a product
+    that is None is left to :class:`RowMoments`)."""
     for mat, rows, cols in (
         (sxx, const_x, const_x),
         (sxy, const_x, const_y),
@@ -233,11 +238,12 @@ def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_si
         if mat is not None:
             mat[rows] = 0.0
             mat[:, cols] = 0.0
-    sxy, syy = sxy / n, syy / n
     if sxx is not None:
         sxx = sxx / n
         sxx = (sxx + sxx.T) / 2
-    syy = (syy + syy.T) / 2
+    if sxy is not None:
+        sxy, syy = sxy / n, syy / n
+        syy = (syy + syy.T) / 2
     return Moments(
         sxx=sxx,
         sxy=sxy,
@@ -253,24 +259,58 @@ def _finish(sxx, sxy, syy, mean_x, mean_y, const_x, const_y, n, n_units, unit_si
 
 
 class RowMoments(Moments):
-    """:class:`Moments` that carry their rows (``samples``) and compute ``sxx = XsᵀXs`` only
-    when something reads it: the sample-space ``gaussian`` never does, so a wide layer's
-    O(n·D²) Gram is skipped [ours]. Made by :class:`MomentAccumulator` for layers wider
-    than its ``rows_if_wider_than``."""
+    """:class:`Moments` that carry their rows (``samples``) and compute the products
+    ``sxx = XsᵀXs``, ``sxy = XsᵀYs`` and ``syy = YsᵀYs`` only when something reads them: the
+    sample-space ``gaussian`` reads none of them (only the rows and the target variances), so
+    a wide layer's O(n·D²) Gram and O(n·D·Q + n·Q²) cross-products are skipped [ours]. Made by
+    :class:`MomentAccumulator` for layers wider than its ``rows_if_wider_than``; the products,
+    when read, equal the accumulated ones up to float64 rounding."""
+
+    def _product(self, name: str) -> Tensor:
+        value = self.__dict__.get("_" + name)
+        if value is None:
+            xs, ys = self.samples
+            if name == "sxy":
+                value = xs.T @ ys
+            else:
+                m = xs if name == "sxx" else ys
+                value = m.T @ m
+                value = (value + value.T) / 2
+            object.__setattr__(self, "_" + name, value)
+        return value
 
     @property  # type: ignore[override]
     def sxx(self) -> Tensor:
-        gram = self.__dict__.get("_sxx")
-        if gram is None:
-            xs = self.samples[0]
-            gram = xs.T @ xs
-            gram = (gram + gram.T) / 2
-            object.__setattr__(self, "_sxx", gram)
-        return gram
+        return self._product("sxx")
 
     @sxx.setter
     def sxx(self, value: Tensor | None) -> None:  # (the dataclass __init__ sets it)
         object.__setattr__(self, "_sxx", value)
+
+    @property  # type: ignore[override]
+    def sxy(self) -> Tensor:
+        return self._product("sxy")
+
+    @sxy.setter
+    def sxy(self, value: Tensor | None) -> None:
+        object.__setattr__(self, "_sxy", value)
+
+    @property  # type: ignore[override]
+    def syy(self) -> Tensor:
+        return self._product("syy")
+
+    @syy.setter
+    def syy(self, value: Tensor | None) -> None:
+        object.__setattr__(self, "_syy", value)
+
+    @property
+    def target_variances(self) -> Tensor:
+        """``(Q,)`` from the rows, O(n·Q), without forming ``syy`` (unless it was read)."""
+        syy = self.__dict__.get("_syy")
+        if syy is not None:
+            return syy.diagonal()
+        ys = self.samples[1]
+        return (ys * ys).sum(0)
 
 
 def sample_rows(moments: Moments, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,7 +344,9 @@ def principal_moments(moments: Moments, k: int) -> Moments:
     then costs k features instead of b in every D×D step of the selection. A component with
     (relative) zero variance is constant, like a dead feature. ``k >= b``: unchanged.
     Moments with folds (confidence mode's held-out test) are refused: their per-fold
-    extremes cannot be projected."""
+    extremes cannot be projected. Moments that carry their rows (``samples``, a wide layer)
+    are projected row by row instead, without ever forming the D×D Gram:
+    O(n·D·k + n·(U·k)² + n·U·k·Q); the result has its products and no rows."""
     b, u = moments.unit_size, moments.n_units
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -312,14 +354,24 @@ def principal_moments(moments: Moments, k: int) -> Moments:
         return moments
     if moments.folds is not None:
         raise ValueError("principal_moments cannot project moments with folds (confidence mode)")
-    sxx = moments.sxx.view(u, b, u, b)
-    idx = torch.arange(u)
-    axes = principal_axes(sxx[idx, :, idx, :], k)  # (U, b, k)
-    szz = torch.einsum("uab,uavd,vdc->ubvc", axes, sxx, axes).reshape(u * k, u * k)
-    szy = torch.einsum("uab,uaq->ubq", axes, moments.sxy.view(u, b, -1)).reshape(u * k, -1)
+    if moments.samples is not None:  # the rows: Z = Xs V, its products from them
+        xs, ys = moments.samples
+        xu = xs.view(-1, u, b)
+        blocks = torch.einsum("nua,nub->uab", xu, xu)
+        axes = principal_axes(blocks, k)  # (U, b, k)
+        zs = torch.einsum("nua,uak->nuk", xu, axes).reshape(-1, u * k)
+        szz, szy = zs.T @ zs, zs.T @ ys
+        totals = blocks.diagonal(dim1=1, dim2=2).sum(1)
+    else:
+        sxx = moments.sxx.view(u, b, u, b)
+        idx = torch.arange(u)
+        axes = principal_axes(sxx[idx, :, idx, :], k)  # (U, b, k)
+        szz = torch.einsum("uab,uavd,vdc->ubvc", axes, sxx, axes).reshape(u * k, u * k)
+        szy = torch.einsum("uab,uaq->ubq", axes, moments.sxy.view(u, b, -1)).reshape(u * k, -1)
+        totals = moments.sxx.diagonal().view(u, b).sum(1)
     mean_z = torch.einsum("uab,ua->ub", axes, moments.mean_x.view(u, b)).reshape(-1)
     var = szz.diagonal()
-    scale = moments.sxx.diagonal().view(u, b).sum(1).repeat_interleave(k)  # unit's total
+    scale = totals.repeat_interleave(k)  # the unit's total variance
     const = (var <= 1e-12 * scale) | moments.const_units.repeat_interleave(k)
     szz[const] = 0.0
     szz[:, const] = 0.0
@@ -411,10 +463,11 @@ class _Running:
         self.full_target = full_target
         self.mean_x = torch.zeros(d, dtype=torch.float64)
         self.mean_y = torch.zeros(q, dtype=torch.float64)
-        # gram False: no X-side second moments (the rows are kept instead, RowMoments)
+        # gram False: no second moments at all, only means and extremes (the rows are kept
+        # instead and RowMoments computes the products from them when something reads them)
         self.sxx = torch.zeros(d, d, dtype=torch.float64) if gram else None
-        self.sxy = torch.zeros(d, q, dtype=torch.float64)
-        self.syy = torch.zeros(q, q, dtype=torch.float64)
+        self.sxy = torch.zeros(d, q, dtype=torch.float64) if gram else None
+        self.syy = torch.zeros(q, q, dtype=torch.float64) if gram else None
         self.min_x = torch.full((d,), math.inf, dtype=torch.float64)
         self.max_x = -self.min_x
         self.min_y = torch.full((q,), math.inf, dtype=torch.float64)
@@ -430,11 +483,11 @@ class _Running:
         w = n_a * m / n
         if self.sxx is not None:
             self.sxx += xc.T @ xc + w * torch.outer(dx, dx)
-        self.sxy += xc.T @ yc + w * torch.outer(dx, dy)
-        if self.full_target:
-            self.syy += yc.T @ yc + w * torch.outer(dy, dy)
-        else:  # the variances only: O(Q) instead of O(Q²) per row
-            self.syy.diagonal().add_((yc**2).sum(0) + w * dy**2)
+            self.sxy += xc.T @ yc + w * torch.outer(dx, dy)
+            if self.full_target:
+                self.syy += yc.T @ yc + w * torch.outer(dy, dy)
+            else:  # the variances only: O(Q) instead of O(Q²) per row
+                self.syy.diagonal().add_((yc**2).sum(0) + w * dy**2)
         self.mean_x += dx * (m / n)
         self.mean_y += dy * (m / n)
         self.min_x = torch.minimum(self.min_x, xb.amin(0))
@@ -617,10 +670,11 @@ class MomentAccumulator:
             whole = self._parts[0]
         const_x = whole.max_x == whole.min_x
         const_y = whole.max_y == whole.min_y
+        rows = whole.sxx is None
         moments = _finish(
-            None if whole.sxx is None else whole.sxx.clone(),
-            whole.sxy.clone(),
-            whole.syy.clone(),
+            None if rows else whole.sxx.clone(),
+            None if rows else whole.sxy.clone(),
+            None if rows else whole.syy.clone(),
             whole.mean_x.clone(),
             whole.mean_y.clone(),
             const_x,
@@ -646,7 +700,7 @@ class MomentAccumulator:
             ]
             folds = _stack_folds(parts, const_x, const_y)
         moments = dataclasses.replace(moments, full_target=self.full_target, folds=folds)
-        if self._rows is not None:  # the Gram XsᵀXs is computed only if something reads it
+        if self._rows is not None:  # the products are computed only if something reads them
             xs = torch.cat([r[0] for r in self._rows])
             ys = torch.cat([r[1] for r in self._rows])
             fields = {f.name: getattr(moments, f.name) for f in dataclasses.fields(moments)}
@@ -859,7 +913,7 @@ class ClosedFormState(EstimatorState):
     def _new_columns(self, moments: Moments, columns: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(final, keep)``: the new columns (this state's kept ones first, then the added
         ones; zero-variance ones dropped) and which of this state's columns stay."""
-        cols = check_columns(columns, moments.syy.shape[0])
+        cols = check_columns(columns, moments.mean_y.shape[0])
         cols = cols[~moments.const_y[cols]]
         keep = torch.isin(self.columns, cols)
         added = cols[~torch.isin(cols, self.columns)]

@@ -427,14 +427,11 @@ class MIPP(Method):
                 f"(estimator='gaussian' or 'linear'), or prune on one process"
             )
         # wide groups keep their rows where the estimator can use them (gaussian's
-        # sample-space form; not with stream_features, which projects the moments, nor
-        # under torch.distributed, which gathers moments and not rows)
+        # sample-space form, and stream_features, which then projects the rows instead of a
+        # D×D Gram; not under torch.distributed, which gathers moments and not rows)
         rows_over = (
             est.rows_if_wider_than(len(x))
-            if hasattr(est, "rows_if_wider_than")
-            and self.stream_features is None
-            and not folds
-            and not distributed.active()
+            if hasattr(est, "rows_if_wider_than") and not folds and not distributed.active()
             else None
         )
         _check_samples(
@@ -643,16 +640,17 @@ def statistics_bytes(
     about 6D² + 2D·q + 3q² (``gaussian``: A, P, Q_XX, Σ_Sy C_yy^(-1/2), C_yy, E, G, and up to
     two D×D Cholesky factors of its deferred removals) or 3D² + 2D·q (``linear``).
     ``rows=(n, wider_than)``: a group of more than ``wider_than`` features keeps its n rows
-    instead of its D×D moments (n·D + n·q + D·q + q²) and is selected in the sample space
-    (``gaussian``'s :class:`~mipp.estimators.gaussian.GaussianDualState`: n·D + 3n² + n·q)."""
+    and only their means and extremes, no products (n·D + n·q + 3(D + q)), and is selected
+    in the sample space (``gaussian``'s :class:`~mipp.estimators.gaussian.GaussianDualState`:
+    the rows, five n×n matrices and the standardised target rows, n·D + 5n² + n·q)."""
     parts = max(folds, 1) + (1 if folds else 0)  # the folds and their merged whole
     stream = state = 0
     for units, features, q in shapes:
         d = units * features
         if rows is not None and d > rows[1]:
             n = rows[0]
-            stream += n * d + n * q + d * q + q * q
-            state = max(state, n * d + 3 * n * n + n * q)
+            stream += n * d + n * q + 3 * (d + q)
+            state = max(state, n * d + 5 * n * n + n * q)
             continue
         stream += parts * (d * d + d * q + (q * q if full_target else q))
         held = 6 * d * d + 2 * d * q + 3 * q * q if full_target else 3 * d * d + 2 * d * q
