@@ -531,26 +531,44 @@ def test_gaussian_threshold_mode_blocks_equal_the_tested_path(unit_size):
         assert fast_state.delta(unit).pvalue == pytest.approx(fresh.delta(j).pvalue, rel=1e-6)
 
 
-def test_linear_threshold_mode_skips_the_f_test_and_gives_it_back():
-    """``pvalues`` False (threshold mode): the same Δ_i and a NaN p-value, the same removals;
-    True again: the in-sample F-test of the tested path."""
+@pytest.mark.parametrize("unit_size", [1, 3])
+def test_linear_threshold_mode_skips_the_f_test_and_gives_it_back(unit_size):
+    """``pvalues`` False (threshold mode): the same Δ_i and a NaN p-value, the same removals
+    (inside and across blocks, whose F-test caches and ‖B‖² are then not kept); True again:
+    the in-sample F-test of the tested path, also when switched inside a prefetched block."""
     from mipp.methods.selection import terc
 
-    x, y = _redundant_layer(60, 1, seed=8)
+    x, y = _redundant_layer(150, unit_size, seed=8)
     est = LinearEstimator()
     prepared = est.prepare(x, y)
     fast_state, slow_state = est.start(prepared), est.start(prepared)
-    fast = terc(fast_state, threshold=1e-3)
+    fast = terc(fast_state, threshold=2e-4)
     assert not fast_state.pvalues
-    slow = terc(_NoPrefetch(slow_state), threshold=1e-3)
+    slow = terc(_NoPrefetch(slow_state), threshold=2e-4)
+    assert 20 < fast.n_kept < 130  # removals inside and across blocks
     assert slow_state.pvalues and torch.equal(fast.support, slow.support)
     assert torch.allclose(fast.deltas, slow.deltas, rtol=1e-9, atol=1e-12, equal_nan=True)
-    unit = int(fast.support.nonzero()[0])
-    assert math.isnan(fast_state.delta(unit).pvalue)
-    assert fast_state.delta(unit).value == pytest.approx(slow_state.delta(unit).value, rel=1e-9)
+    kept = fast.support.nonzero().flatten().tolist()
+    assert math.isnan(fast_state.delta(kept[0]).pvalue)
     fast_state.pvalues = True
-    assert 0.0 <= slow_state.delta(unit).pvalue <= 1.0
-    assert fast_state.delta(unit).pvalue == pytest.approx(slow_state.delta(unit).pvalue, rel=1e-6)
+    for unit in kept[:5]:
+        assert 0.0 <= slow_state.delta(unit).pvalue <= 1.0
+        assert fast_state.delta(unit).value == pytest.approx(slow_state.delta(unit).value, rel=1e-9)
+        assert fast_state.delta(unit).pvalue == pytest.approx(
+            slow_state.delta(unit).pvalue, rel=1e-6
+        )
+    # switched inside a block prefetched without the test's caches
+    inner, plain = est.start(prepared), est.start(prepared)
+    inner.pvalues = False
+    inner.prefetch(kept[:10])
+    for unit in kept[:3]:
+        inner.remove(unit)
+        plain.remove(unit)
+    inner.pvalues = True
+    for unit in kept[3:8]:
+        d, ref = inner.delta(unit), plain.delta(unit)
+        assert d.value == pytest.approx(ref.value, rel=1e-9)
+        assert d.pvalue == pytest.approx(ref.pvalue, rel=1e-6)
 
 
 @pytest.mark.parametrize("unit_size", [1, 2])

@@ -629,6 +629,7 @@ class GaussianDualState(ClosedFormState):
         self._set_target(moments, ys)
         self._block: _Block | None = None
         self._v: list[Tensor] | None = None  # K_P⁻¹ X_B, N X_B of the current block
+        self._inner: list[Tensor] | None = None  # its I − X_BᵀV before any removal
 
     def _set_target(self, moments: Moments, ys: Tensor) -> None:
         """N = λ_y L⁻ᵀ K_Q⁻¹ L⁻¹ and I(X_S; Y) for the target columns ``self.columns`` (all
@@ -702,6 +703,7 @@ class GaussianDualState(ClosedFormState):
             return
         cols = self._cols(units)
         mats, self._v = self._restricted(cols)
+        self._inner = [m.clone() for m in mats]  # the block's removals change ``mats``
         self._block = _Block(
             units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
             rows=cols,
@@ -710,7 +712,7 @@ class GaussianDualState(ClosedFormState):
 
     def _commit(self) -> None:
         """End the current block: apply its removed units R to K_P⁻¹ and N (Woodbury,
-        with the block's V = K⁻¹X_R from before its removals)."""
+        with the block's V = K⁻¹X_R and I − X_RᵀV from before its removals)."""
         blk, vs = self._block, self._v
         self._block, self._v = None, None
         if blk is None or not blk.removed:
@@ -718,15 +720,16 @@ class GaussianDualState(ClosedFormState):
         local = torch.cat(
             [torch.arange(blk.units[u].start, blk.units[u].stop) for u in blk.removed]
         )
-        self._woodbury(blk.rows[local], [v[:, local] for v in vs])
+        inners = [m[local[:, None], local] for m in self._inner]
+        self._woodbury(blk.rows[local], [v[:, local] for v in vs], inners)
 
-    def _woodbury(self, cols: Tensor, vs: list[Tensor]) -> None:
+    def _woodbury(self, cols: Tensor, vs: list[Tensor], inners: list[Tensor] | None = None) -> None:
         """K_P⁻¹ ← K_P⁻¹ + V (I − X_RᵀV)⁻¹ Vᵀ for removed feature columns R, V = K_P⁻¹X_R,
-        and N likewise (V = N X_R)."""
+        and N likewise (V = N X_R); ``inners``: the I − X_RᵀV already read (a block's)."""
         eye = torch.eye(len(cols), dtype=torch.float64)
-        x_r = self._x[:, cols]
+        x_r = self._x[:, cols] if inners is None else None
         for j, v in enumerate(vs):
-            inner = eye - x_r.T @ v
+            inner = eye - x_r.T @ v if inners is None else inners[j]
             chol = cholesky_or_raise((inner + inner.T) / 2, what="kept-set Schur complement")
             w = torch.linalg.solve_triangular(chol, v.T, upper=False)  # (|R|, n)
             self._kinv[j] = torch.addmm(self._kinv[j], w.T, w)
@@ -765,7 +768,7 @@ class GaussianDualState(ClosedFormState):
         if inside:
             blk.remove(i)
         else:
-            self._woodbury(cols, vs)
+            self._woodbury(cols, vs, [p_ii, q_ii])
         self._slots.remove(i)
 
     def fork(self) -> GaussianDualState:

@@ -111,7 +111,9 @@ class LinearState(ClosedFormState):
         self._p = spd_inverse(a, what="ridged feature covariance")  # (D, D)
         self._bm = self._p @ sxy  # (D, q)
         self._explained = float((self._sxy * self._bm).sum()) / self._q if self._q else 0.0
-        self._b_norm = float((self._bm**2).sum())  # ‖B‖²_F
+        # ‖B‖²_F, for the F-test only: None once a removal in threshold mode (which asks for
+        # no p-values) skipped its update; recomputed from B when a test needs it
+        self._b_norm: float | None = float((self._bm**2).sum())
         self._block: _Block | None = None
         self._d_live = int(self._live.sum())  # non-constant features in S
 
@@ -160,24 +162,45 @@ class LinearState(ClosedFormState):
             return
         rows = torch.cat([torch.arange(u * self._b, (u + 1) * self._b) for u in units])
         p_k = self._p[rows]  # (Kb, D)
+        tested = self._tested()
         self._block = _Block(
             units={u: slice(j * self._b, (j + 1) * self._b) for j, u in enumerate(units)},
             rows=rows,
             p=p_k[:, rows].clone(),
             bm=self._bm[rows].clone(),
-            pb=p_k @ self._bm,
-            pp=p_k @ p_k.T,
+            pb=p_k @ self._bm if tested else None,
+            pp=p_k @ p_k.T if tested else None,
         )
 
-    def _rows(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Unit i's ``(P_ii, B_i, P_i· B, P_i· P_·i)``, from the block caches when prefetched."""
+    def _tested(self) -> bool:
+        """Whether :meth:`delta` runs the in-sample F-test, which alone needs ‖B‖² and the
+        block caches P B and P P (threshold mode and the held-out test do not)."""
+        return self.pvalues and self.heldout is None
+
+    def _rows(self, i: int, *, tested: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Unit i's ``(P_ii, B_i, P_i· B, P_i· P_·i)``, from the block caches when prefetched;
+        the last two None unless ``tested``."""
         blk = self._block
+        if tested and blk is not None and blk.pb is None:
+            self._flush()  # a block prefetched without the test's caches
+            blk = None
         if blk is not None and i in blk.units:
             r = blk.units[i]
+            if not tested:
+                return blk.p[r, r], blk.bm[r], None, None
             return blk.p[r, r], blk.bm[r], blk.pb[r], blk.pp[r, r]
         r = slice(i * self._b, (i + 1) * self._b)
         p_i = self._p[r]
+        if not tested:
+            return p_i[:, r], self._bm[r], None, None
         return p_i[:, r], self._bm[r], p_i @ self._bm, p_i @ p_i.T
+
+    def _norm(self) -> float:
+        """‖B‖²_F, recomputed from B (every removal applied first) if it went stale."""
+        if self._b_norm is None:
+            self._flush()
+            self._b_norm = float((self._bm**2).sum())
+        return self._b_norm
 
     def delta(self, i: int) -> Delta:
         """Δ_i = L(S∖i) − L(S) (share of variance) and its p-value; i must be in S.
@@ -196,7 +219,9 @@ class LinearState(ClosedFormState):
         dof_res = self._n - d_live - 1
         if self._block is not None and i not in self._block.units:
             self._flush()
-        p_ii, b_i, pb_i, pp_ii = self._rows(i)
+        tested = self._tested()
+        b_norm = self._norm() if tested else math.nan
+        p_ii, b_i, pb_i, pp_ii = self._rows(i, tested=tested)
         coef = _solve(p_ii, b_i)  # P_ii⁻¹ B_i, (b, q)
         value = max(float((b_i * coef).sum()) / self._q, 0.0)
         if self.heldout is not None:
@@ -204,16 +229,16 @@ class LinearState(ClosedFormState):
         if not self.pvalues:  # threshold mode: Δ_i alone decides, the F-test is not asked for
             return Delta(value=value, relative=value, pvalue=math.nan)
         # unpenalised residual shares for the test: R = L − λ‖B‖²/q
-        resid = 1.0 - self._explained - self.ridge * self._b_norm / self._q
+        resid = 1.0 - self._explained - self.ridge * b_norm / self._q
         cross = pb_i - p_ii @ b_i  # P_ir B_r, (b, q)
         gram = pp_ii - p_ii @ p_ii  # P_ir P_ri, (b, b)
         b_without = (
-            self._b_norm
+            b_norm
             - float((b_i**2).sum())
             - 2 * float((coef * cross).sum())
             + float((coef * (gram @ coef)).sum())
         )
-        rise = value - self.ridge * (b_without - self._b_norm) / self._q
+        rise = value - self.ridge * (b_without - b_norm) / self._q
         b_live = int(self._live[i * self._b : (i + 1) * self._b].sum())
         if dof_res <= 0:  # fewer samples than features: Δ (ridge) is fine, no F-test
             pvalue = math.nan
@@ -235,11 +260,16 @@ class LinearState(ClosedFormState):
         if blk is not None and i not in blk.units:
             self._flush()
             blk = None
-        p_ii, b_i, pb_i, pp_ii = self._rows(i)
+        tested = self._tested() and self._b_norm is not None
+        p_ii, b_i, pb_i, pp_ii = self._rows(i, tested=tested)
+        blk = self._block  # (None if reading the test's caches ended it)
         coef = _solve(p_ii, b_i)  # C = P_ii⁻¹ B_i
         # information and ‖B‖² after B ← B − P_·i C
         self._explained -= float((b_i * coef).sum()) / self._q if self._q else 0.0
-        self._b_norm += float((coef * (pp_ii @ coef)).sum()) - 2 * float((coef * pb_i).sum())
+        if tested:
+            self._b_norm += float((coef * (pp_ii @ coef)).sum()) - 2 * float((coef * pb_i).sum())
+        else:
+            self._b_norm = None  # recomputed from B if a test asks for it
         if blk is not None:
             blk.remove(i)
         else:
@@ -289,7 +319,13 @@ class _Block:
     """
 
     def __init__(
-        self, units: dict[int, slice], rows: Tensor, p: Tensor, bm: Tensor, pb: Tensor, pp: Tensor
+        self,
+        units: dict[int, slice],
+        rows: Tensor,
+        p: Tensor,
+        bm: Tensor,
+        pb: Tensor | None,
+        pp: Tensor | None,
     ) -> None:
         self.units, self.rows = units, rows
         self.p, self.bm, self.pb, self.pp = p, bm, pb, pp
@@ -298,21 +334,23 @@ class _Block:
     def remove(self, i: int) -> None:
         r = self.units[i]
         p_km = self.p[:, r].clone()  # (Kb, b)
-        pp_km = self.pp[:, r].clone()
         w = _solve(p_km[r], torch.eye(p_km.shape[1], dtype=p_km.dtype))  # P_mm⁻¹
-        pp_mm = pp_km[r]
         a = p_km @ w  # P_Km W
-        b_m, pb_m = self.bm[r].clone(), self.pb[r].clone()
-        t = a @ (pp_mm @ w)  # P_Km W (PP)_mm W
-        self.pb -= a @ pb_m + pp_km @ (w @ b_m) - t @ b_m
-        self.pp -= a @ pp_km.T + pp_km @ a.T - t @ p_km.T
+        b_m = self.bm[r].clone()
+        if self.pb is not None:  # the F-test's caches (absent in threshold mode)
+            pp_km = self.pp[:, r].clone()
+            pp_mm, pb_m = pp_km[r], self.pb[r].clone()
+            t = a @ (pp_mm @ w)  # P_Km W (PP)_mm W
+            self.pb -= a @ pb_m + pp_km @ (w @ b_m) - t @ b_m
+            self.pp -= a @ pp_km.T + pp_km @ a.T - t @ p_km.T
+            self.pp[r] = 0.0
+            self.pp[:, r] = 0.0
+            self.pb[r] = 0.0
         self.p -= a @ p_km.T
         self.bm -= a @ b_m
-        for m in (self.p, self.pp):
-            m[r] = 0.0
-            m[:, r] = 0.0
+        self.p[r] = 0.0
+        self.p[:, r] = 0.0
         self.bm[r] = 0.0
-        self.pb[r] = 0.0
         self.removed.append(i)
 
 
