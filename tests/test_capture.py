@@ -154,3 +154,37 @@ def test_capture_inputs_in_pieces_keeps_every_sample_in_order(monkeypatch):
     pieces = capture.capture_inputs(net, x.split(16), layers, reduce, pieces=True)
     assert calls == [capture.PROBE_SAMPLES, 3, 3, 2, 3, 2]
     torch.testing.assert_close(pieces["3"], whole["3"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 1, 3 * 1024])
+def test_input_spreads_equal_those_of_the_recorded_inputs(monkeypatch, piece_bytes):
+    """Per feature, the largest deviation from the first sample and the largest magnitude of
+    each layer's input, read piece by piece (whole, one sample, a few samples), equal those of
+    the whole recorded input (a Linear's features on its last dimension; up to float32
+    rounding, since a piece's kernels may round differently; a constant feature's spread is
+    exactly 0 either way); a NaN in a feature makes its spread NaN; the hooks are gone
+    afterwards."""
+    from mipp.surgery import capture
+
+    net = _net()
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # one channel of the second conv's input constant: 0 after ReLU
+        net[0].weight[1].zero_()
+        net[0].bias[1] = -1.0
+    layers = {"4": net[4], "7": net[7]}
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", piece_bytes)
+    seen, error = capture.input_spreads(net, x, layers)
+    assert error is None and _hooks(net) == 0
+    whole, _ = capture.record_first_inputs(net, x, layers)
+    for name in layers:
+        inp = whole[name].double()
+        spread = (inp - inp[:1]).abs().transpose(0, 1).flatten(1).amax(1)
+        size = inp.abs().transpose(0, 1).flatten(1).amax(1)
+        got_spread, got_size, eps = seen[name]
+        assert torch.allclose(got_spread, spread, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got_size, size, rtol=1e-5, atol=1e-6)
+        assert eps == torch.finfo(torch.float32).eps
+    assert seen["4"][0][1] == 0.0 and seen["4"][0][0] > 0.0  # the constant channel
+    x[5, 0, 2, 2] = float("nan")
+    seen, error = capture.input_spreads(net, x, layers)
+    assert error is None and bool(seen["4"][0].isnan().any())

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mipp import distributed
 from mipp.errors import CalibrationError
@@ -433,41 +433,39 @@ CONSTANT_CHECK_SAMPLES = 64
 def constant_groups(model: Any, x: Tensor | Samples, groups: Iterable[Any]) -> list[str]:
     """Names of the unit groups whose every unit is constant over the calibration samples.
 
-    One forward of at most :data:`CONSTANT_CHECK_SAMPLES` samples of ``x`` records every
-    consumer's input (unpooled). A unit is constant when each consumer's input columns it
-    feeds differ across the samples by at most 4 rounding units of their dtype relative to
-    their largest magnitude (exactly 0 for all-zero columns): the same arithmetic on equal
-    values, not a small signal (a layer with tiny weights still varies). A group
-    all of whose units are constant carries no information about anything on this data: MIPP
-    would find every unit redundant and a data-based baseline would rank them at random.
+    One forward of at most :data:`CONSTANT_CHECK_SAMPLES` samples of ``x`` reads every
+    consumer's input (unpooled; per feature only its largest deviation from the first sample
+    and its largest magnitude are kept, :func:`~mipp.surgery.capture.input_spreads`). A unit
+    is constant when each consumer's input columns it feeds differ across the samples by at
+    most 4 rounding units of their dtype relative to their largest magnitude (exactly 0 for
+    all-zero columns): the same arithmetic on equal values, not a small signal (a layer with
+    tiny weights still varies). A group all of whose units are constant carries no
+    information about anything on this data: MIPP would find every unit redundant and a
+    data-based baseline would rank them at random.
     """
-    from mipp.surgery.capture import record_first_inputs  # capture holds the forward hooks
+    from mipp.surgery.capture import input_spreads  # capture holds the forward hooks
 
     groups = list(groups)
     modules = dict(model.named_modules())
     layers = {c.layer: modules[c.layer] for g in groups for c in g.consumers}
     if len(x) < 2 or not layers:
         return []
-    seen, error = record_first_inputs(model, x[:CONSTANT_CHECK_SAMPLES], layers)
+    seen, error = input_spreads(model, x[:CONSTANT_CHECK_SAMPLES], layers)
     if error is not None:
         raise error
     out = []
     for g in groups:
         constant = True
         for c in g.consumers:
-            inp = seen.get(c.layer)
-            if inp is None:
+            if c.layer not in seen:
                 constant = False
                 break
-            eps = torch.finfo(inp.dtype).eps if inp.is_floating_point() else 0.0
-            if isinstance(layers[c.layer], nn.Linear):  # its features are the last dim
-                inp = inp.movedim(-1, 1)  # (tokens or channels-last maps: (n, …, F))
+            spreads, sizes, eps = seen[c.layer]
             for idx in c.index:
-                cols = inp[:, list(idx)].double()
-                spread = (cols - cols[:1]).abs().max()
+                cols = list(idx)
                 # NaN compares False: non-finite columns are not "constant" (the statistics
                 # pass then names the layer they come from)
-                if not float(spread) <= 4 * eps * float(cols.abs().max()):
+                if not float(spreads[cols].max()) <= 4 * eps * float(sizes[cols].max()):
                     constant = False
                     break
             if not constant:

@@ -64,6 +64,7 @@ __all__ = [
     "capture_inputs",
     "count_calls",
     "forward_until",
+    "input_spreads",
     "normalise_kept",
     "pool_channels",
     "record_first_inputs",
@@ -428,6 +429,63 @@ def capture_inputs(
             for h in handles:
                 h.remove()
     return {name: torch.cat(p) for name, p in parts.items() if p}
+
+
+def input_spreads(
+    model: nn.Module, x: Tensor | Samples, layers: Mapping[str, nn.Module]
+) -> tuple[dict[str, tuple[Tensor, Tensor, float]], Exception | None]:
+    """Run ``x`` once (eval mode, no grad; on a CPU in pieces, as :func:`stream_activations`)
+    and keep, for the first input of each layer per forward pass, two float64 numbers per
+    feature (dimension 1; a ``Linear``'s last dimension): the largest |value − the first
+    sample's value at the same position| and the largest |value|, plus the input dtype's
+    rounding unit (0 for integers). What a constancy check needs, without holding the
+    inputs: memory O(one sample) per layer instead of the whole unpooled inputs.
+
+    An exception raised by the forward is returned instead of raised, together with what was
+    seen until then. A NaN anywhere in a feature makes its spread NaN.
+    """
+    first: dict[str, Tensor] = {}
+    seen: dict[str, tuple[Tensor, Tensor, float]] = {}
+    called: set[str] = set()
+    handles = []
+
+    def make(name: str, linear: bool):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if name in called:
+                return
+            called.add(name)
+            inp = args[0].detach()
+            eps = torch.finfo(inp.dtype).eps if inp.is_floating_point() else 0.0
+            if linear:  # its features are the last dim (tokens or channels-last maps)
+                inp = inp.movedim(-1, 1)
+            t = inp.double()
+            if name not in first:
+                first[name] = t[:1].clone()
+            n_features = t.shape[1]
+            spread = (t - first[name]).abs().transpose(0, 1).reshape(n_features, -1).amax(1)
+            size = t.abs().transpose(0, 1).reshape(n_features, -1).amax(1)
+            if name in seen:
+                old_spread, old_size, _ = seen[name]
+                spread, size = torch.maximum(old_spread, spread), torch.maximum(old_size, size)
+            seen[name] = (spread.cpu(), size.cpu(), eps)
+
+        return hook
+
+    error: Exception | None = None
+    with eval_mode(model):
+        try:
+            for name, module in layers.items():
+                handles.append(
+                    module.register_forward_pre_hook(make(name, isinstance(module, nn.Linear)))
+                )
+            with torch.no_grad():
+                _Pieces(model).run(as_samples(x), lambda out: called.clear())
+        except Exception as e:  # the caller reports it
+            error = e
+        finally:
+            for h in handles:
+                h.remove()
+    return seen, error
 
 
 class _StopForward(Exception):
