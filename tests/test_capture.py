@@ -188,3 +188,38 @@ def test_input_spreads_equal_those_of_the_recorded_inputs(monkeypatch, piece_byt
     x[5, 0, 2, 2] = float("nan")
     seen, error = capture.input_spreads(net, x, layers)
     assert error is None and bool(seen["4"][0].isnan().any())
+
+
+class _Fork(nn.Module):
+    """Two layers read the same tensor (an Inception module's branches, a block's first
+    convolution and its shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.a = nn.Conv2d(4, 3, 1)
+        self.b = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return torch.cat([self.a(h), self.b(h)], 1)
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 1])
+def test_layers_reading_one_tensor_share_one_reading_of_it(monkeypatch, piece_bytes):
+    from mipp.surgery import capture
+
+    net = _Fork().eval()
+    x = torch.randn(20, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    layers = {"a": net.a, "b": net.b}
+    monkeypatch.setattr(capture, "CPU_PIECE_BYTES", piece_bytes)
+    seen, error = capture.input_spreads(net, x, layers)
+    assert error is None and _hooks(net) == 0
+    whole, _ = capture.record_first_inputs(net, x, layers)
+    inp = whole["a"].double()
+    spread = (inp - inp[:1]).abs().amax(dim=(0, 2, 3))
+    for name in layers:
+        assert torch.allclose(seen[name][0], spread, rtol=1e-5, atol=1e-6)
+    if piece_bytes is None:  # one piece: the second layer got the first one's reading
+        assert seen["a"][0] is seen["b"][0] and seen["a"][1] is seen["b"][1]

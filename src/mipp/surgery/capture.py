@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -441,35 +442,59 @@ def input_spreads(
     rounding unit (0 for integers). What a constancy check needs, without holding the
     inputs: memory O(one sample) per layer instead of the whole unpooled inputs.
 
-    An exception raised by the forward is returned instead of raised, together with what was
-    seen until then. A NaN anywhere in a feature makes its spread NaN.
+    The differences are taken in the input's own dtype (exactly 0 for equal values; a
+    float64 copy of every input cost more than the forward pass), and layers that read the
+    same tensor (the branches of an Inception module, a block's first convolution and its
+    shortcut) share one reading of it per piece. An exception raised by the forward is
+    returned instead of raised, together with what was seen until then. A NaN anywhere in a
+    feature makes its spread NaN.
     """
     first: dict[str, Tensor] = {}
     seen: dict[str, tuple[Tensor, Tensor, float]] = {}
     called: set[str] = set()
+    # this piece's readings by input tensor: (a weak reference to the tensor, so an id reused
+    # after it is freed is not taken for it; its layout, first, spread, size)
+    read: dict[int, tuple[weakref.ref, bool, Tensor, Tensor, Tensor]] = {}
     handles = []
+
+    def reading(raw: Tensor, linear: bool, name: str) -> tuple[Tensor, Tensor]:
+        hit = read.get(id(raw))
+        if hit is not None and hit[0]() is raw and hit[1] == linear and first.get(name) is hit[2]:
+            return hit[3], hit[4]
+        inp = raw.detach()
+        t = inp.movedim(-1, 1) if linear else inp  # features on dim 1
+        if not t.is_floating_point():
+            t = t.double()
+        if name not in first:
+            first[name] = t[:1].clone()
+        dims = [0, *range(2, t.ndim)]
+        spread = (t - first[name]).abs().amax(dim=dims).double()
+        size = t.abs().amax(dim=dims).double()
+        read[id(raw)] = (weakref.ref(raw), linear, first[name], spread, size)
+        return spread, size
 
     def make(name: str, linear: bool):
         def hook(mod: nn.Module, args: tuple) -> None:
             if name in called:
                 return
             called.add(name)
-            inp = args[0].detach()
-            eps = torch.finfo(inp.dtype).eps if inp.is_floating_point() else 0.0
-            if linear:  # its features are the last dim (tokens or channels-last maps)
-                inp = inp.movedim(-1, 1)
-            t = inp.double()
-            if name not in first:
-                first[name] = t[:1].clone()
-            n_features = t.shape[1]
-            spread = (t - first[name]).abs().transpose(0, 1).reshape(n_features, -1).amax(1)
-            size = t.abs().transpose(0, 1).reshape(n_features, -1).amax(1)
+            raw = args[0]  # (the object itself: layers reading one tensor get the same one)
+            if name not in first:  # a layer reading a tensor already read shares its first
+                hit = read.get(id(raw))
+                if hit is not None and hit[0]() is raw and hit[1] == linear:
+                    first[name] = hit[2]
+            eps = torch.finfo(raw.dtype).eps if raw.is_floating_point() else 0.0
+            spread, size = reading(raw, linear, name)
             if name in seen:
                 old_spread, old_size, _ = seen[name]
                 spread, size = torch.maximum(old_spread, spread), torch.maximum(old_size, size)
             seen[name] = (spread.cpu(), size.cpu(), eps)
 
         return hook
+
+    def end(out: object) -> None:
+        called.clear()
+        read.clear()
 
     error: Exception | None = None
     with eval_mode(model):
@@ -479,7 +504,7 @@ def input_spreads(
                     module.register_forward_pre_hook(make(name, isinstance(module, nn.Linear)))
                 )
             with torch.no_grad():
-                _Pieces(model).run(as_samples(x), lambda out: called.clear())
+                _Pieces(model).run(as_samples(x), end)
         except Exception as e:  # the caller reports it
             error = e
         finally:
