@@ -279,29 +279,16 @@ class RowMoments(Moments):
             object.__setattr__(self, "_" + name, value)
         return value
 
-    @property  # type: ignore[override]
-    def sxx(self) -> Tensor:
-        return self._product("sxx")
-
-    @sxx.setter
-    def sxx(self, value: Tensor | None) -> None:  # (the dataclass __init__ sets it)
-        object.__setattr__(self, "_sxx", value)
-
-    @property  # type: ignore[override]
-    def sxy(self) -> Tensor:
-        return self._product("sxy")
-
-    @sxy.setter
-    def sxy(self, value: Tensor | None) -> None:
-        object.__setattr__(self, "_sxy", value)
-
-    @property  # type: ignore[override]
-    def syy(self) -> Tensor:
-        return self._product("syy")
-
-    @syy.setter
-    def syy(self, value: Tensor | None) -> None:
-        object.__setattr__(self, "_syy", value)
+    # read: computed from the rows once; set (by the dataclass __init__): stored as given
+    sxx = property(  # type: ignore[assignment]
+        lambda self: self._product("sxx"), lambda self, v: object.__setattr__(self, "_sxx", v)
+    )
+    sxy = property(  # type: ignore[assignment]
+        lambda self: self._product("sxy"), lambda self, v: object.__setattr__(self, "_sxy", v)
+    )
+    syy = property(  # type: ignore[assignment]
+        lambda self: self._product("syy"), lambda self, v: object.__setattr__(self, "_syy", v)
+    )
 
     @property
     def target_variances(self) -> Tensor:

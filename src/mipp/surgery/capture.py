@@ -455,23 +455,6 @@ def input_spreads(
     # this piece's readings by input tensor: (a weak reference to the tensor, so an id reused
     # after it is freed is not taken for it; its layout, first, spread, size)
     read: dict[int, tuple[weakref.ref, bool, Tensor, Tensor, Tensor]] = {}
-    handles = []
-
-    def reading(raw: Tensor, linear: bool, name: str) -> tuple[Tensor, Tensor]:
-        hit = read.get(id(raw))
-        if hit is not None and hit[0]() is raw and hit[1] == linear and first.get(name) is hit[2]:
-            return hit[3], hit[4]
-        inp = raw.detach()
-        t = inp.movedim(-1, 1) if linear else inp  # features on dim 1
-        if not t.is_floating_point():
-            t = t.double()
-        if name not in first:
-            first[name] = t[:1].clone()
-        dims = [0, *range(2, t.ndim)]
-        spread = (t - first[name]).abs().amax(dim=dims).double()
-        size = t.abs().amax(dim=dims).double()
-        read[id(raw)] = (weakref.ref(raw), linear, first[name], spread, size)
-        return spread, size
 
     def make(name: str, linear: bool):
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -479,15 +462,30 @@ def input_spreads(
                 return
             called.add(name)
             raw = args[0]  # (the object itself: layers reading one tensor get the same one)
-            if name not in first:  # a layer reading a tensor already read shares its first
-                hit = read.get(id(raw))
-                if hit is not None and hit[0]() is raw and hit[1] == linear:
-                    first[name] = hit[2]
-            eps = torch.finfo(raw.dtype).eps if raw.is_floating_point() else 0.0
-            spread, size = reading(raw, linear, name)
+            hit = read.get(id(raw))
+            if (
+                hit is not None
+                and hit[0]() is raw
+                and hit[1] == linear
+                and first.setdefault(name, hit[2]) is hit[2]  # shares the first sample too
+            ):
+                spread, size = hit[3], hit[4]
+            else:
+                t = raw.detach()
+                t = t.movedim(-1, 1) if linear else t  # features on dim 1
+                if not t.is_floating_point():
+                    t = t.double()
+                ref = first.get(name)
+                if ref is None:
+                    ref = first[name] = t[:1].clone()
+                dims = [0, *range(2, t.ndim)]
+                spread = (t - ref).abs().amax(dim=dims).double()
+                size = t.abs().amax(dim=dims).double()
+                read[id(raw)] = (weakref.ref(raw), linear, ref, spread, size)
             if name in seen:
                 old_spread, old_size, _ = seen[name]
                 spread, size = torch.maximum(old_spread, spread), torch.maximum(old_size, size)
+            eps = torch.finfo(raw.dtype).eps if raw.is_floating_point() else 0.0
             seen[name] = (spread.cpu(), size.cpu(), eps)
 
         return hook
@@ -496,21 +494,30 @@ def input_spreads(
         called.clear()
         read.clear()
 
-    error: Exception | None = None
+    hooks = {module: make(name, isinstance(module, nn.Linear)) for name, module in layers.items()}
+    error = _run_with_pre_hooks(model, hooks, lambda: _Pieces(model).run(as_samples(x), end))
+    return seen, error
+
+
+def _run_with_pre_hooks(
+    model: nn.Module, hooks: Mapping[nn.Module, Callable], run: Callable[[], object]
+) -> Exception | None:
+    """``run()`` in eval mode without gradients, with each module's forward pre-hook
+    registered; an exception the forward raises is returned (the callers report it). The
+    hooks are removed either way."""
+    handles = []
     with eval_mode(model):
         try:
-            for name, module in layers.items():
-                handles.append(
-                    module.register_forward_pre_hook(make(name, isinstance(module, nn.Linear)))
-                )
+            for module, hook in hooks.items():
+                handles.append(module.register_forward_pre_hook(hook))
             with torch.no_grad():
-                _Pieces(model).run(as_samples(x), end)
+                run()
         except Exception as e:  # the caller reports it
-            error = e
+            return e
         finally:
             for h in handles:
                 h.remove()
-    return seen, error
+    return None
 
 
 class _StopForward(Exception):
@@ -526,7 +533,6 @@ def record_first_inputs(
     inputs recorded until then (which layers ran shows where it failed).
     """
     seen: dict[str, Tensor] = {}
-    handles = []
 
     def make(name: str):
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -535,19 +541,8 @@ def record_first_inputs(
 
         return hook
 
-    error: Exception | None = None
-    with eval_mode(model):
-        try:
-            for name, module in layers.items():
-                handles.append(module.register_forward_pre_hook(make(name)))
-            with torch.no_grad():
-                as_samples(x).run(model)
-        except Exception as e:  # the caller reports it
-            error = e
-        finally:
-            for h in handles:
-                h.remove()
-    return seen, error
+    hooks = {module: make(name) for name, module in layers.items()}
+    return seen, _run_with_pre_hooks(model, hooks, lambda: as_samples(x).run(model))
 
 
 @contextlib.contextmanager
