@@ -76,6 +76,32 @@ def test_terc_on_the_dual_state_makes_the_same_decisions(threshold):
     assert 0 < int(rd.support.sum()) < 50 or threshold == 0.0
 
 
+def test_wide_units_are_read_in_narrower_blocks_with_the_same_decisions(monkeypatch):
+    # 6 features per unit: blocks of BLOCK_COLUMNS // 6 = 32 units (two blocks over 60),
+    # the same decisions and Δs as the D×D form, which reads 64 units at a time
+    x, y = _wide(units=60, b=6, seed=1)
+    est = GaussianEstimator()
+    m = est.prepare(x, y)
+    dual = est.start(m)
+    assert isinstance(dual, GaussianDualState) and dual.prefetch_units == 32
+    sizes: list[int] = []
+    real = GaussianDualState.prefetch
+
+    def spy(self, units):
+        sizes.append(len(units))
+        return real(self, units)
+
+    monkeypatch.setattr(GaussianDualState, "prefetch", spy)
+    primal = GaussianState(m, None, ridge=est.ridge)
+    for threshold in (0.002, 0.02):
+        rd, rp = terc(dual.fork(), threshold=threshold), terc(primal.fork(), threshold=threshold)
+        assert torch.equal(rd.support, rp.support)
+        assert 0 < int(rd.support.sum()) < 60
+        tested = ~torch.isnan(rp.deltas)
+        assert torch.allclose(rd.deltas[tested], rp.deltas[tested], rtol=1e-7, atol=1e-12)
+    assert sizes and max(sizes) <= 32 and len(sizes) >= 4
+
+
 def test_removals_outside_a_block_and_forks_match_the_d_by_d_form():
     dual, primal, _ = _pair()
     for state in (dual, primal):

@@ -65,6 +65,9 @@ __all__ = ["GaussianDualState", "GaussianEstimator", "GaussianState"]
 
 #: the sample-space form pays when a layer has more than this many features per sample
 DUAL_FACTOR = 2
+#: feature columns per prefetched block of the sample-space form (see
+#: :attr:`GaussianDualState.prefetch_units`)
+BLOCK_COLUMNS = 192
 
 
 class GaussianEstimator(ClosedFormEstimator):
@@ -590,7 +593,8 @@ class GaussianDualState(ClosedFormState):
     (the λ_x factors cancel in Δ_i), and I(X_S; Y) = ½ log det K_P − ½ log det K_Q
     (Sylvester). Removing units R is K ← K − X_R X_Rᵀ, i.e. K⁻¹ ← K⁻¹ + V M_RR⁻¹ Vᵀ with
     V = K⁻¹X_R and M_RR = I − X_RᵀV. Z is never formed: Z_iᵀ K_Q⁻¹ Z_i = X_iᵀ N X_i with
-    N = λ_y L⁻ᵀ K_Q⁻¹ L⁻¹, K_Q = λ_x I + λ_y L⁻¹ (Xs Xsᵀ) L⁻ᵀ for the starting S, and a
+    N = λ_y L⁻ᵀ K_Q⁻¹ L⁻¹ = λ_y (λ_x L Lᵀ + λ_y Xs Xsᵀ)⁻¹ for the starting S (as
+    K_Q = λ_x I + λ_y L⁻¹ (Xs Xsᵀ) L⁻ᵀ), and a
     removal updates N exactly as it updates K_P⁻¹, with X_R for Z_R (V = N X_R). So both
     halves read the same columns of Xs, and new target columns cost O(n²·q + n³) whatever
     D (the MI ordering, :meth:`single_scores`, still forms Z once). A start costs
@@ -642,18 +646,25 @@ class GaussianDualState(ClosedFormState):
             self._info = 0.0
             return
         yt = ys[:, self.columns] / moments.target_variances[self.columns].sqrt()
-        chol = cholesky_or_raise(yt @ yt.T + self.ridge_y * eye, what="ridged target Gram")
-        self._chol_y = chol
-        solve = torch.linalg.solve_triangular
-        half = solve(chol, self._gram, upper=False)  # L⁻¹ Xs Xsᵀ
-        zz = self.ridge_y * solve(chol, half.T, upper=False)  # Z Zᵀ = λ_y L⁻¹ Xs Xsᵀ L⁻ᵀ
-        kq_inv, logdet_inv = _inverse_logdet(
-            (zz + zz.T) / 2 + self.ridge_x * eye, what="ridged sample Gram of the features"
+        c_yy = yt @ yt.T + self.ridge_y * eye  # L Lᵀ
+        chol = cholesky_or_raise(c_yy, what="ridged target Gram")
+        self._chol_y = chol  # for single_scores' Z
+        # L K_Q Lᵀ = λ_x L Lᵀ + λ_y Xs Xsᵀ =: M, so N = λ_y M⁻¹ and
+        # log det K_Q = log det M − log det L Lᵀ: one n×n inverse, no triangular solves
+        m = self.ridge_x * c_yy + self.ridge_y * self._gram
+        m_inv, logdet_m_inv = _inverse_logdet(
+            (m + m.T) / 2, what="ridged sample Gram of the features"
         )
-        left = solve(chol.T, kq_inv, upper=True)  # L⁻ᵀ K_Q⁻¹
-        n_q = self.ridge_y * solve(chol, left, upper=False, left=False)  # … L⁻¹
-        self._kinv = [self._kinv[0], (n_q + n_q.T) / 2]
-        self._info = 0.5 * (self._logdet_kp + logdet_inv)
+        self._kinv = [self._kinv[0], self.ridge_y * m_inv]
+        logdet_c = 2.0 * float(chol.diagonal().log().sum())
+        self._info = 0.5 * (self._logdet_kp + logdet_m_inv + logdet_c)
+
+    @property
+    def prefetch_units(self) -> int:
+        """Units per prefetched block (read by :func:`~mipp.methods.selection.terc`): about
+        :data:`BLOCK_COLUMNS` feature columns, at most 64 units. A block's own products,
+        X_KᵀV and each removal's downdate, grow with its width, the n×n reads do not."""
+        return min(64, max(8, BLOCK_COLUMNS // self._b))
 
     def information(self) -> float:
         """I(X_S; Y) in nats (see :meth:`GaussianState.information`)."""

@@ -30,7 +30,7 @@ from mipp.estimators.moments import fold_moments, second_moments
 __all__ = ["DEFAULT_CONFIDENCE", "ORDERS", "MIPPSelector", "Order", "SelectionResult", "terc"]
 
 Order = Literal["mi", "index", "random"]
-_PREFETCH = 64  # units announced ahead to the state's ``prefetch``
+_PREFETCH = 64  # units announced ahead to the state's ``prefetch`` (or its ``prefetch_units``)
 #: the TERC test orders: ascending single-unit MI (the paper's), index, seeded random
 ORDERS: tuple[str, ...] = ("mi", "index", "random")
 #: the paper's confidence, used when neither a confidence nor a threshold is given
@@ -133,11 +133,12 @@ def terc(
     active = state.active.clone()
     n_active = int(active.sum())
     order_list = ranked.tolist()
+    ahead = int(getattr(state, "prefetch_units", _PREFETCH))
     for pos, unit in enumerate(order_list):
         if n_active <= min_keep:
             break
-        if pos % _PREFETCH == 0:  # a no-op unless the state batches its work (linear)
-            state.prefetch([u for u in order_list[pos : pos + _PREFETCH] if active[u]])
+        if pos % ahead == 0:  # a no-op unless the state batches its work
+            state.prefetch([u for u in order_list[pos : pos + ahead] if active[u]])
         if not active[unit]:
             continue
         d = state.delta(unit)
