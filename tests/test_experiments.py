@@ -18,12 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+import mipp
 from mipp.cli import main
 from mipp.errors import MippError
 from mipp.experiments import load_spec, resolve
+from mipp.experiments.markdown import _made_with
 from mipp.experiments.report import write_report
-from mipp.experiments.runner import run_sweep
+from mipp.experiments.runner import run_sweep, source_revision
 from mipp.methods.baselines.magnitude import L1Norm
 from mipp.progress import ProgressEvent
 
@@ -235,6 +238,52 @@ def test_report_of_the_tiny_sweep(swept, tmp_path):
         f"mipp sweep {out.parent / 'tiny.toml'} --out {out}\n"
         in (tmp_path / "rep" / "REPORT.md").read_text()
     )
+
+
+def test_every_run_records_the_source_revision_torch_and_threads_that_made_it(swept, tmp_path):
+    _, out, _ = swept
+    runs = finished(out)
+    revision = source_revision()
+    for m in runs.values():
+        assert m["source"] == revision and m["mipp_version"] == mipp.__version__
+        assert m["torch_version"] == torch.__version__ and m["threads"] >= 1
+    assert json.loads((out / "sweep.json").read_text())["source"] == revision
+    write_report(out, tmp_path / "rep")
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    assert f"Source revision of the runs: `{revision or 'not a git checkout'}` (torch " in text
+    assert ": 8 runs." in text
+    header = (tmp_path / "rep" / "runs.csv").read_text().splitlines()[0].split(",")
+    assert {"source", "mipp_version", "torch_version", "threads"} <= set(header)
+
+
+def test_source_revision_names_the_commit_and_says_when_tracked_files_changed(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(tmp_path),
+             *args], capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert source_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert len(head) == 12 and source_revision(tmp_path) == head
+    (tmp_path / "new.py").write_text("untracked\n")  # untracked files do not count
+    assert source_revision(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_revision(tmp_path) == f"{head}+dirty"
+
+
+def test_a_report_counts_runs_recorded_before_provenance_as_not_recorded():
+    rows = [{"source": "abc", "torch_version": "2", "threads": 1, "mipp_version": "0.1"}] * 2
+    rows += [{"accuracy_final": 0.5}]
+    line = _made_with(rows)
+    assert line == (
+        "Source revision of the runs: `abc` (torch 2, 1 thread(s)): 2 runs; not recorded: 1 run."
+    )
+    assert _made_with([{"accuracy_final": 0.5}]) == ""
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(tmp_path):

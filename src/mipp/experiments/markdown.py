@@ -235,6 +235,25 @@ def _cost_section(
     return lines
 
 
+def _made_with(rows: Sequence[Row]) -> str:
+    """One line: which source revisions (and torch versions) made the runs, with counts;
+    runs recorded before provenance was kept count as "not recorded". Empty when no run
+    says."""
+    if not any(r.get("source") or r.get("mipp_version") for r in rows):
+        return ""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.get("source") or r.get("mipp_version"):
+            what = f"`{r.get('source') or 'not a git checkout'}`"
+            if r.get("torch_version"):
+                what += f" (torch {r['torch_version']}, {r.get('threads', '?')} thread(s))"
+        else:
+            what = "not recorded"
+        counts[what] = counts.get(what, 0) + 1
+    parts = [f"{what}: {n} run{'s' if n != 1 else ''}" for what, n in counts.items()]
+    return "Source revision of the runs: " + "; ".join(parts) + "."
+
+
 def render_markdown(
     meta: Mapping[str, Any],
     rows: Sequence[Row],
@@ -265,6 +284,9 @@ def render_markdown(
     if meta.get("started"):
         facts.append(f"started {meta['started']}")
     lines += ["; ".join(facts) + ".", ""]
+    made = _made_with(rows)
+    if made:
+        lines += [made, ""]
     protocol = meta.get("protocol")
     if protocol:
         items = [protocol] if isinstance(protocol, str) else list(protocol)

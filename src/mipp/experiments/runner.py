@@ -13,7 +13,8 @@ Layout of a sweep directory::
     runs/<run_id>/
         config.json               the run's resolved settings
         report.json               the prune report (:class:`~mipp.report.PruneReport`)
-        metrics.json              accuracies, sparsities, costs — written last
+        metrics.json              accuracies, sparsities, costs and what made them (mipp
+                                  version, source revision, torch, threads) — written last
         error.txt                 only if the run failed (the sweep goes on)
 
 A run is finished when its ``metrics.json`` exists; every file is written atomically
@@ -46,8 +47,10 @@ the logger ``mipp.experiments.runner``. Nothing is drawn here.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -67,7 +70,56 @@ from mipp.progress import ProgressCallback, Reporter
 from mipp.report import PruneReport
 from mipp.zoo.config import TrainConfig
 
-__all__ = ["SweepResult", "attempt", "protocol", "run_config", "run_sweep", "train_bases"]
+__all__ = [
+    "SweepResult",
+    "attempt",
+    "protocol",
+    "provenance",
+    "run_config",
+    "run_sweep",
+    "source_revision",
+    "train_bases",
+]
+
+
+def source_revision(path: str | Path | None = None) -> str | None:
+    """The git commit of the checkout holding ``path`` (default: mipp's own source), with
+    ``+dirty`` when tracked files under ``path`` differ from it; ``None`` when ``path`` is
+    not in a git checkout or git is missing (an installed wheel). For mipp's own source the
+    answer is read once per process, when the code was loaded, not as the files change
+    later under a running sweep."""
+    if path is None:
+        return _own_revision()
+    path = Path(path)
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
+@functools.lru_cache(maxsize=1)
+def _own_revision() -> str | None:
+    return source_revision(Path(mipp.__file__).parent)
+
+
+def provenance() -> dict[str, Any]:
+    """What makes a run in this process: mipp's version and source revision
+    (:func:`source_revision`), torch's version and its CPU threads. Recorded in every run's
+    ``metrics.json`` (so runs.csv) and in ``sweep.json`` for the invocation."""
+    return {
+        "mipp_version": mipp.__version__,
+        "source": source_revision(),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 @dataclass
@@ -280,6 +332,7 @@ def attempt(
         t = time.perf_counter()
         metrics = _execute(spec, run, rdir, bases, data, device, ref)
         metrics["run_s"] = time.perf_counter() - t
+        metrics.update(provenance())
     except Exception as e:  # recorded; the sweep goes on with the other runs
         atomic_write_bytes(rdir / "error.txt", traceback.format_exc().encode())
         return None, f"{type(e).__name__}: {e}"
@@ -389,7 +442,7 @@ def _run_sweep(
         "config": spec.config,
         "total_runs": len(runs),
         "bases": str(bases_dir),
-        "mipp_version": mipp.__version__,
+        **provenance(),
         "started": old.get("started", time.strftime("%Y-%m-%d %H:%M:%S")),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
