@@ -39,6 +39,8 @@ from mipp.zoo.training import seeded
 OUT = Path(__file__).parent / "results" / "selection_flops"
 N = 1024
 GOAL = 1.5  # prune() / one forward pass
+#: the GaussianDualState methods whose products are counted
+WRAPPED = ("__init__", "_restricted", "_woodbury", "single_scores", "_set_target")
 
 
 class Counter:
@@ -49,11 +51,10 @@ class Counter:
         self.flops: dict[str, float] = defaultdict(float)
         self.widths: set[int] = set()
         cls = gaussian.GaussianDualState
-        for name in ("__init__", "_restricted", "_woodbury", "single_scores", "_set_target"):
-            if not callable(getattr(cls, name, None)):
-                raise RuntimeError(f"GaussianDualState.{name} is gone: update this counter")
-        self._saved = {n: getattr(cls, n) for n in ("__init__", "_restricted", "_woodbury",
-                                                     "single_scores", "_set_target")}  # fmt: skip
+        missing = [n for n in WRAPPED if not callable(getattr(cls, n, None))]
+        if missing:
+            raise RuntimeError(f"GaussianDualState.{missing[0]} is gone: update this counter")
+        self._saved = {n: getattr(cls, n) for n in WRAPPED}
         flops, widths, saved = self.flops, self.widths, self._saved
 
         def init(state, moments, columns, *, ridge):
